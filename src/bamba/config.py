@@ -1,0 +1,296 @@
+"""BambaConfig: one flat dataclass whose field names and defaults are those of Hugging Face's config.json.
+
+Derived values (mamba intermediate size, resolved head dims, per-layer block types, rotary dims) are
+computed in one place, `__post_init__`, and validated there. Unknown keys read from a config.json are kept
+in `extra` and written back, so a round trip loses nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+_INF = float("inf")
+
+
+@dataclass
+class BambaConfig:
+    vocab_size: int = 128000
+    tie_word_embeddings: bool = False
+    hidden_size: int = 4096
+    intermediate_size: int = 14336
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = 8
+    hidden_act: str = "silu"
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-5
+    use_cache: bool = True
+    num_logits_to_keep: int | None = 1
+    pad_token_id: int | None = 0
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    max_position_embeddings: int = 262144
+    attention_dropout: float = 0.0
+    attn_layer_indices: list[int] | None = None
+    mamba_n_heads: int = 128
+    mamba_d_head: int | str = "auto"
+    mamba_n_groups: int = 1
+    mamba_d_state: int = 256
+    mamba_d_conv: int = 4
+    mamba_expand: int = 2
+    mamba_chunk_size: int = 256
+    mamba_conv_bias: bool = True
+    mamba_proj_bias: bool = False
+    time_step_min: float = 0.001
+    time_step_max: float = 0.1
+    time_step_limit: tuple[float, float] | None = (0.0, _INF)
+    z_loss_coefficient: float = 0.0
+    rope_theta: float = 10000.0
+    partial_rotary_factor: float = 0.5
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    # Keys of a config.json that this class does not model (kept verbatim for the round trip).
+    extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    model_type = "bamba"
+
+    def __post_init__(self) -> None:
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.time_step_limit is not None:
+            self.time_step_limit = tuple(float(v) for v in self.time_step_limit)
+        if self.attn_layer_indices is not None:
+            self.attn_layer_indices = sorted(int(i) for i in self.attn_layer_indices)
+        _check_positive(self, "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers")
+        _check_positive(self, "num_attention_heads", "num_key_value_heads", "mamba_n_heads", "mamba_n_groups")
+        _check_positive(self, "mamba_d_state", "mamba_d_conv", "mamba_expand", "mamba_chunk_size")
+        if self.mamba_d_head == "auto":
+            self.mamba_d_head = self.mamba_intermediate_size // self.mamba_n_heads
+        self.validate()
+
+    # ----- derived values -------------------------------------------------------------------------
+    @property
+    def mamba_intermediate_size(self) -> int:
+        return self.mamba_expand * self.hidden_size
+
+    @property
+    def mamba_conv_dim(self) -> int:
+        """Channels of the causal conv: x plus B and C of every group."""
+        return self.mamba_intermediate_size + 2 * self.mamba_n_groups * self.mamba_d_state
+
+    @property
+    def mamba_in_proj_size(self) -> int:
+        """in_proj output: [z (gate) | xBC | dt]."""
+        return self.mamba_intermediate_size + self.mamba_conv_dim + self.mamba_n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def layers_block_type(self) -> list[str]:
+        attn = set(self.attn_layer_indices or ())
+        return ["attention" if i in attn else "mamba" for i in range(self.num_hidden_layers)]
+
+    # ----- validation -------------------------------------------------------------------------------
+    def validate(self) -> None:
+        def bad(name: str, rule: str) -> ValueError:
+            return ValueError(f"BambaConfig.{name}={getattr(self, name)!r} is invalid: {rule}")
+
+        if self.hidden_size % self.num_attention_heads:
+            raise bad("num_attention_heads", f"must divide hidden_size ({self.hidden_size})")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise bad("num_key_value_heads", f"must divide num_attention_heads ({self.num_attention_heads})")
+        if self.mamba_intermediate_size % self.mamba_n_heads:
+            raise bad("mamba_n_heads", f"must divide mamba_expand * hidden_size ({self.mamba_intermediate_size})")
+        if not isinstance(self.mamba_d_head, int) or self.mamba_d_head * self.mamba_n_heads != self.mamba_intermediate_size:
+            raise bad(
+                "mamba_d_head",
+                f"mamba_d_head * mamba_n_heads ({self.mamba_n_heads}) must equal mamba_expand * hidden_size "
+                f"({self.mamba_intermediate_size})",
+            )
+        if self.mamba_n_heads % self.mamba_n_groups:
+            raise bad("mamba_n_groups", f"must divide mamba_n_heads ({self.mamba_n_heads})")
+        if self.mamba_intermediate_size % self.mamba_n_groups:
+            raise bad("mamba_n_groups", f"must divide mamba_expand * hidden_size ({self.mamba_intermediate_size})")
+        for i in self.attn_layer_indices or ():
+            if not 0 <= i < self.num_hidden_layers:
+                raise bad("attn_layer_indices", f"index {i} is outside [0, num_hidden_layers={self.num_hidden_layers})")
+        if len(set(self.attn_layer_indices or ())) != len(self.attn_layer_indices or ()):
+            raise bad("attn_layer_indices", "indices must be unique")
+        if not 0.0 < self.partial_rotary_factor <= 1.0 or self.rotary_dim % 2:
+            raise bad("partial_rotary_factor", "must be in (0, 1] and give an even number of rotary dims")
+        if self.hidden_act != "silu":
+            raise bad("hidden_act", "only 'silu' is supported (the activation of every released Bamba)")
+        if self.time_step_limit is not None:
+            lo, hi = self.time_step_limit
+            if len(self.time_step_limit) != 2 or math.isnan(lo) or math.isnan(hi) or lo > hi or lo < 0:
+                raise bad("time_step_limit", "must be (min, max) with 0 <= min <= max")
+        if self.z_loss_coefficient < 0:
+            raise bad("z_loss_coefficient", "must be >= 0")
+
+    # ----- config.json I/O --------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """The config.json content, as transformers 5 writes it (rope as `rope_parameters`)."""
+        out: dict[str, Any] = dict(self.extra)
+        for f in dataclasses.fields(self):
+            if f.name in ("extra", "rope_theta", "partial_rotary_factor"):
+                continue
+            out[f.name] = getattr(self, f.name)
+        out["time_step_limit"] = list(self.time_step_limit) if self.time_step_limit is not None else None
+        out["rope_parameters"] = {
+            **dict(self.extra.get("rope_parameters") or {}),
+            "rope_type": "default",
+            "rope_theta": self.rope_theta,
+            "partial_rotary_factor": self.partial_rotary_factor,
+        }
+        out["model_type"] = self.model_type
+        out.setdefault("architectures", ["BambaForCausalLM"])
+        return dict(sorted(out.items()))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> BambaConfig:
+        data = dict(data)
+        model_type = data.get("model_type", cls.model_type)
+        if model_type != cls.model_type:
+            raise ValueError(f"{source}: model_type is {model_type!r}, expected 'bamba'")
+        rope = data.get("rope_parameters") or {}
+        if rope.get("rope_type", "default") != "default":
+            raise ValueError(f"{source}: rope_parameters.rope_type={rope['rope_type']!r}; only 'default' is supported")
+        if "rope_theta" in rope:
+            data.setdefault("rope_theta", rope["rope_theta"])
+        if "partial_rotary_factor" in rope:
+            data.setdefault("partial_rotary_factor", rope["partial_rotary_factor"])
+        limit = data.get("time_step_limit")
+        if limit is not None:
+            data["time_step_limit"] = tuple(_decode_float(v) for v in limit)
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        kwargs = {k: v for k, v in data.items() if k in names}
+        extra = {k: v for k, v in data.items() if k not in names and k != "model_type"}
+        return cls(**kwargs, extra=extra)
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, default=_encode_float) + "\n"
+
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            f.write(self.to_json_string())
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> BambaConfig:
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a JSON object, found {type(data).__name__}")
+        return cls.from_dict(data, source=str(path))
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id: str | os.PathLike, **hub_kwargs: Any) -> BambaConfig:
+        from .checkpoint import resolve_file
+
+        return cls.from_json_file(resolve_file(path_or_repo_id, "config.json", **hub_kwargs))
+
+    def replace(self, **changes: Any) -> BambaConfig:
+        """A copy with some fields changed (derived values recomputed)."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if {"hidden_size", "mamba_n_heads", "mamba_expand"} & changes.keys():
+            values["mamba_d_head"] = "auto"  # re-derive unless given explicitly below
+        values.update(changes)
+        values["extra"] = dict(self.extra)
+        return BambaConfig(**values)
+
+
+def _check_positive(cfg: BambaConfig, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"BambaConfig.{name}={value!r} is invalid: must be a positive integer")
+
+
+def _encode_float(value: Any) -> Any:
+    raise TypeError(f"cannot serialize {value!r}")
+
+
+def _decode_float(value: Any) -> float:
+    # transformers writes inf as {"__float__": "Infinity"}; older writers use the bare Infinity token.
+    if isinstance(value, dict) and "__float__" in value:
+        return float(value["__float__"])
+    return float(value)
+
+
+# ----- presets (plain data) ---------------------------------------------------------------------------
+PRESETS: dict[str, dict[str, Any]] = {
+    # The exact shapes of ibm-ai-platform/Bamba-9B.
+    "bamba-9b": dict(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        attn_layer_indices=[9, 18, 27],
+        mamba_n_heads=128,
+        mamba_d_head=64,
+        mamba_n_groups=1,
+        mamba_d_state=128,
+        mamba_d_conv=4,
+        mamba_expand=2,
+        mamba_chunk_size=256,
+    ),
+    # Bamba-shaped, scaled down for CPU benchmarks (about 337M parameters).
+    "bench-small": dict(
+        vocab_size=32768,
+        hidden_size=1024,
+        intermediate_size=3584,
+        num_hidden_layers=16,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        attn_layer_indices=[4, 9, 13],
+        mamba_n_heads=32,
+        mamba_d_head=64,
+        mamba_n_groups=1,
+        mamba_d_state=128,
+        mamba_expand=2,
+        mamba_chunk_size=256,
+    ),
+    # The embedded demo model's shape.
+    "demo": dict(
+        vocab_size=2048,
+        hidden_size=256,
+        intermediate_size=640,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attn_layer_indices=[3],
+        mamba_n_heads=8,
+        mamba_d_head=64,
+        mamba_n_groups=1,
+        mamba_d_state=32,
+        mamba_expand=2,
+        mamba_chunk_size=64,
+        max_position_embeddings=4096,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=True,
+    ),
+}
+
+
+def preset(name: str, **overrides: Any) -> BambaConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return BambaConfig(**{**PRESETS[name], **overrides})

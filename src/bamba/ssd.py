@@ -1,0 +1,207 @@
+"""Mamba-2 state-space duality (SSD) ops in pure PyTorch, each fast path beside its plain reference.
+
+Notation (the Mamba-2 paper's): b batch, l sequence, h heads, p head dim, g groups (h = g * r), n state
+size, q chunk length. The recurrence, per head, with A < 0 a scalar:
+
+    state_t = exp(dt_t * A) * state_{t-1} + dt_t * x_t B_t^T        # (p, n)
+    y_t     = state_t C_t + D * x_t                                  # (p,)
+
+`seq_idx` (b, l) marks packed sequences: where it changes, the state (and the conv window) restarts
+from zero. Everything here computes in fp32 whatever the input dtype, and returns fp32.
+
+- `ssd_chunked`: the chunked scan for prompts and training; loops over chunks so its extra memory is
+  O(b * h * q * (q + p + n)) whatever the length (never a (q, q, h, p) tensor, never all chunks at once).
+- `ssd_sequential`: the token-by-token reference of the same function, for tests.
+- `ssd_step`: one token on a cached state (decoding).
+- `causal_conv1d` / `causal_conv1d_reference`: the depthwise causal convolution with a carried window.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def segment_sum(dA: Tensor) -> Tensor:
+    """out[..., i, j] = sum(dA[..., j+1 : i+1]) for j <= i, -inf above the diagonal.
+
+    Summed with a masked cumsum rather than as a difference of cumsums, so it stays exact when the
+    cumsum is large. (..., q) -> (..., q, q)
+    """
+    q = dA.shape[-1]
+    tril = torch.ones(q, q, dtype=torch.bool, device=dA.device).tril()  # (i, j): j <= i
+    x = dA[..., :, None].expand(*dA.shape, q)  # (..., k, j) = dA[k]
+    x = x.masked_fill(~tril.tril(-1), 0.0)  # keep dA[k] only where k > j
+    seg = x.cumsum(dim=-2)  # (..., i, j) = sum_{j < k <= i} dA[k]
+    return seg.masked_fill(~tril, float("-inf"))
+
+
+def ssd_chunked(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    chunk_size: int,
+    D: Tensor | None = None,
+    initial_state: Tensor | None = None,
+    seq_idx: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Chunked SSD scan.
+
+    x: (b, l, h, p); dt: (b, l, h), already softplus'd and clamped; A: (h,); B, C: (b, l, g, n);
+    D: (h,); initial_state: (b, h, p, n); seq_idx: (b, l) integer, non-decreasing along l.
+    Returns y (b, l, h, p) and the final state (b, h, p, n), both fp32.
+    """
+    b, l, h, p = x.shape
+    g, n = B.shape[-2:]
+    r = h // g
+    A = A.float().view(g, r, 1)  # (g, r, 1)
+    if initial_state is None:
+        state = x.new_zeros(b, g, r, p, n, dtype=torch.float32)
+    else:
+        state = initial_state.float().reshape(b, g, r, p, n).clone()
+    # The carried state belongs to the sequence of the token before the chunk (at the start: position 0's).
+    prev_seq = seq_idx[:, :1] if seq_idx is not None else None  # (b, 1)
+    ys = []
+    for c0 in range(0, l, chunk_size):
+        c1 = min(c0 + chunk_size, l)
+        q = c1 - c0
+        xc = x[:, c0:c1].float().permute(0, 2, 1, 3).reshape(b, g, r, q, p)  # (b, g, r, q, p)
+        dtc = dt[:, c0:c1].float().permute(0, 2, 1).reshape(b, g, r, q)  # (b, g, r, q)
+        Bc = B[:, c0:c1].float().permute(0, 2, 1, 3).unsqueeze(2)  # (b, g, 1, q, n)
+        Cc = C[:, c0:c1].float().permute(0, 2, 1, 3).unsqueeze(2)  # (b, g, 1, q, n)
+        dA = dtc * A  # (b, g, r, q)
+        dA_cs = dA.cumsum(-1)  # (b, g, r, q)
+        xdt = xc * dtc[..., None]  # (b, g, r, q, p)
+
+        # 1. Within the chunk: y_i = sum_{j<=i} (C_i . B_j) exp(dA_{j+1..i}) dt_j x_j
+        decay = torch.exp(segment_sum(dA))  # (b, g, r, q, q)
+        if seq_idx is not None:
+            s = seq_idx[:, c0:c1]  # (b, q)
+            same = (s[:, :, None] == s[:, None, :])[:, None, None]  # (b, 1, 1, q, q)
+            decay = decay * same
+        scores = Cc @ Bc.transpose(-1, -2)  # (b, g, 1, q, q)
+        y = (scores * decay) @ xdt  # (b, g, r, q, p)
+
+        # 2. From the state carried into the chunk: y_i += exp(dA_{0..i}) C_i . state
+        decay_in = torch.exp(dA_cs)  # (b, g, r, q)
+        if seq_idx is not None:
+            decay_in = decay_in * (s == prev_seq)[:, None, None, :]
+        y = y + (Cc @ state.transpose(-1, -2)) * decay_in[..., None]  # (b,g,1,q,n) @ (b,g,r,n,p)
+        ys.append(y)
+
+        # 3. The state at the chunk's end: decayed old state plus every token's decayed contribution.
+        decay_out = torch.exp(dA_cs[..., -1:] - dA_cs)  # (b, g, r, q)
+        chunk_decay = torch.exp(dA_cs[..., -1])  # (b, g, r)
+        if seq_idx is not None:
+            decay_out = decay_out * (s == s[:, -1:])[:, None, None, :]
+            chunk_decay = chunk_decay * (s[:, -1:] == prev_seq)[:, :, None]
+            prev_seq = s[:, -1:]
+        contrib = (xdt * decay_out[..., None]).transpose(-1, -2) @ Bc  # (b,g,r,p,q) @ (b,g,1,q,n)
+        state = state * chunk_decay[..., None, None] + contrib  # (b, g, r, p, n)
+
+    y = torch.cat(ys, dim=3).reshape(b, h, l, p).transpose(1, 2)  # (b, l, h, p)
+    if D is not None:
+        y = y + x.float() * D.float()[:, None]
+    return y, state.reshape(b, h, p, n)
+
+
+def ssd_step(
+    state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """One recurrent step. state: (b, h, p, n) fp32; x: (b, h, p); dt: (b, h); A: (h,); B, C: (b, g, n).
+
+    Returns y (b, h, p) and the new state (b, h, p, n), both fp32.
+    """
+    b, h, p, n = state.shape
+    g = B.shape[1]
+    r = h // g
+    dt = dt.float()
+    x = x.float()
+    dA = torch.exp(dt * A.float())  # (b, h)
+    Bh = B.float()[:, :, None, :].expand(b, g, r, n).reshape(b, h, n)  # (b, h, n)
+    Ch = C.float()[:, :, None, :].expand(b, g, r, n).reshape(b, h, n)  # (b, h, n)
+    dBx = (x * dt[..., None])[..., None] * Bh[:, :, None, :]  # (b, h, p, n)
+    state = state.float() * dA[..., None, None] + dBx
+    y = (state @ Ch[..., None]).squeeze(-1)  # (b, h, p)
+    if D is not None:
+        y = y + x * D.float()[:, None]
+    return y, state
+
+
+def ssd_sequential(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    initial_state: Tensor | None = None,
+    seq_idx: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Reference: the recurrence one token at a time. Same arguments and results as `ssd_chunked`."""
+    b, l, h, p = x.shape
+    n = B.shape[-1]
+    state = x.new_zeros(b, h, p, n, dtype=torch.float32) if initial_state is None else initial_state.float()
+    ys = []
+    for t in range(l):
+        if seq_idx is not None and t > 0:
+            keep = (seq_idx[:, t] == seq_idx[:, t - 1]).float()  # (b,)
+            state = state * keep[:, None, None, None]
+        y, state = ssd_step(state, x[:, t], dt[:, t], A, B[:, t], C[:, t], D)
+        ys.append(y)
+    return torch.stack(ys, dim=1), state
+
+
+def causal_conv1d(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    conv_state: Tensor | None = None,
+    seq_idx: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Depthwise causal conv along l, channels last (no activation).
+
+    x: (b, l, c); weight: (c, k) ; bias: (c,); conv_state: (b, k-1, c), the inputs before x (zeros when
+    None). With `seq_idx` (b, l), a window never reaches across a sequence boundary.
+    Returns the output (b, l, c) in x's dtype and the new state (b, k-1, c): the last k-1 inputs.
+    """
+    b, l, c = x.shape
+    k = weight.shape[-1]
+    if conv_state is None:
+        conv_state = x.new_zeros(b, k - 1, c)
+    xp = torch.cat([conv_state.to(x.dtype), x], dim=1)  # (b, k-1+l, c)
+    w = weight.to(x.dtype)
+    if seq_idx is None and l > 1:
+        out = F.conv1d(xp.transpose(1, 2), w[:, None, :], groups=c).transpose(1, 2)  # (b, l, c)
+    else:
+        if seq_idx is not None:
+            sp = torch.cat([seq_idx[:, :1].expand(b, k - 1), seq_idx], dim=1)  # (b, k-1+l)
+        out = xp[:, k - 1 :] * w[:, k - 1]
+        for j in range(k - 1):  # tap j looks back k-1-j steps
+            term = xp[:, j : j + l] * w[:, j]
+            if seq_idx is not None:
+                term = term * (sp[:, j : j + l] == seq_idx)[..., None].to(x.dtype)
+            out = out + term
+    if bias is not None:
+        out = out + bias.to(x.dtype)
+    return out, xp[:, l:]  # the last k-1 inputs
+
+
+def causal_conv1d_reference(
+    x: Tensor, weight: Tensor, bias: Tensor | None = None, seq_idx: Tensor | None = None
+) -> Tensor:
+    """Reference: a zero-padded conv per sequence, one (row, sequence) at a time. x: (b, l, c)."""
+    b, l, c = x.shape
+    k = weight.shape[-1]
+    out = torch.empty_like(x)
+    for row in range(b):
+        ids = seq_idx[row] if seq_idx is not None else torch.zeros(l, dtype=torch.long)
+        for sid in torch.unique(ids):
+            pos = (ids == sid).nonzero().squeeze(-1)
+            seg = x[row, pos].T[None]  # (1, c, len)
+            y = F.conv1d(seg, weight[:, None, :], bias, padding=k - 1, groups=c)[..., : len(pos)]
+            out[row, pos] = y[0].T
+    return out
