@@ -111,8 +111,13 @@ class BambaConfig:
         if self.num_attention_heads % self.num_key_value_heads:
             raise bad("num_key_value_heads", f"must divide num_attention_heads ({self.num_attention_heads})")
         if self.mamba_intermediate_size % self.mamba_n_heads:
-            raise bad("mamba_n_heads", f"must divide mamba_expand * hidden_size ({self.mamba_intermediate_size})")
-        if not isinstance(self.mamba_d_head, int) or self.mamba_d_head * self.mamba_n_heads != self.mamba_intermediate_size:
+            raise bad(
+                "mamba_n_heads", f"must divide mamba_expand * hidden_size ({self.mamba_intermediate_size})"
+            )
+        if (
+            not isinstance(self.mamba_d_head, int)
+            or self.mamba_d_head * self.mamba_n_heads != self.mamba_intermediate_size
+        ):
             raise bad(
                 "mamba_d_head",
                 f"mamba_d_head * mamba_n_heads ({self.mamba_n_heads}) must equal mamba_expand * hidden_size "
@@ -121,10 +126,15 @@ class BambaConfig:
         if self.mamba_n_heads % self.mamba_n_groups:
             raise bad("mamba_n_groups", f"must divide mamba_n_heads ({self.mamba_n_heads})")
         if self.mamba_intermediate_size % self.mamba_n_groups:
-            raise bad("mamba_n_groups", f"must divide mamba_expand * hidden_size ({self.mamba_intermediate_size})")
+            raise bad(
+                "mamba_n_groups", f"must divide mamba_expand * hidden_size ({self.mamba_intermediate_size})"
+            )
         for i in self.attn_layer_indices or ():
             if not 0 <= i < self.num_hidden_layers:
-                raise bad("attn_layer_indices", f"index {i} is outside [0, num_hidden_layers={self.num_hidden_layers})")
+                raise bad(
+                    "attn_layer_indices",
+                    f"index {i} is outside [0, num_hidden_layers={self.num_hidden_layers})",
+                )
         if len(set(self.attn_layer_indices or ())) != len(self.attn_layer_indices or ()):
             raise bad("attn_layer_indices", "indices must be unique")
         if not 0.0 < self.partial_rotary_factor <= 1.0 or self.rotary_dim % 2:
@@ -146,7 +156,11 @@ class BambaConfig:
             if f.name in ("extra", "rope_theta", "partial_rotary_factor"):
                 continue
             out[f.name] = getattr(self, f.name)
-        out["time_step_limit"] = list(self.time_step_limit) if self.time_step_limit is not None else None
+        if self.time_step_limit is not None:  # inf is written as transformers writes it
+            out["time_step_limit"] = [
+                v if math.isfinite(v) else {"__float__": str(v).replace("inf", "Infinity")}
+                for v in self.time_step_limit
+            ]
         out["rope_parameters"] = {
             **dict(self.extra.get("rope_parameters") or {}),
             "rope_type": "default",
@@ -165,7 +179,9 @@ class BambaConfig:
             raise ValueError(f"{source}: model_type is {model_type!r}, expected 'bamba'")
         rope = data.get("rope_parameters") or {}
         if rope.get("rope_type", "default") != "default":
-            raise ValueError(f"{source}: rope_parameters.rope_type={rope['rope_type']!r}; only 'default' is supported")
+            raise ValueError(
+                f"{source}: rope_parameters.rope_type={rope['rope_type']!r}; only 'default' is supported"
+            )
         if "rope_theta" in rope:
             data.setdefault("rope_theta", rope["rope_theta"])
         if "partial_rotary_factor" in rope:
@@ -179,7 +195,7 @@ class BambaConfig:
         return cls(**kwargs, extra=extra)
 
     def to_json_string(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, default=_encode_float) + "\n"
+        return json.dumps(self.to_dict(), indent=2) + "\n"
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         os.makedirs(folder, exist_ok=True)
@@ -218,10 +234,6 @@ def _check_positive(cfg: BambaConfig, *names: str) -> None:
         value = getattr(cfg, name)
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ValueError(f"BambaConfig.{name}={value!r} is invalid: must be a positive integer")
-
-
-def _encode_float(value: Any) -> Any:
-    raise TypeError(f"cannot serialize {value!r}")
 
 
 def _decode_float(value: Any) -> float:

@@ -1,0 +1,398 @@
+"""Hugging Face checkpoint folders: config.json + model.safetensors (or shards + index), local or hub.
+
+Loading builds the model on the `meta` device, then assigns tensors that are views of the memory-mapped
+safetensors files (no copy when the dtype is kept; one tensor at a time when it is converted), so peak
+memory stays near the weights' size. Tensor names are the model's own `state_dict` keys: an identity map.
+Saving writes every file atomically (temporary file + rename), in the layout `transformers` reads.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import re
+import struct
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import BambaConfig
+
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*"]
+# Keys found in some checkpoints that are derived buffers, not weights.
+_IGNORED_KEYS = re.compile(r".*rotary_emb\.inv_freq$")
+
+_ST_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder or file that cannot give a correct model."""
+
+
+# ----- locating files -------------------------------------------------------------------------------
+def resolve_folder(path_or_repo_id: str | os.PathLike, revision: str | None = None, **hub_kwargs: Any) -> str:
+    """A local folder as is; otherwise a hub repo id fetched through huggingface_hub's cache.
+
+    Offline mode (HF_HUB_OFFLINE=1 or local_files_only=True) is honoured: a repo that is not cached then
+    raises a FileNotFoundError that says so.
+    """
+    path = os.fspath(path_or_repo_id)
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path):
+        raise CheckpointError(f"{path}: expected a checkpoint folder, found a file")
+    if path.startswith((".", "/", "~")) or path.count("/") > 1 or not path:
+        raise FileNotFoundError(f"{path}: no such checkpoint folder")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return snapshot_download(path, revision=revision, allow_patterns=_HUB_PATTERNS, **hub_kwargs)
+    except LocalEntryNotFoundError as e:
+        raise FileNotFoundError(
+            f"{path}: not a local folder, and not in the Hugging Face cache while offline (or the hub is "
+            f"unreachable); download it first (huggingface-cli download {path}) or pass a folder. ({e})"
+        ) from None
+    except RepositoryNotFoundError:
+        raise FileNotFoundError(f"{path}: not a local folder, and no such repository on the hub") from None
+
+
+def resolve_file(path_or_repo_id: str | os.PathLike, filename: str, **hub_kwargs: Any) -> str:
+    folder = resolve_folder(path_or_repo_id, **hub_kwargs)
+    path = os.path.join(folder, filename)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{folder}: missing {filename}")
+    return path
+
+
+# ----- reading safetensors ------------------------------------------------------------------------------
+class SafetensorsFile:
+    """A memory-mapped safetensors file; `tensor(name)` is a zero-copy, copy-on-write view."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            if size < 8:
+                raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes)")
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8 or n > 100_000_000:
+                raise CheckpointError(f"{path}: corrupt safetensors header (length {n}, file {size} bytes)")
+            try:
+                header = json.loads(f.read(n))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+            self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 0 else None
+        self.metadata = header.pop("__metadata__", None) or {}
+        self.base = 8 + n
+        self.entries: dict[str, tuple[torch.dtype, list[int], int, int]] = {}
+        for name, e in header.items():
+            try:
+                dtype = _ST_DTYPES[e["dtype"]]
+                start, end = e["data_offsets"]
+                shape = [int(d) for d in e["shape"]]
+            except (KeyError, TypeError, ValueError):
+                raise CheckpointError(f"{path}: corrupt header entry for tensor {name!r}: {e}") from None
+            numel = 1
+            for d in shape:
+                numel *= d
+            if end - start != numel * dtype.itemsize or self.base + end > size:
+                raise CheckpointError(
+                    f"{path}: tensor {name!r} needs bytes {self.base + start}..{self.base + end} but the file "
+                    f"has {size} bytes (truncated or corrupt)"
+                )
+            self.entries[name] = (dtype, shape, self.base + start, self.base + end)
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        dtype, shape, start, end = self.entries[name]
+        if end == start:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(
+            self.mm, dtype=dtype, count=(end - start) // dtype.itemsize, offset=start
+        ).view(shape)
+
+    def release(self, name: str) -> None:
+        """Drop the mapped pages of a tensor that was copied out (keeps RSS near the weights' size)."""
+        _, _, start, end = self.entries[name]
+        page = mmap.PAGESIZE
+        lo, hi = -(-start // page) * page, end // page * page
+        if hi > lo and hasattr(self.mm, "madvise"):
+            self.mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
+
+def weight_files(folder: str) -> list[str]:
+    """The safetensors files of a checkpoint folder (one file, or the shards its index names)."""
+    single, index = os.path.join(folder, WEIGHTS_NAME), os.path.join(folder, INDEX_NAME)
+    if os.path.isfile(index):
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e!r})") from None
+        shards = sorted(set(weight_map.values()))
+        missing = [s for s in shards if not os.path.isfile(os.path.join(folder, s))]
+        if missing:
+            raise FileNotFoundError(f"{folder}: missing shard file(s) {missing} named in {INDEX_NAME}")
+        return [os.path.join(folder, s) for s in shards]
+    if os.path.isfile(single):
+        return [single]
+    if any(f.endswith(".bin") for f in os.listdir(folder)):
+        raise CheckpointError(f"{folder}: only PyTorch .bin weights found; convert them to safetensors first")
+    raise FileNotFoundError(f"{folder}: no {WEIGHTS_NAME} and no {INDEX_NAME}")
+
+
+def _iter_tensors(files: list[str]) -> Iterator[tuple[str, SafetensorsFile]]:
+    for path in files:
+        st = SafetensorsFile(path)
+        for name in st.keys():
+            yield name, st
+
+
+def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return None
+    name = {
+        "fp32": "float32",
+        "fp16": "float16",
+        "bf16": "bfloat16",
+        "half": "float16",
+        "float": "float32",
+    }.get(dtype, dtype)
+    value = getattr(torch, name, None)
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise ValueError(f"dtype={dtype!r} is not a floating-point torch dtype (float32, bfloat16, float16)")
+    return value
+
+
+# ----- loading ----------------------------------------------------------------------------------------------
+def load_pretrained(
+    cls: type,
+    path_or_repo_id: str | os.PathLike,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str | None = None,
+    quantization: str | None = None,
+    config: BambaConfig | None = None,
+    revision: str | None = None,
+    **hub_kwargs: Any,
+) -> nn.Module:
+    """Load `cls` (BambaForCausalLM or BambaModel) from a checkpoint folder or hub repo id.
+
+    dtype: None or "auto" keeps the stored dtype (zero-copy); otherwise tensors are converted one at a
+    time. quantization: "int8_weight_only" / "int4_weight_only", applied after loading (see bamba.quantize).
+    """
+    folder = resolve_folder(path_or_repo_id, revision=revision, **hub_kwargs)
+    if config is None:
+        config_path = os.path.join(folder, "config.json")
+        if not os.path.isfile(config_path):
+            raise FileNotFoundError(f"{folder}: missing config.json")
+        config = BambaConfig.from_json_file(config_path)
+    dtype = _parse_dtype(dtype)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    with torch.device("meta"):
+        model = cls(config, init=False)
+    quant_meta = _read_quant_meta(folder)
+    if quant_meta is not None:
+        from .quantize import prepare_quantized
+
+        prepare_quantized(model, quant_meta)
+    expected = model.state_dict()
+    prefix = "model." if hasattr(model, "lm_head") else ""
+    loaded: dict[str, torch.Tensor] = {}
+    unexpected, wrong_shape = [], []
+    for name, st in _iter_tensors(weight_files(folder)):
+        key = _map_key(name, prefix)
+        if key is None or _IGNORED_KEYS.match(name):
+            continue
+        if key not in expected:
+            unexpected.append(name)
+            continue
+        want = expected[key]
+        t = st.tensor(name)
+        if list(t.shape) != list(want.shape):
+            wrong_shape.append(
+                f"{name}: expected {list(want.shape)}, found {list(t.shape)} in {os.path.basename(st.path)}"
+            )
+            continue
+        target = want.dtype if not want.is_floating_point() else (dtype or t.dtype)
+        if t.dtype != target or device.type != "cpu":
+            t = t.to(device=device, dtype=target, copy=True)
+            st.release(name)
+        loaded[key] = t
+    tied = {"lm_head.weight"} if config.tie_word_embeddings and prefix else set()
+    missing = [k for k in expected if k not in loaded and k not in tied]
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {missing}")
+    if unexpected:
+        problems.append(f"unexpected tensors: {unexpected}")
+    if wrong_shape:
+        problems.append("wrong shapes: " + "; ".join(wrong_shape))
+    if problems:
+        raise CheckpointError(f"{folder}: checkpoint does not match the config:\n  " + "\n  ".join(problems))
+    model.load_state_dict(loaded, strict=False, assign=True)
+    model.tie_weights()
+    model.eval()
+    if quantization is not None:
+        from .quantize import quantize
+
+        quantize(model, quantization)
+    return model
+
+
+def _map_key(name: str, prefix: str) -> str | None:
+    """Checkpoint name -> our state_dict key. Loading a base model from a causal-LM checkpoint drops
+    `model.` and the lm_head; loading a causal LM from a base-model checkpoint adds `model.`."""
+    if prefix:  # BambaForCausalLM
+        if name.startswith(("model.", "lm_head.")):
+            return name
+        return prefix + name
+    if name.startswith("lm_head."):
+        return None
+    return name.removeprefix("model.")
+
+
+def _read_quant_meta(folder: str) -> dict | None:
+    path = os.path.join(folder, "quantization_config.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+# ----- saving -----------------------------------------------------------------------------------------------
+def parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B?|B?)\s*", size, flags=re.IGNORECASE)
+    if not m:
+        raise ValueError(f"max_shard_size={size!r}: expected a byte count or a size like '5GB' or '500MB'")
+    unit = m.group(2).upper().rstrip("B")
+    scale = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "KI": 2**10, "MI": 2**20, "GI": 2**30}[unit]
+    return int(float(m.group(1)) * scale)
+
+
+def atomic_write(path: str, write: Any, mode: str = "w") -> None:
+    """Write a file through a temporary file in the same folder and a rename: never half written."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_safetensors(
+    tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str] | None = None
+) -> None:
+    """Write a safetensors file (atomically), streaming tensor by tensor."""
+    header: dict[str, Any] = {"__metadata__": metadata or {"format": "pt"}}
+    offset = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        header[name] = {
+            "dtype": _ST_NAMES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # keep tensor data 8-byte aligned
+
+    def write(f: Any) -> None:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for t in tensors.values():
+            data = t.detach().to("cpu").contiguous()
+            if data.numel():
+                f.write(memoryview(data.view(torch.uint8).reshape(-1).numpy()))
+
+    atomic_write(path, write, mode="wb")
+
+
+def save_pretrained(
+    model: nn.Module,
+    folder: str | os.PathLike,
+    max_shard_size: int | str = "5GB",
+    dtype: torch.dtype | str | None = None,
+) -> None:
+    """Write config.json, generation_config.json and model.safetensors (or shards + index) to `folder`.
+
+    transformers' BambaForCausalLM.from_pretrained reads the result. The tied lm_head is not stored (as
+    transformers does). Stale shards of an earlier save in the same folder are removed.
+    """
+    folder = os.fspath(folder)
+    os.makedirs(folder, exist_ok=True)
+    config: BambaConfig = model.config
+    dtype = _parse_dtype(dtype)
+    state = {k: v for k, v in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    limit = parse_size(max_shard_size)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in state.items():
+        n = t.numel() * t.element_size()
+        if shards[-1] and size + n > limit:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += n
+    for old in os.listdir(folder):  # stale weights of an earlier save
+        if re.fullmatch(r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json", old):
+            os.remove(os.path.join(folder, old))
+    if len(shards) == 1:
+        save_safetensors(shards[0], os.path.join(folder, WEIGHTS_NAME))
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_safetensors(shard, os.path.join(folder, name))
+            weight_map.update({k: name for k in shard})
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        atomic_write(os.path.join(folder, INDEX_NAME), lambda f: json.dump(index, f, indent=2))
+    any_float = next((t for t in state.values() if t.is_floating_point()), None)
+    cfg = json.loads(config.to_json_string())
+    if any_float is not None:
+        cfg["dtype"] = str(any_float.dtype).removeprefix("torch.")
+    atomic_write(os.path.join(folder, "config.json"), lambda f: f.write(json.dumps(cfg, indent=2) + "\n"))
+    gen = {k: getattr(config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    atomic_write(
+        os.path.join(folder, "generation_config.json"), lambda f: f.write(json.dumps(gen, indent=2) + "\n")
+    )
+    quant = getattr(model, "quantization_config", None)
+    if quant is not None:
+        atomic_write(
+            os.path.join(folder, "quantization_config.json"), lambda f: json.dump(quant, f, indent=2)
+        )

@@ -1,0 +1,249 @@
+"""Data for training: a padding-free (flattening) collator, greedy packing, a padded baseline, text readers.
+
+Padding-free training concatenates a batch into one row of shape (1, total_tokens) and tells the model where
+each sequence starts: attention reads `position_ids` / `cu_seq_lens_*`, the Mamba-2 scan reads `seq_idx`.
+`DataCollatorWithFlattening` returns what transformers' collator of the same name (v5.24) returns, so a
+Hugging Face trainer and ours feed the model the same batch. `pad_batch` is the padded baseline that packing
+is compared with.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+IGNORE_INDEX = -100  # label value that cross-entropy skips
+
+# Keys that get a leading batch dim of 1, keys stored as int64 (the rest are int32), keys kept as Python ints.
+_BATCH_DIM_KEYS = frozenset({"input_ids", "labels", "position_ids", "seq_idx"})
+_INT64_KEYS = frozenset({"input_ids", "labels", "position_ids"})
+_PY_INT_KEYS = frozenset({"max_length_q", "max_length_k"})
+
+
+def _as_list(values: Any) -> list[int]:
+    """A Python list of ints from a list, tuple, tensor or numpy array."""
+    return values.tolist() if hasattr(values, "tolist") else list(values)
+
+
+class DataCollatorWithFlattening:
+    """Flatten a batch of examples into one row, with no padding.
+
+    Returns (T = total tokens of the non-empty examples, N = their number):
+      input_ids     (1, T) int64   the examples, concatenated
+      labels        (1, T) int64   each example's `labels` (or its `input_ids`), first token -> separator_id
+      position_ids  (1, T) int64   restart at `position_ids_start` for every example  [return_position_ids]
+      seq_idx       (1, T) int32   index of the example each token belongs to          [return_seq_idx]
+      cu_seq_lens_q/k  (N + 1,) int32   cumulative lengths, starting at 0              [return_flash_attn_kwargs]
+      max_length_q/k   int              longest example                                [return_flash_attn_kwargs]
+
+    Empty examples are dropped (and do not count in `seq_idx`); a batch with no tokens raises ValueError.
+    Unlike transformers, a batch where only some examples have `labels` raises ValueError instead of
+    raising KeyError or ignoring the later labels.
+    """
+
+    def __init__(
+        self,
+        return_position_ids: bool = True,
+        separator_id: int = IGNORE_INDEX,
+        return_flash_attn_kwargs: bool = False,
+        return_seq_idx: bool = False,
+        position_ids_start: int = 0,
+    ):
+        self.return_position_ids = return_position_ids
+        self.separator_id = separator_id
+        self.return_flash_attn_kwargs = return_flash_attn_kwargs
+        self.return_seq_idx = return_seq_idx
+        self.position_ids_start = position_ids_start
+
+    def __call__(
+        self, features: list[dict[str, Any]], return_tensors: str = "pt", separator_id: int | None = None
+    ) -> dict[str, Any]:
+        if return_tensors not in ("pt", "np"):
+            raise ValueError(f"return_tensors must be 'pt' or 'np', got {return_tensors!r}")
+        if separator_id is None:
+            separator_id = self.separator_id
+        examples = [(i, f) for i, f in enumerate(features) if len(f["input_ids"]) > 0]
+        if not examples:
+            raise ValueError(f"DataCollatorWithFlattening got a batch of {len(features)} examples, all empty")
+        first_index, first = examples[0]
+        has_labels = "labels" in first
+
+        input_ids: list[int] = []
+        labels: list[int] = []
+        position_ids: list[int] = []
+        seq_idx: list[int] = []
+        cu_seq_lens = [0]
+        max_length = 0
+        for seq, (i, feature) in enumerate(examples):
+            if ("labels" in feature) != has_labels:
+                raise ValueError(
+                    f"example {i} {'lacks' if has_labels else 'has'} 'labels' but example {first_index} "
+                    f"{'has' if has_labels else 'lacks'} them; give labels to all examples or to none"
+                )
+            ids = _as_list(feature["input_ids"])
+            target = _as_list(feature["labels"]) if has_labels else ids
+            n = len(ids)
+            input_ids += ids
+            labels += [separator_id] + target[1:]  # the first token has no previous token to predict it
+            position_ids += range(self.position_ids_start, self.position_ids_start + n)
+            seq_idx += [seq] * n
+            cu_seq_lens.append(cu_seq_lens[-1] + n)
+            max_length = max(max_length, n)
+
+        batch: dict[str, Any] = {"input_ids": input_ids, "labels": labels}
+        if self.return_position_ids:
+            batch["position_ids"] = position_ids
+        if self.return_seq_idx:
+            batch["seq_idx"] = seq_idx
+        if self.return_flash_attn_kwargs:
+            batch["cu_seq_lens_q"] = cu_seq_lens
+            batch["cu_seq_lens_k"] = list(cu_seq_lens)  # a separate tensor, as in transformers
+            batch["max_length_q"] = batch["max_length_k"] = max_length
+        return {k: _to_array(k, v, return_tensors) for k, v in batch.items()}
+
+
+def _to_array(key: str, value: Any, return_tensors: str) -> Any:
+    """The collator's output for one key: (1, T) rows for per-token keys, int64 or int32, max lengths as ints."""
+    if key in _PY_INT_KEYS:
+        return value
+    if key in _BATCH_DIM_KEYS:
+        value = [value]
+    if return_tensors == "np":
+        import numpy as np  # only needed for this output type
+
+        return np.array(value, dtype=np.int64 if key in _INT64_KEYS else np.int32)
+    return torch.tensor(value, dtype=torch.int64 if key in _INT64_KEYS else torch.int32)
+
+
+def pack_examples(examples: Iterable[Sequence[int]], max_tokens: int) -> Iterator[list[list[int]]]:
+    """Greedily group examples, in order, into rows of at most `max_tokens` tokens.
+
+    Each row is a list of examples; a row is yielded as soon as the next example does not fit, so every
+    token comes out once, in input order. An example longer than `max_tokens` is split into pieces of
+    `max_tokens` tokens (the last one shorter), and each piece is packed as a separate example. Empty
+    examples are skipped. Streams: `examples` may be a generator.
+    """
+    if max_tokens < 1:
+        raise ValueError(f"pack_examples: max_tokens must be >= 1, got {max_tokens}")
+    row: list[list[int]] = []
+    row_tokens = 0
+    for example in examples:
+        ids = _as_list(example)
+        for start in range(0, len(ids), max_tokens):
+            piece = ids[start : start + max_tokens]
+            if row_tokens + len(piece) > max_tokens:
+                yield row
+                row, row_tokens = [], 0
+            row.append(piece)
+            row_tokens += len(piece)
+    if row:
+        yield row
+
+
+def pad_batch(
+    examples: list[list[int]], pad_token_id: int, padding_side: str = "right"
+) -> dict[str, torch.Tensor]:
+    """Pad examples to the longest one: the padded baseline for packing.
+
+    Returns LongTensors of shape (B, T), T = longest example: `input_ids`, `attention_mask` (1 on tokens,
+    0 on padding) and `labels` (input_ids, with IGNORE_INDEX on padding).
+    """
+    if padding_side not in ("right", "left"):
+        raise ValueError(f"pad_batch: padding_side must be 'right' or 'left', got {padding_side!r}")
+    if not examples:
+        raise ValueError("pad_batch: got no examples")
+    rows = [_as_list(e) for e in examples]
+    b, t = len(rows), max(len(r) for r in rows)
+    input_ids = torch.full((b, t), pad_token_id, dtype=torch.long)  # (B, T)
+    attention_mask = torch.zeros((b, t), dtype=torch.long)  # (B, T)
+    for i, r in enumerate(rows):
+        if not r:
+            continue
+        span = slice(0, len(r)) if padding_side == "right" else slice(t - len(r), t)
+        input_ids[i, span] = torch.tensor(r, dtype=torch.long)
+        attention_mask[i, span] = 1
+    # Mask by attention_mask, not by pad_token_id: a pad id that also occurs as a real token keeps its label.
+    labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)  # (B, T)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+_SUPPORTED_SUFFIXES = (".txt", ".jsonl")
+# A newline followed by one or more blank lines (lines that are empty or hold only spaces and tabs).
+_PARAGRAPH_BREAK = re.compile(r"\n(?:[ \t]*\n)+")
+
+
+def iter_text_files(paths: list[str | os.PathLike[str]]) -> Iterator[str]:
+    """Yield the documents in text files, file by file, in order.
+
+    .txt:   the file is split on blank lines (two or more consecutive newlines; lines holding only spaces
+            or tabs count as blank); each document is stripped of surrounding whitespace, empty ones are dropped.
+    .jsonl: one JSON object per line; its string field `text` is yielded unchanged. Blank lines are skipped;
+            a line that is not an object with a string `text` raises ValueError naming the file and line.
+    Every path is checked before anything is read: a missing file raises FileNotFoundError and another
+    extension raises ValueError, both naming the path.
+    """
+    files = [Path(p) for p in paths]
+    for path in files:
+        if not path.is_file():
+            raise FileNotFoundError(f"iter_text_files: {path}: no such file")
+        if path.suffix.lower() not in _SUPPORTED_SUFFIXES:
+            raise ValueError(
+                f"iter_text_files: {path}: unsupported extension {path.suffix!r}, expected one of "
+                f"{', '.join(_SUPPORTED_SUFFIXES)}"
+            )
+    return _iter_documents(files)
+
+
+def _iter_documents(files: list[Path]) -> Iterator[str]:
+    for path in files:
+        if path.suffix.lower() == ".txt":
+            yield from _iter_txt(path)
+        else:
+            yield from _iter_jsonl(path)
+
+
+def _iter_txt(path: Path) -> Iterator[str]:
+    text = path.read_text(encoding="utf-8")  # universal newlines: \r\n and \r read as \n
+    for doc in _PARAGRAPH_BREAK.split(text):
+        doc = doc.strip()
+        if doc:
+            yield doc
+
+
+def _iter_jsonl(path: Path) -> Iterator[str]:
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{line_no}: invalid JSON ({e.msg})") from e
+            text = record.get("text") if isinstance(record, dict) else None
+            if not isinstance(text, str):
+                if not isinstance(record, dict):
+                    found = f"a JSON {_json_type(record)}"
+                elif "text" not in record:
+                    found = "no 'text' field"
+                else:
+                    found = f"a 'text' field of JSON type {_json_type(text)}"
+                raise ValueError(
+                    f"{path}:{line_no}: expected a JSON object with a string 'text' field, found {found}"
+                )
+            yield text
+
+
+def _json_type(value: Any) -> str:
+    """The JSON name of a decoded value's type, for error messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    names = {dict: "object", list: "array", str: "string", int: "number", float: "number"}
+    return names.get(type(value), type(value).__name__)

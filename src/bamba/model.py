@@ -1,0 +1,676 @@
+"""The Bamba model: norms, MLP, attention, the Mamba-2 mixer, decoder blocks, BambaModel, BambaForCausalLM.
+
+Module and parameter names are those of Hugging Face `transformers`, so a checkpoint's tensor names map
+one to one onto `state_dict()` keys. Modules hold weights only; decoding state lives in the cache.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from .cache import HybridMambaAttentionDynamicCache
+from .config import BambaConfig
+from .ssd import causal_conv1d, ssd_chunked, ssd_step
+
+Cache = HybridMambaAttentionDynamicCache
+
+
+# ----- outputs -----------------------------------------------------------------------------------------
+@dataclass
+class _Output:
+    def __getitem__(self, key: str | int) -> Any:
+        if isinstance(key, str):
+            return getattr(self, key)
+        return self.to_tuple()[key]
+
+    def to_tuple(self) -> tuple:
+        return tuple(getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None)
+
+    def keys(self) -> list[str]:
+        return [f.name for f in fields(self) if getattr(self, f.name) is not None]
+
+    @property
+    def cache(self) -> Cache | None:  # the name transformers 5 uses
+        return getattr(self, "past_key_values", None)
+
+
+@dataclass
+class BambaModelOutput(_Output):
+    last_hidden_state: Tensor
+    past_key_values: Cache | None = None
+    hidden_states: tuple[Tensor, ...] | None = None
+    attentions: tuple[Tensor, ...] | None = None
+
+
+@dataclass
+class CausalLMOutput(_Output):
+    loss: Tensor | None = None
+    logits: Tensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[Tensor, ...] | None = None
+    attentions: tuple[Tensor, ...] | None = None
+
+
+# ----- small modules -------------------------------------------------------------------------------------
+class BambaRMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * x.to(dtype)
+
+
+class BambaRMSNormGated(nn.Module):
+    """RMSNorm of y * silu(z), per group of `group_size` channels, in fp32."""
+
+    def __init__(self, hidden_size: int, group_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+        self.group_size = group_size
+
+    def forward(self, y: Tensor, z: Tensor) -> Tensor:
+        y = y.float() * F.silu(z.float())  # (b, l, d)
+        yg = y.view(*y.shape[:-1], -1, self.group_size)  # (b, l, groups, group_size)
+        yg = yg * torch.rsqrt(yg.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight.float() * yg.view_as(y)  # fp32
+
+
+class BambaMLP(nn.Module):
+    def __init__(self, config: BambaConfig) -> None:
+        super().__init__()
+        d, f, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(d, f, bias=bias)
+        self.up_proj = nn.Linear(d, f, bias=bias)
+        self.down_proj = nn.Linear(f, d, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+# ----- attention ---------------------------------------------------------------------------------------
+def rotary_cos_sin(position_ids: Tensor, config: BambaConfig, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos, sin (b, l, rotary_dim) for the half-split rotation of the first `rotary_dim` dims."""
+    rd = config.rotary_dim
+    inv_freq = 1.0 / (
+        config.rope_theta ** (torch.arange(0, rd, 2, dtype=torch.float32, device=position_ids.device) / rd)
+    )
+    freqs = position_ids[..., None].float() * inv_freq  # (b, l, rd/2)
+    emb = torch.cat([freqs, freqs], dim=-1)  # (b, l, rd)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x: (b, heads, l, head_dim); rotate the first cos.shape[-1] dims, pass the rest through."""
+    rd = cos.shape[-1]
+    cos, sin = cos[:, None], sin[:, None]  # (b, 1, l, rd)
+    xr, xp = x[..., :rd], x[..., rd:]
+    x1, x2 = xr[..., : rd // 2], xr[..., rd // 2 :]
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return torch.cat([xr * cos + rotated * sin, xp], dim=-1)
+
+
+@dataclass
+class AttentionMask:
+    """How attention layers mask: `mask` (b|1, 1, q, k) bool (True = attend) or None with `is_causal`."""
+
+    mask: Tensor | None
+    is_causal: bool
+
+
+class BambaAttention(nn.Module):
+    def __init__(self, config: BambaConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        d, bias = config.hidden_size, config.attention_bias
+        self.q_proj = nn.Linear(d, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=bias)
+
+    def forward(
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor],
+        mask: AttentionMask,
+        cache: Cache | None = None,
+        output_attentions: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        b, l, _ = x.shape
+        q = self.q_proj(x).view(b, l, self.num_heads, self.head_dim).transpose(1, 2)  # (b, h, l, hd)
+        k = self.k_proj(x).view(b, l, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (b, kvh, l, hd)
+        v = self.v_proj(x).view(b, l, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (b, kvh, l, hd)
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if cache is not None:
+            k, v = cache.update_kv(self.layer_idx, k, v)  # (b, kvh, t, hd)
+        dropout = self.config.attention_dropout if self.training else 0.0
+        weights = None
+        if output_attentions:
+            out, weights = self._eager(q, k, v, mask, dropout)
+        else:
+            out = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=mask.mask,
+                is_causal=mask.is_causal and mask.mask is None,
+                dropout_p=dropout,
+                enable_gqa=self.num_kv_heads != self.num_heads,
+            )  # (b, h, l, hd)
+        out = out.transpose(1, 2).reshape(b, l, self.num_heads * self.head_dim)
+        return self.o_proj(out), weights
+
+    def _eager(
+        self, q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, dropout: float
+    ) -> tuple[Tensor, Tensor]:
+        """Plain attention that also returns its weights (b, h, q, k)."""
+        rep = self.num_heads // self.num_kv_heads
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (b, h, t, hd)
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(self.head_dim)  # (b, h, l, t)
+        m = mask.mask
+        if m is None and mask.is_causal:
+            m = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
+        if m is not None:
+            scores = scores.masked_fill(~m, float("-inf"))
+        weights = scores.softmax(-1, dtype=torch.float32).to(q.dtype)
+        return F.dropout(weights, dropout, self.training) @ v, weights
+
+
+# ----- the Mamba-2 mixer ---------------------------------------------------------------------------------
+class BambaMixer(nn.Module):
+    """Mamba-2: in_proj -> [z | xBC | dt]; causal conv on xBC; SSD scan; gated RMSNorm; out_proj."""
+
+    def __init__(self, config: BambaConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.mamba_n_heads
+        self.head_dim = config.mamba_d_head
+        self.n_groups = config.mamba_n_groups
+        self.d_state = config.mamba_d_state
+        self.intermediate_size = config.mamba_intermediate_size
+        self.conv_dim = config.mamba_conv_dim
+        self.chunk_size = config.mamba_chunk_size
+        self.time_step_limit = config.time_step_limit
+        self.in_proj = nn.Linear(config.hidden_size, config.mamba_in_proj_size, bias=config.mamba_proj_bias)
+        self.conv1d = nn.Conv1d(
+            self.conv_dim,
+            self.conv_dim,
+            kernel_size=config.mamba_d_conv,
+            groups=self.conv_dim,
+            padding=config.mamba_d_conv - 1,
+            bias=config.mamba_conv_bias,
+        )
+        self.dt_bias = nn.Parameter(torch.ones(self.num_heads))
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, self.num_heads + 1, dtype=torch.float32)))
+        self.D = nn.Parameter(torch.ones(self.num_heads))
+        self.norm = BambaRMSNormGated(
+            self.intermediate_size,
+            group_size=self.intermediate_size // self.n_groups,
+            eps=config.rms_norm_eps,
+        )
+        self.out_proj = nn.Linear(self.intermediate_size, config.hidden_size, bias=config.mamba_proj_bias)
+
+    def forward(
+        self,
+        x: Tensor,
+        cache: Cache | None = None,
+        pad_mask: Tensor | None = None,
+        seq_idx: Tensor | None = None,
+    ) -> Tensor:
+        """x: (b, l, d); pad_mask: (b, l) bool, False at padding; seq_idx: (b, l) packed sequence ids."""
+        b, l, _ = x.shape
+        dtype = x.dtype
+        m = pad_mask[..., None].to(dtype) if pad_mask is not None else None  # (b, l, 1)
+        if m is not None:
+            x = x * m
+        zxbcdt = self.in_proj(x)  # (b, l, in_proj)
+        z, xBC, dt = zxbcdt.split([self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
+        if m is not None:
+            xBC = xBC * m  # padding never enters the conv window
+
+        conv_state = cache.conv_states[self.layer_idx] if cache is not None else None
+        ssm_state = cache.ssm_states[self.layer_idx] if cache is not None else None
+        xBC, new_conv_state = causal_conv1d(
+            xBC, self.conv1d.weight[:, 0], self.conv1d.bias, conv_state, seq_idx
+        )
+        xBC = F.silu(xBC)
+        if m is not None:
+            xBC = xBC * m
+        xs, B, C = xBC.split(
+            [self.intermediate_size, self.n_groups * self.d_state, self.n_groups * self.d_state], dim=-1
+        )
+
+        dt = F.softplus(dt.float() + self.dt_bias.float())  # (b, l, h)
+        if self.time_step_limit is not None and self.time_step_limit != (0.0, math.inf):
+            dt = dt.clamp(*self.time_step_limit)
+        if pad_mask is not None:
+            dt = dt * pad_mask[..., None]  # dt = 0: a pad token leaves the state exactly as it was
+        A = -torch.exp(self.A_log.float())  # (h,)
+
+        if ssm_state is not None and l == 1:
+            y, new_ssm_state = ssd_step(
+                ssm_state,
+                xs.view(b, self.num_heads, self.head_dim),
+                dt[:, 0],
+                A,
+                B.view(b, self.n_groups, self.d_state),
+                C.view(b, self.n_groups, self.d_state),
+                self.D,
+            )  # (b, h, p)
+        else:
+            y, new_ssm_state = ssd_chunked(
+                xs.view(b, l, self.num_heads, self.head_dim),
+                dt,
+                A,
+                B.view(b, l, self.n_groups, self.d_state),
+                C.view(b, l, self.n_groups, self.d_state),
+                self.chunk_size,
+                D=self.D,
+                initial_state=ssm_state,
+                seq_idx=seq_idx,
+            )  # (b, l, h, p)
+        if cache is not None:
+            cache.set_mamba_state(self.layer_idx, new_conv_state, new_ssm_state)
+        y = self.norm(y.reshape(b, l, self.intermediate_size), z)  # fp32
+        return self.out_proj(y.to(dtype))
+
+
+# ----- blocks and models ---------------------------------------------------------------------------------
+class BambaDecoderLayer(nn.Module):
+    def __init__(self, config: BambaConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.block_type = config.layers_block_type[layer_idx]
+        self.input_layernorm = BambaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.pre_ff_layernorm = BambaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.feed_forward = BambaMLP(config)
+        if self.block_type == "mamba":
+            self.mamba = BambaMixer(config, layer_idx)
+        else:
+            self.self_attn = BambaAttention(config, layer_idx)
+
+    def forward(
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor] | None,
+        attn_mask: AttentionMask | None,
+        pad_mask: Tensor | None,
+        seq_idx: Tensor | None,
+        cache: Cache | None,
+        output_attentions: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        h = self.input_layernorm(x)
+        weights = None
+        if self.block_type == "mamba":
+            h = self.mamba(h, cache, pad_mask, seq_idx)
+        else:
+            h, weights = self.self_attn(h, rope, attn_mask, cache, output_attentions)
+        x = x + h
+        x = x + self.feed_forward(self.pre_ff_layernorm(x))
+        return x, weights
+
+
+class BambaPreTrainedModel(nn.Module):
+    """Shared: initialization as transformers does it, and the checkpoint I/O entry points."""
+
+    config: BambaConfig
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        std = self.config.initializer_range
+        self.tie_weights()
+        tied = (
+            {id(self.lm_head.weight)}
+            if self.config.tie_word_embeddings and hasattr(self, "lm_head")
+            else set()
+        )
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Conv1d)) and id(module.weight) not in tied:
+                module.weight.normal_(0.0, std)
+                if module.bias is not None:
+                    module.bias.zero_()
+            elif isinstance(module, nn.Embedding):
+                module.weight.normal_(0.0, std)
+                if module.padding_idx is not None:
+                    module.weight[module.padding_idx].zero_()
+            elif isinstance(module, (BambaRMSNorm, BambaRMSNormGated)):
+                module.weight.fill_(1.0)
+            elif isinstance(module, BambaMixer):
+                module.dt_bias.fill_(1.0)
+                module.A_log.copy_(torch.log(torch.arange(1, module.num_heads + 1, dtype=torch.float32)))
+                module.D.fill_(1.0)
+
+    def tie_weights(self) -> None:
+        pass
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id: str, **kwargs: Any) -> BambaPreTrainedModel:
+        """Load a Hugging Face checkpoint folder or hub repo id. See `bamba.checkpoint.load_pretrained`."""
+        from .checkpoint import load_pretrained
+
+        return load_pretrained(cls, path_or_repo_id, **kwargs)
+
+    def save_pretrained(self, folder: str, max_shard_size: int | str = "5GB", **kwargs: Any) -> None:
+        """Write config.json and (sharded) safetensors that transformers loads. See `bamba.checkpoint`."""
+        from .checkpoint import save_pretrained
+
+        save_pretrained(self, folder, max_shard_size=max_shard_size, **kwargs)
+
+
+def _build(module: BambaPreTrainedModel, init: bool) -> None:
+    if init and next(module.parameters()).device.type != "meta":
+        module.init_weights()
+
+
+class BambaModel(BambaPreTrainedModel):
+    def __init__(self, config: BambaConfig, init: bool = True) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList(BambaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.final_layernorm = BambaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.gradient_checkpointing = False
+        _build(self, init)
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+        seq_idx: Tensor | None = None,
+        cu_seq_lens_q: Tensor | None = None,
+        cu_seq_lens_k: Tensor | None = None,
+        max_length_q: int | None = None,
+        max_length_k: int | None = None,
+        cache: Cache | None = None,
+        **unused: Any,
+    ) -> BambaModelOutput:
+        cfg = self.config
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if input_ids is not None:
+            check_token_ids(input_ids, cfg.vocab_size)
+            inputs_embeds = self.embed_tokens(input_ids)
+        x = inputs_embeds  # (b, l, d)
+        b, l, _ = x.shape
+        if l == 0:
+            raise ValueError("input has sequence length 0")
+        past_key_values = past_key_values if past_key_values is not None else cache
+        if use_cache is None:
+            use_cache = cfg.use_cache and not self.training
+        if use_cache and past_key_values is None:
+            past_key_values = HybridMambaAttentionDynamicCache(cfg)
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+
+        # Padding: a 2-D mask over past + current tokens.
+        if attention_mask is not None:
+            if (
+                attention_mask.dim() != 2
+                or attention_mask.shape[0] != b
+                or attention_mask.shape[1] not in (l, past + l)
+            ):
+                raise ValueError(
+                    f"attention_mask has shape {tuple(attention_mask.shape)}; expected (batch={b}, past+current="
+                    f"{past + l}) (2-D, 1 for tokens, 0 for padding)"
+                )
+            attention_mask = attention_mask.bool()
+            if attention_mask.shape[1] == l and past > 0:  # only the new tokens given: the past was real
+                attention_mask = torch.cat([attention_mask.new_ones(b, past), attention_mask], dim=1)
+            if bool(attention_mask.all()):
+                attention_mask = None
+
+        # Packed sequences: seq_idx from cu_seq_lens, from position_ids, or given.
+        seq_idx = packed_seq_idx(
+            b, l, x.device, seq_idx, cu_seq_lens_q, position_ids if attention_mask is None else None
+        )
+        if seq_idx is not None and past > 0:
+            raise ValueError(
+                "packed input (seq_idx / cu_seq_lens / restarting position_ids) cannot continue a cache"
+            )
+
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -l:]
+            elif seq_idx is not None:
+                position_ids = positions_from_seq_idx(seq_idx)
+            else:
+                position_ids = torch.arange(past, past + l, device=x.device)[None].expand(b, l)
+
+        has_attn = "attention" in cfg.layers_block_type
+        rope = rotary_cos_sin(position_ids, cfg, x.dtype) if has_attn else None
+        attn_mask = build_attention_mask(b, l, past, attention_mask, seq_idx, x.device) if has_attn else None
+        pad_mask = attention_mask[:, -l:] if attention_mask is not None and l > 1 else None
+
+        all_hidden = [] if output_hidden_states else None
+        all_attn = [] if output_attentions else None
+        for layer in self.layers:
+            if all_hidden is not None:
+                all_hidden.append(x)
+            args = (x, rope, attn_mask, pad_mask, seq_idx, past_key_values, output_attentions)
+            if self.gradient_checkpointing and self.training:
+                x, w = checkpoint(layer, *args, use_reentrant=False)
+            else:
+                x, w = layer(*args)
+            if all_attn is not None and w is not None:
+                all_attn.append(w)
+        x = self.final_layernorm(x)
+        if all_hidden is not None:
+            all_hidden.append(x)  # (embeddings, layer 0 .. n-2 outputs, final normed), as transformers
+        if past_key_values is not None:
+            past_key_values.seen_tokens += l
+        return BambaModelOutput(
+            last_hidden_state=x,
+            past_key_values=past_key_values,
+            hidden_states=tuple(all_hidden) if all_hidden is not None else None,
+            attentions=tuple(all_attn) if all_attn is not None else None,
+        )
+
+
+class BambaForCausalLM(BambaPreTrainedModel):
+    def __init__(self, config: BambaConfig, init: bool = True) -> None:
+        super().__init__()
+        self.config = config
+        self.model = BambaModel(config, init=False)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+        _build(self, init)
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: Tensor | None = None,
+        labels: Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+        logits_to_keep: int | Tensor = 0,
+        num_items_in_batch: int | Tensor | None = None,
+        **kwargs: Any,
+    ) -> CausalLMOutput:
+        """Logits (b, kept, vocab) in the weights' dtype; loss (fp32): shifted cross-entropy, -100 ignored,
+        plus z_loss_coefficient * mean(logsumexp(logits)^2) when the coefficient is > 0."""
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+            **kwargs,
+        )
+        h = out.last_hidden_state
+        if isinstance(logits_to_keep, int):
+            h = h[:, -logits_to_keep:] if logits_to_keep > 0 else h
+        else:
+            h = h[:, logits_to_keep]
+        logits = self.lm_head(h)  # (b, kept, vocab)
+        loss = None
+        if labels is not None:
+            loss = causal_lm_loss(logits, labels, num_items_in_batch, self.config.z_loss_coefficient)
+        return CausalLMOutput(
+            loss=loss,
+            logits=logits,
+            past_key_values=out.past_key_values,
+            hidden_states=out.hidden_states,
+            attentions=out.attentions,
+        )
+
+    def generate(self, *args: Any, **kwargs: Any) -> Tensor:
+        """Generate continuations; see `bamba.generation.generate`."""
+        from .generation import generate
+
+        return generate(self, *args, **kwargs)
+
+
+# ----- helpers ------------------------------------------------------------------------------------------------
+def causal_lm_loss(
+    logits: Tensor,
+    labels: Tensor,
+    num_items_in_batch: int | Tensor | None = None,
+    z_loss_coefficient: float = 0.0,
+) -> Tensor:
+    """Cross-entropy of logits[t] against labels[t + 1] (fp32, -100 ignored), as transformers computes it.
+
+    With `num_items_in_batch` the sum is divided by it (gradient accumulation); else the mean.
+    z-loss (mean over every position of logsumexp(logits)^2) is added times `z_loss_coefficient`.
+    """
+    if labels.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"labels have shape {tuple(labels.shape)}, logits {tuple(logits.shape)}: expected labels (b, l)"
+        )
+    lf = logits.float()
+    shifted = F.pad(labels, (0, 1), value=-100)[..., 1:]  # (b, l): target of position t is labels[t + 1]
+    reduction = "sum" if num_items_in_batch is not None else "mean"
+    loss = F.cross_entropy(
+        lf.reshape(-1, lf.shape[-1]),
+        shifted.reshape(-1).to(lf.device),
+        ignore_index=-100,
+        reduction=reduction,
+    )
+    if num_items_in_batch is not None:
+        loss = loss / num_items_in_batch
+    if z_loss_coefficient > 0:
+        loss = loss + z_loss_coefficient * logits.logsumexp(dim=-1).to(loss.dtype).pow(2).mean()
+    return loss
+
+
+def check_token_ids(input_ids: Tensor, vocab_size: int) -> None:
+    if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise ValueError(f"input_ids must be an integer tensor, found dtype {input_ids.dtype}")
+    if input_ids.numel() == 0:
+        return
+    lo, hi = int(input_ids.min()), int(input_ids.max())
+    if lo < 0 or hi >= vocab_size:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"input_ids contain token id {bad}, outside the vocabulary [0, {vocab_size})")
+
+
+def packed_seq_idx(
+    b: int,
+    l: int,
+    device: torch.device,
+    seq_idx: Tensor | None,
+    cu_seq_lens: Tensor | None,
+    position_ids: Tensor | None,
+) -> Tensor | None:
+    """Sequence ids (b, l) of packed input, or None when every row is one sequence.
+
+    From `cu_seq_lens` (cumulative lengths over the flattened b*l tokens), else `seq_idx`, else from
+    `position_ids`: a new sequence starts wherever the position does not follow its predecessor.
+    """
+    if cu_seq_lens is not None:
+        cu = cu_seq_lens.to(device=device, dtype=torch.long).flatten()
+        if cu[0] != 0 or cu[-1] != b * l or bool((cu[1:] < cu[:-1]).any()):
+            raise ValueError(
+                f"cu_seq_lens must rise from 0 to batch*length={b * l}, found {cu.tolist()[:8]}...{cu[-1].item()}"
+            )
+        starts = torch.zeros(b * l, dtype=torch.long, device=device)
+        starts[cu[1:-1]] = 1
+        seq_idx = starts.cumsum(0).view(b, l)
+    elif seq_idx is not None:
+        if seq_idx.shape != (b, l):
+            raise ValueError(f"seq_idx has shape {tuple(seq_idx.shape)}, expected {(b, l)}")
+        seq_idx = seq_idx.to(device)
+    elif position_ids is not None and l > 1:
+        pos = position_ids.to(device).expand(b, l)
+        breaks = pos[:, 1:] != pos[:, :-1] + 1  # (b, l-1)
+        if not bool(breaks.any()):
+            return None
+        seq_idx = F.pad(breaks.long(), (1, 0)).cumsum(-1)
+    else:
+        return None
+    if bool((seq_idx[:, 1:] == seq_idx[:, :-1]).all()):
+        return None
+    return seq_idx
+
+
+def positions_from_seq_idx(seq_idx: Tensor) -> Tensor:
+    """Positions restarting at 0 at each new sequence. (b, l) -> (b, l)"""
+    b, l = seq_idx.shape
+    idx = torch.arange(l, device=seq_idx.device).expand(b, l)
+    starts = F.pad(seq_idx[:, 1:] != seq_idx[:, :-1], (1, 0), value=True)  # (b, l)
+    start_pos = torch.where(starts, idx, torch.zeros_like(idx)).cummax(-1).values
+    return idx - start_pos
+
+
+def build_attention_mask(
+    b: int, l: int, past: int, key_mask: Tensor | None, seq_idx: Tensor | None, device: torch.device
+) -> AttentionMask:
+    """The attention layers' mask for l new tokens after `past` cached ones.
+
+    key_mask: (b, past + l) bool, False at padding; seq_idx: (b, l) packed ids (then past == 0).
+    A query always sees itself, so no row is fully masked (padded queries would otherwise give NaN).
+    """
+    if key_mask is None and seq_idx is None:
+        if l == 1 or past == 0:
+            return AttentionMask(None, is_causal=l > 1)
+    q_pos = torch.arange(past, past + l, device=device)[:, None]  # (l, 1)
+    k_pos = torch.arange(past + l, device=device)[None, :]  # (1, past+l)
+    mask = (k_pos <= q_pos)[None]  # (1, l, past+l)
+    if seq_idx is not None:
+        mask = mask & (seq_idx[:, :, None] == seq_idx[:, None, :])  # (b, l, l)
+    if key_mask is not None:
+        mask = (mask & key_mask[:, None, :]) | (k_pos == q_pos)[None]  # (b, l, past+l)
+    return AttentionMask(mask[:, None], is_causal=False)  # (b|1, 1, l, past+l)

@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny random transformers Bamba models saved to folders (the oracle)."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+warnings.filterwarnings("ignore")
+
+TINY = dict(
+    vocab_size=97,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    attn_layer_indices=[1],
+    mamba_n_heads=4,
+    mamba_d_state=8,
+    mamba_n_groups=1,
+    mamba_d_conv=4,
+    mamba_chunk_size=8,
+    pad_token_id=0,
+)
+
+
+def hf_model(seed: int = 0, **overrides):
+    """A transformers BambaForCausalLM with random weights (A_log, D, dt_bias, norms randomised too)."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    cfg = transformers.BambaConfig(**{**TINY, **overrides})
+    torch.manual_seed(seed)
+    model = transformers.BambaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("A_log", "dt_bias", "D")) or "norm" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture
+def hf_folder(tmp_path):
+    """Factory: save a random transformers model, return (model, folder)."""
+
+    def make(seed: int = 0, **overrides):
+        model = hf_model(seed, **overrides)
+        folder = tmp_path / f"hf-{seed}"
+        model.save_pretrained(folder)
+        return model, str(folder)
+
+    return make

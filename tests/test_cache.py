@@ -1,0 +1,126 @@
+"""Cached decoding, chunked prefill and padding: our model against itself (full forward / rows alone)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TINY
+
+from bamba import BambaConfig, BambaForCausalLM, HybridMambaAttentionDynamicCache
+
+VARIANTS = {
+    "base": dict(),
+    "proj_bias_groups2": dict(mamba_proj_bias=True, mamba_n_groups=2, attn_layer_indices=[0, 2]),
+    "no_attention": dict(attn_layer_indices=None, time_step_limit=(0.05, 0.7)),
+}
+
+
+def tiny(seed: int = 0, **overrides) -> BambaForCausalLM:
+    torch.manual_seed(seed)
+    model = BambaForCausalLM(BambaConfig(**{**TINY, **overrides})).eval()
+    with torch.no_grad():  # make the SSM parameters non-trivial
+        for name, p in model.named_parameters():
+            if name.endswith(("A_log", "dt_bias", "D", "bias")) or "norm" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_token_by_token_decoding_equals_full_forward(variant):
+    model = tiny(**VARIANTS[variant])
+    ids = torch.randint(1, 97, (2, 21))
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = HybridMambaAttentionDynamicCache(model.config)
+        steps = [model(ids[:, t : t + 1], past_key_values=cache).logits for t in range(ids.shape[1])]
+    assert cache.get_seq_length() == 21
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("split", [[7, 14], [1, 12, 3, 5], [20, 1]])
+def test_chunked_prefill_equals_full_forward(variant, split):
+    model = tiny(**VARIANTS[variant])
+    ids = torch.randint(1, 97, (2, 21))
+    with torch.no_grad():
+        full = model(ids).logits
+        out = model(ids[:, : split[0]], use_cache=True)
+        cache, parts, start = out.past_key_values, [out.logits], split[0]
+        for n in split[1:]:
+            parts.append(model(ids[:, start : start + n], past_key_values=cache).logits)
+            start += n
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_left_padded_batch_equals_rows_alone(variant):
+    model = tiny(**VARIANTS[variant])
+    lengths = [13, 5, 1, 9]
+    rows = [torch.randint(1, 97, (n,)) for n in lengths]
+    width = max(lengths)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :] = r
+        mask[i, width - len(r) :] = 1
+    with torch.no_grad():
+        batch = model(ids, attention_mask=mask, use_cache=True)
+        # then three decode steps on the padded batch
+        nxt = torch.randint(1, 97, (len(rows), 3))
+        cache, m, steps = batch.past_key_values, mask, []
+        for t in range(3):
+            m = torch.cat([m, torch.ones(len(rows), 1, dtype=torch.long)], dim=1)
+            steps.append(model(nxt[:, t : t + 1], attention_mask=m, past_key_values=cache).logits)
+        for i, r in enumerate(rows):
+            alone = model(torch.cat([r, nxt[i]])[None]).logits[0]
+            torch.testing.assert_close(
+                batch.logits[i, width - len(r) :], alone[: len(r)], atol=1e-5, rtol=1e-4
+            )
+            torch.testing.assert_close(
+                torch.cat([s[i] for s in steps]), alone[len(r) :], atol=1e-5, rtol=1e-4
+            )
+
+
+def test_left_padded_batch_of_one():
+    model = tiny(mamba_proj_bias=True)
+    r = torch.randint(1, 97, (6,))
+    ids = torch.cat([torch.zeros(4, dtype=torch.long), r])[None]
+    mask = torch.cat([torch.zeros(4), torch.ones(6)]).long()[None]
+    with torch.no_grad():
+        padded = model(ids, attention_mask=mask).logits[0, 4:]
+        alone = model(r[None]).logits[0]
+    torch.testing.assert_close(padded, alone, atol=1e-5, rtol=1e-4)
+
+
+def test_position_ids_continue_from_cache_without_being_given():
+    model = tiny()
+    ids = torch.randint(1, 97, (1, 10))
+    with torch.no_grad():
+        full = model(ids).logits
+        out = model(ids[:, :6], use_cache=True)
+        rest = model(ids[:, 6:], past_key_values=out.past_key_values).logits
+    torch.testing.assert_close(rest, full[:, 6:], atol=1e-5, rtol=1e-4)
+
+
+def test_cache_reorder_and_select_rows():
+    model = tiny()
+    ids = torch.randint(1, 97, (3, 8))
+    nxt = torch.randint(1, 97, (3, 1))
+    with torch.no_grad():
+        cache = model(ids, use_cache=True).past_key_values
+        cache.reorder_cache(torch.tensor([2, 0]))
+        step = model(nxt[[2, 0]], past_key_values=cache).logits
+        full = model(torch.cat([ids, nxt], dim=1)[[2, 0]]).logits[:, -1:]
+        torch.testing.assert_close(step, full, atol=1e-5, rtol=1e-4)
+        cache.select_batch(torch.tensor([False, True]))
+        assert cache.batch_size == 1
+        assert cache.key_cache[1].shape == (1, 2, 9, 8)
+
+
+def test_cache_without_attention_layers_tracks_length():
+    model = tiny(attn_layer_indices=None)
+    cache = HybridMambaAttentionDynamicCache(model.config, batch_size=2)
+    assert cache.ssm_states[0].shape == (2, 4, 16, 8) and cache.ssm_states[0].dtype == torch.float32
+    with torch.no_grad():
+        model(torch.randint(1, 97, (2, 5)), past_key_values=cache)
+    assert cache.get_seq_length() == 5 and all(k is None for k in cache.key_cache)

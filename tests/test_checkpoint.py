@@ -1,0 +1,156 @@
+"""Checkpoint folders: loading transformers' layout, sharding, the hub cache, and every bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from conftest import TINY
+
+from bamba import BambaConfig, BambaForCausalLM, BambaModel
+from bamba.checkpoint import CheckpointError, SafetensorsFile, save_safetensors
+
+
+@pytest.fixture
+def saved(tmp_path):
+    torch.manual_seed(0)
+    model = BambaForCausalLM(BambaConfig(**TINY)).eval()
+    folder = tmp_path / "ckpt"
+    model.save_pretrained(folder)
+    return model, folder
+
+
+def test_sharded_round_trip_and_dtype(saved, tmp_path):
+    model, _ = saved
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="30KB")
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2
+    back = BambaForCausalLM.from_pretrained(tmp_path / "sharded")
+    ids = torch.randint(1, 97, (1, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, model(ids).logits, atol=0, rtol=0)
+    bf16 = BambaForCausalLM.from_pretrained(tmp_path / "sharded", dtype="bfloat16")
+    assert bf16.dtype == torch.bfloat16
+    # saving again with one shard removes the stale shards
+    model.save_pretrained(tmp_path / "sharded")
+    assert sorted(os.listdir(tmp_path / "sharded")) == [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+    ]
+
+
+def test_base_model_loads_from_causal_lm_checkpoint(saved):
+    model, folder = saved
+    base = BambaModel.from_pretrained(folder)
+    ids = torch.randint(1, 97, (1, 5))
+    with torch.no_grad():
+        torch.testing.assert_close(base(ids).last_hidden_state, model.model(ids).last_hidden_state)
+
+
+def test_our_safetensors_reader_reads_library_files(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    tensors = {"a": torch.randn(3, 4), "b": torch.arange(5), "c": torch.randn(2).bfloat16()}
+    save_file(tensors, tmp_path / "lib.safetensors")
+    st = SafetensorsFile(str(tmp_path / "lib.safetensors"))
+    for k, v in tensors.items():
+        assert torch.equal(st.tensor(k), v)
+    save_safetensors(tensors, str(tmp_path / "ours.safetensors"))
+    for k, v in load_file(tmp_path / "ours.safetensors").items():
+        assert torch.equal(v, tensors[k])
+
+
+def test_missing_and_unexpected_tensors_are_all_listed(saved, tmp_path):
+    _, folder = saved
+    st = SafetensorsFile(str(folder / "model.safetensors"))
+    tensors = {k: st.tensor(k).clone() for k in st.keys()}
+    del tensors["model.layers.0.mamba.A_log"], tensors["lm_head.weight"]
+    tensors["model.layers.0.mamba.extra"] = torch.zeros(1)
+    save_safetensors(tensors, str(folder / "model.safetensors"))
+    with pytest.raises(CheckpointError) as e:
+        BambaForCausalLM.from_pretrained(folder)
+    msg = str(e.value)
+    assert (
+        "model.layers.0.mamba.A_log" in msg
+        and "lm_head.weight" in msg
+        and "model.layers.0.mamba.extra" in msg
+    )
+
+
+def test_wrong_shape_names_tensor_and_shapes(saved):
+    _, folder = saved
+    st = SafetensorsFile(str(folder / "model.safetensors"))
+    tensors = {k: st.tensor(k).clone() for k in st.keys()}
+    tensors["model.layers.2.mamba.D"] = torch.ones(5)
+    save_safetensors(tensors, str(folder / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"model\.layers\.2\.mamba\.D: expected \[4\], found \[5\]"):
+        BambaForCausalLM.from_pretrained(folder)
+
+
+def test_truncated_and_corrupt_files(saved):
+    _, folder = saved
+    path = folder / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 100])
+    with pytest.raises(CheckpointError, match="truncated"):
+        BambaForCausalLM.from_pretrained(folder)
+    path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage-header!" + data[24:])
+    with pytest.raises(CheckpointError, match="corrupt safetensors header"):
+        BambaForCausalLM.from_pretrained(folder)
+    path.write_bytes(b"abc")
+    with pytest.raises(CheckpointError, match="truncated"):
+        BambaForCausalLM.from_pretrained(folder)
+
+
+def test_missing_shard_and_missing_files(saved, tmp_path):
+    model, _ = saved
+    model.save_pretrained(tmp_path / "s", max_shard_size="30KB")
+    shard = sorted(f for f in os.listdir(tmp_path / "s") if f.endswith(".safetensors"))[1]
+    os.remove(tmp_path / "s" / shard)
+    with pytest.raises(FileNotFoundError, match=f"missing shard.*{shard}"):
+        BambaForCausalLM.from_pretrained(tmp_path / "s")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="missing config.json"):
+        BambaForCausalLM.from_pretrained(empty)
+    shutil.copy(tmp_path / "s" / "config.json", empty / "config.json")
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        BambaForCausalLM.from_pretrained(empty)
+    with pytest.raises(FileNotFoundError, match="no such checkpoint folder"):
+        BambaForCausalLM.from_pretrained(str(tmp_path / "does-not-exist"))
+
+
+def test_bad_config_json(saved):
+    _, folder = saved
+    (folder / "config.json").write_text("{oops")
+    with pytest.raises(ValueError, match=r"config\.json: not valid JSON"):
+        BambaForCausalLM.from_pretrained(folder)
+    (folder / "config.json").write_text(json.dumps({"model_type": "mamba2"}))
+    with pytest.raises(ValueError, match="model_type is 'mamba2'"):
+        BambaForCausalLM.from_pretrained(folder)
+
+
+def test_token_ids_outside_vocabulary(saved):
+    model, _ = saved
+    with pytest.raises(ValueError, match=r"token id 97, outside the vocabulary \[0, 97\)"):
+        model(torch.tensor([[1, 97]]))
+    with pytest.raises(ValueError, match="token id -1"):
+        model(torch.tensor([[-1, 3]]))
+
+
+def test_hub_repo_id_from_cache_offline(saved, tmp_path, monkeypatch):
+    model, folder = saved
+    cache = tmp_path / "hub"
+    snap = cache / "models--ibm-ai-platform--tiny-bamba" / "snapshots" / "abc123"
+    shutil.copytree(folder, snap)
+    (cache / "models--ibm-ai-platform--tiny-bamba" / "refs").mkdir()
+    (cache / "models--ibm-ai-platform--tiny-bamba" / "refs" / "main").write_text("abc123")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    loaded = BambaForCausalLM.from_pretrained("ibm-ai-platform/tiny-bamba", cache_dir=str(cache))
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+    with pytest.raises(FileNotFoundError, match="not in the Hugging Face cache while offline"):
+        BambaForCausalLM.from_pretrained("ibm-ai-platform/not-cached", cache_dir=str(cache))

@@ -1,0 +1,99 @@
+"""BambaConfig: same fields and defaults as transformers, config.json round trip, clear errors."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from bamba import BambaConfig, preset
+
+
+def test_defaults_match_transformers():
+    import transformers
+
+    ref = json.loads(transformers.BambaConfig().to_json_string())
+    ours = json.loads(BambaConfig().to_json_string())
+    for key, value in ref.items():
+        if key in ("transformers_version",):
+            continue
+        assert key in ours, key
+        assert ours[key] == value, key
+    assert BambaConfig().mamba_d_head == 64  # "auto": expand * hidden / heads
+
+
+def test_round_trip_keeps_unknown_keys(tmp_path):
+    cfg = BambaConfig(hidden_size=64, mamba_n_heads=8, num_attention_heads=4, num_key_value_heads=2)
+    d = cfg.to_dict()
+    d["my_custom_field"] = {"a": 1}
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    back = BambaConfig.from_json_file(tmp_path / "config.json")
+    assert back == cfg and back.extra["my_custom_field"] == {"a": 1}
+    assert json.loads(back.to_json_string())["my_custom_field"] == {"a": 1}
+    assert back.time_step_limit == (0.0, math.inf)
+
+
+def test_reads_transformers_and_legacy_layouts(tmp_path):
+    import transformers
+
+    ref = transformers.BambaConfig(
+        hidden_size=64,
+        mamba_n_heads=8,
+        attn_layer_indices=[1],
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    ref.rope_parameters["rope_theta"] = 5000.0
+    ref.save_pretrained(tmp_path)
+    cfg = BambaConfig.from_pretrained(tmp_path)
+    assert cfg.rope_theta == 5000.0 and cfg.partial_rotary_factor == 0.5
+    assert cfg.layers_block_type == ["mamba", "attention", "mamba"]
+    legacy = cfg.to_dict() | {"rope_theta": 20000.0, "time_step_limit": [0.0, float("inf")]}
+    del legacy["rope_parameters"]
+    assert BambaConfig.from_dict(legacy).rope_theta == 20000.0
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(hidden_size=100, num_attention_heads=32), "num_attention_heads"),
+        (dict(num_key_value_heads=5), "num_key_value_heads"),
+        (dict(mamba_n_heads=100), "mamba_n_heads"),
+        (dict(attn_layer_indices=[3, 32]), "attn_layer_indices"),
+        (dict(mamba_n_groups=3), "mamba_n_groups"),
+        (dict(mamba_d_head=32), "mamba_d_head"),
+        (dict(time_step_limit=(0.5, 0.1)), "time_step_limit"),
+        (dict(vocab_size=0), "vocab_size"),
+        (dict(hidden_act="gelu"), "hidden_act"),
+    ],
+)
+def test_invalid_values_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        BambaConfig(**kwargs)
+
+
+def test_bad_config_files(tmp_path):
+    (tmp_path / "a.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        BambaConfig.from_json_file(tmp_path / "a.json")
+    (tmp_path / "b.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ValueError, match="model_type is 'llama'"):
+        BambaConfig.from_json_file(tmp_path / "b.json")
+
+
+def test_presets():
+    cfg = preset("bamba-9b")
+    assert (cfg.vocab_size, cfg.num_hidden_layers, cfg.attn_layer_indices) == (128256, 32, [9, 18, 27])
+    assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_key_value_heads) == (
+        4096,
+        14336,
+        32,
+        8,
+    )
+    assert (cfg.mamba_n_heads, cfg.mamba_d_head, cfg.mamba_d_state, cfg.mamba_n_groups) == (128, 64, 128, 1)
+    small = preset("bench-small")
+    assert small.layers_block_type.count("attention") == 3
+    with pytest.raises(ValueError, match="unknown preset"):
+        preset("nope")

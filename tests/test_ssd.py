@@ -1,0 +1,121 @@
+"""Fast paths against their plain references: chunked scan vs sequential, conv vs per-sequence conv."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bamba.ssd import (
+    causal_conv1d,
+    causal_conv1d_reference,
+    segment_sum,
+    ssd_chunked,
+    ssd_sequential,
+    ssd_step,
+)
+
+
+def random_inputs(seed, b, l, h, p, g, n, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, l, h, p, generator=gen).to(dtype)
+    dt = torch.rand(b, l, h, generator=gen) * 0.5
+    A = -torch.rand(h, generator=gen) * 3
+    B = torch.randn(b, l, g, n, generator=gen).to(dtype)
+    C = torch.randn(b, l, g, n, generator=gen).to(dtype)
+    D = torch.randn(h, generator=gen)
+    s0 = torch.randn(b, h, p, n, generator=gen)
+    return x, dt, A, B, C, D, s0
+
+
+def random_seq_idx(seed, b, l):
+    gen = torch.Generator().manual_seed(seed)
+    starts = (torch.rand(b, l, generator=gen) < 0.15).long()
+    starts[:, 0] = 0
+    return starts.cumsum(-1)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    b=st.integers(1, 2),
+    l=st.integers(1, 40),
+    g=st.sampled_from([1, 2]),
+    r=st.integers(1, 3),
+    chunk=st.sampled_from([1, 4, 7, 16, 64]),
+    init=st.booleans(),
+    packed=st.booleans(),
+)
+def test_chunked_scan_equals_sequential(seed, b, l, g, r, chunk, init, packed):
+    x, dt, A, B, C, D, s0 = random_inputs(seed, b, l, g * r, 3, g, 5)
+    seq_idx = random_seq_idx(seed, b, l) if packed else None
+    s0 = s0 if init else None
+    y, state = ssd_chunked(x, dt, A, B, C, chunk, D, s0, seq_idx)
+    y_ref, state_ref = ssd_sequential(x, dt, A, B, C, D, s0, seq_idx)
+    assert y.dtype == state.dtype == torch.float32
+    torch.testing.assert_close(y, y_ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(state, state_ref, atol=1e-4, rtol=1e-4)
+
+
+def test_packed_scan_equals_separate_sequences():
+    x, dt, A, B, C, D, _ = random_inputs(1, 1, 30, 4, 3, 2, 5)
+    seq_idx = torch.tensor([[0] * 9 + [1] * 1 + [2] * 20])
+    y, _ = ssd_chunked(x, dt, A, B, C, 8, D, seq_idx=seq_idx)
+    for lo, hi in [(0, 9), (9, 10), (10, 30)]:
+        y_alone, _ = ssd_chunked(x[:, lo:hi], dt[:, lo:hi], A, B[:, lo:hi], C[:, lo:hi], 8, D)
+        torch.testing.assert_close(y[:, lo:hi], y_alone, atol=1e-5, rtol=1e-5)
+
+
+def test_scan_runs_in_fp32_for_bf16_inputs():
+    x, dt, A, B, C, D, _ = random_inputs(2, 1, 19, 2, 4, 1, 6, dtype=torch.bfloat16)
+    y, state = ssd_chunked(x, dt, A, B, C, 8, D)
+    y_ref, _ = ssd_sequential(x.float(), dt, A, B.float(), C.float(), D)
+    assert y.dtype == state.dtype == torch.float32
+    torch.testing.assert_close(y, y_ref, atol=1e-4, rtol=1e-4)
+
+
+def test_step_continues_chunked_state():
+    x, dt, A, B, C, D, s0 = random_inputs(3, 2, 12, 4, 3, 2, 5)
+    y_all, s_all = ssd_chunked(x, dt, A, B, C, 4, D, s0)
+    _, s_11 = ssd_chunked(x[:, :11], dt[:, :11], A, B[:, :11], C[:, :11], 4, D, s0)
+    y_last, s_last = ssd_step(s_11, x[:, 11], dt[:, 11], A, B[:, 11], C[:, 11], D)
+    torch.testing.assert_close(y_last, y_all[:, 11], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(s_last, s_all, atol=1e-5, rtol=1e-5)
+
+
+def test_segment_sum():
+    dA = torch.tensor([1.0, 2.0, 4.0])
+    expected = torch.tensor([[0.0, -torch.inf, -torch.inf], [2.0, 0.0, -torch.inf], [6.0, 4.0, 0.0]])
+    assert torch.equal(segment_sum(dA), expected)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    l=st.integers(1, 25),
+    k=st.integers(2, 4),
+    packed=st.booleans(),
+    bias=st.booleans(),
+)
+def test_causal_conv_equals_reference(seed, l, k, packed, bias):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, l, 6, generator=gen)
+    w = torch.randn(6, k, generator=gen)
+    bb = torch.randn(6, generator=gen) if bias else None
+    seq_idx = random_seq_idx(seed, 2, l) if packed else None
+    out, state = causal_conv1d(x, w, bb, seq_idx=seq_idx)
+    torch.testing.assert_close(out, causal_conv1d_reference(x, w, bb, seq_idx), atol=1e-5, rtol=1e-5)
+    # the returned state is the last k-1 inputs (zero-padded on the left for short inputs)
+    padded = torch.cat([torch.zeros(2, k - 1, 6), x], dim=1)
+    assert torch.equal(state, padded[:, -(k - 1) :])
+
+
+def test_causal_conv_carries_state():
+    x = torch.randn(1, 10, 3)
+    w, bb = torch.randn(3, 4), torch.randn(3)
+    full, _ = causal_conv1d(x, w, bb)
+    first, state = causal_conv1d(x[:, :6], w, bb)
+    rest = [causal_conv1d(x[:, t : t + 1], w, bb, state)[0] for t in range(6, 7)]
+    second, _ = causal_conv1d(x[:, 6:], w, bb, state)
+    torch.testing.assert_close(torch.cat([first, second], 1), full)
+    torch.testing.assert_close(rest[0], full[:, 6:7])
