@@ -1,0 +1,466 @@
+"""Text generation: `generate` (greedy / sampling over the hybrid cache), streamers, and `bamba generate|chat`.
+
+The prompt is prefilled once (logits of the last position only), then one token per step is fed through
+the cache. Rows that finish (EOS or a stop string) are dropped from the batch and the cache, so they stop
+costing compute; their output is filled with the pad token, as transformers does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import queue
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .cache import HybridMambaAttentionDynamicCache
+
+
+# ----- streamers ---------------------------------------------------------------------------------------
+class TextStreamer:
+    """Receives token ids as they are generated and emits text as soon as it is complete.
+
+    A multi-byte character split over several byte-level tokens is held back until its last byte arrives
+    (a decode ending in U+FFFD is incomplete), so no broken character is ever emitted. `on_text(piece)`
+    is called with each new piece; the default prints it to stdout.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        skip_prompt: bool = True,
+        on_text: Callable[[str], None] | None = None,
+        **decode_kwargs: Any,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.skip_prompt = skip_prompt
+        self.on_text = on_text or (lambda s: print(s, end="", flush=True))
+        self.decode_kwargs = decode_kwargs
+        self._ids: list[int] = []
+        self._emitted = 0  # characters of decode(self._ids) already emitted
+        self._prompt_pending = skip_prompt
+
+    def put(self, ids: Tensor | Sequence[int]) -> None:
+        ids = ids.tolist() if isinstance(ids, Tensor) else list(ids)
+        if ids and isinstance(ids[0], list):
+            if len(ids) > 1:
+                raise ValueError("TextStreamer supports batch size 1 only")
+            ids = ids[0]
+        if self._prompt_pending:
+            self._prompt_pending = False
+            return
+        self._ids.extend(ids)
+        text = self.tokenizer.decode(self._ids, **self.decode_kwargs)
+        if text.endswith("\ufffd"):
+            return  # an incomplete character: wait for its remaining bytes
+        if len(text) > self._emitted:
+            self.on_text(text[self._emitted :])
+        self._emitted = len(text)
+
+    def end(self) -> None:
+        text = self.tokenizer.decode(self._ids, **self.decode_kwargs)
+        if len(text) > self._emitted:
+            self.on_text(text[self._emitted :])
+        self._ids, self._emitted = [], 0
+
+
+class TextIteratorStreamer(TextStreamer):
+    """A streamer that is iterated (e.g. while `generate` runs in another thread): yields text pieces."""
+
+    def __init__(
+        self, tokenizer: Any, skip_prompt: bool = True, timeout: float | None = None, **decode_kwargs: Any
+    ) -> None:
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self.timeout = timeout
+        super().__init__(tokenizer, skip_prompt, on_text=self._queue.put, **decode_kwargs)
+
+    def end(self) -> None:
+        super().end()
+        self._queue.put(None)
+
+    def __iter__(self) -> Iterator[str]:
+        while (piece := self._queue.get(timeout=self.timeout)) is not None:
+            yield piece
+
+
+# ----- sampling -----------------------------------------------------------------------------------------
+def process_logits(
+    logits: Tensor,
+    history: Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    repetition_penalty: float = 1.0,
+) -> Tensor:
+    """Apply, in transformers' order, repetition penalty then temperature, top-k, top-p, min-p.
+
+    logits: (b, vocab) fp32; history: (b, t) ids seen so far (prompt and generated). Returns new logits
+    with excluded tokens at -inf.
+    """
+    if repetition_penalty != 1.0:
+        seen = logits.gather(1, history)
+        seen = torch.where(seen < 0, seen * repetition_penalty, seen / repetition_penalty)
+        logits = logits.scatter(1, history, seen)
+    if temperature != 1.0:
+        logits = logits / temperature
+    if top_k is not None and 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=False)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop_sorted = cum <= 1 - top_p
+        drop_sorted[:, -1] = False  # always keep the most likely token
+        logits = logits.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
+    if min_p is not None and min_p > 0:
+        probs = logits.softmax(-1)
+        limit = min_p * probs.max(dim=-1, keepdim=True).values
+        logits = logits.masked_fill(probs < limit, float("-inf"))
+    return logits
+
+
+def _as_list(value: int | Sequence[int] | None) -> list[int]:
+    if value is None:
+        return []
+    return [int(value)] if isinstance(value, int) else [int(v) for v in value]
+
+
+# ----- generate -----------------------------------------------------------------------------------------
+@torch.inference_mode()
+def generate(
+    model: Any,
+    input_ids: Tensor,
+    attention_mask: Tensor | None = None,
+    max_new_tokens: int = 20,
+    min_new_tokens: int = 0,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+    stop_strings: str | Sequence[str] | None = None,
+    tokenizer: Any = None,
+    num_return_sequences: int = 1,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    streamer: TextStreamer | None = None,
+    max_length: int | None = None,
+    prefill_chunk_size: int | None = None,
+) -> Tensor:
+    """Continue each prompt; returns (b * num_return_sequences, prompt + new) ids, like transformers.
+
+    input_ids: (b, t), left-padded when `attention_mask` (b, t) has zeros. Greedy unless `do_sample`.
+    Generation of a row stops at any of `eos_token_id` (default: the config's) or when its new text
+    contains one of `stop_strings` (needs `tokenizer`). `streamer.put` receives the prompt, then each
+    new token (batch size 1 only).
+    """
+    cfg = model.config
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError(
+            f"input_ids must be (batch, length) with length >= 1, found shape {tuple(input_ids.shape)}"
+        )
+    if max_length is not None:
+        max_new_tokens = max_length - input_ids.shape[1]
+    if max_new_tokens < 0 or min_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens} and min_new_tokens={min_new_tokens} must be >= 0")
+    if input_ids.shape[1] > cfg.max_position_embeddings:
+        raise ValueError(
+            f"the prompt has {input_ids.shape[1]} tokens, longer than the model's context "
+            f"(max_position_embeddings={cfg.max_position_embeddings})"
+        )
+    if do_sample and temperature <= 0:
+        raise ValueError(f"temperature={temperature} must be > 0 when sampling")
+    stops = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings or [])
+    if stops and tokenizer is None:
+        raise ValueError("stop_strings needs a tokenizer")
+    eos = _as_list(eos_token_id if eos_token_id is not None else cfg.eos_token_id)
+    pad = (
+        pad_token_id
+        if pad_token_id is not None
+        else (cfg.pad_token_id if cfg.pad_token_id is not None else (eos or [0])[0])
+    )
+    device = model.device
+    input_ids = input_ids.to(device)
+    if attention_mask is not None:
+        attention_mask = attention_mask.to(device).long()
+    if num_return_sequences > 1:
+        input_ids = input_ids.repeat_interleave(num_return_sequences, dim=0)
+        if attention_mask is not None:
+            attention_mask = attention_mask.repeat_interleave(num_return_sequences, dim=0)
+    if attention_mask is not None and bool(attention_mask.all()):
+        attention_mask = None
+    if generator is None and seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
+
+    b, t = input_ids.shape
+    out = torch.full((b, t + max_new_tokens), pad, dtype=torch.long, device=device)
+    out[:, :t] = input_ids
+    if max_new_tokens == 0:
+        return out
+    active = torch.arange(b, device=device)  # rows of `out` still generating, in cache order
+    cache = HybridMambaAttentionDynamicCache(cfg)
+    mask = attention_mask
+    eos_t = torch.tensor(eos, device=device) if eos else None
+
+    logits = _prefill(model, input_ids, mask, cache, prefill_chunk_size)  # (b, vocab)
+    n_new = 0
+    for step in range(max_new_tokens):
+        scores = logits.float()
+        if step < min_new_tokens and eos:
+            scores[:, eos] = float("-inf")
+        if do_sample or repetition_penalty != 1.0:
+            scores = process_logits(
+                scores,
+                out[active, : t + step],
+                temperature if do_sample else 1.0,
+                top_k if do_sample else None,
+                top_p if do_sample else None,
+                min_p if do_sample else None,
+                repetition_penalty,
+            )
+        if do_sample:
+            nxt = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(-1)  # (active,)
+        else:
+            nxt = scores.argmax(-1)
+        out[active, t + step] = nxt
+        n_new = step + 1
+        if streamer is not None:
+            streamer.put(nxt.cpu())
+        done = torch.isin(nxt, eos_t) if eos_t is not None else torch.zeros_like(nxt, dtype=torch.bool)
+        if stops:
+            done = done | _hit_stop(tokenizer, out[active, t : t + step + 1], stops)
+        if step + 1 == max_new_tokens:
+            break
+        if bool(done.any()):
+            keep = ~done
+            if not bool(keep.any()):
+                break
+            active, nxt = active[keep], nxt[keep]
+            cache.select_batch(keep)
+            if mask is not None:
+                mask = mask[keep]
+        if mask is not None:
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        logits = model(nxt[:, None], attention_mask=mask, past_key_values=cache, use_cache=True).logits[:, -1]
+    if streamer is not None:
+        streamer.end()
+    return out[:, : t + n_new]
+
+
+def _prefill(
+    model: Any, ids: Tensor, mask: Tensor | None, cache: HybridMambaAttentionDynamicCache, chunk: int | None
+) -> Tensor:
+    """Run the prompt through the cache (in pieces of `chunk` tokens if given); last position's logits."""
+    if not chunk or ids.shape[1] <= chunk:
+        return model(
+            ids, attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1
+        ).logits[:, -1]
+    for start in range(0, ids.shape[1], chunk):
+        end = min(start + chunk, ids.shape[1])
+        m = mask[:, :end] if mask is not None else None
+        logits = model(
+            ids[:, start:end], attention_mask=m, past_key_values=cache, use_cache=True, logits_to_keep=1
+        ).logits
+    return logits[:, -1]
+
+
+def _hit_stop(tokenizer: Any, new_ids: Tensor, stops: list[str]) -> Tensor:
+    """Per row: does the generated text (last tokens only, enough to hold any stop string) contain a stop string?"""
+    window = max(len(s) for s in stops) + 8  # tokens: at least one character each
+    texts = [tokenizer.decode(row[-window:].tolist()) for row in new_ids]
+    return torch.tensor([any(s in text for s in stops) for text in texts], device=new_ids.device)
+
+
+# ----- command line -------------------------------------------------------------------------------------
+def load_for_cli(
+    model: str | None, dtype: str | None, device: str | None, quantize: str | None
+) -> tuple[Any, Any]:
+    """Model and tokenizer for the CLI: the embedded demo model when `model` is None."""
+    from .checkpoint import resolve_folder
+    from .demo import demo_path
+    from .model import BambaForCausalLM
+    from .tokenizer import Tokenizer
+
+    folder = resolve_folder(model) if model else demo_path()
+    if device is not None:
+        try:
+            dev = torch.device(device)
+        except RuntimeError:
+            raise ValueError(f"--device {device!r} is not a torch device (cpu, cuda, cuda:1, mps)") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: CUDA is not available on this machine")
+    lm = BambaForCausalLM.from_pretrained(folder, dtype=dtype, device=device, quantization=quantize)
+    return lm, Tokenizer.from_pretrained(folder)
+
+
+def generate_text(
+    prompt: str,
+    model: str | None = None,
+    max_new_tokens: int = 200,
+    temperature: float = 0.8,
+    top_p: float | None = 0.95,
+    top_k: int | None = None,
+    seed: int | None = None,
+    dtype: str | None = None,
+    device: str | None = None,
+    quantize: str | None = None,
+    stream: Callable[[str], None] | None = None,
+) -> str:
+    """What `bamba generate` does: returns the continuation (and streams it to `stream` if given)."""
+    if not prompt.strip():
+        raise ValueError("the prompt is empty")
+    lm, tok = load_for_cli(model, dtype, device, quantize)
+    ids = torch.tensor([tok.encode(prompt)])
+    pieces: list[str] = []
+
+    def on_text(s: str) -> None:
+        pieces.append(s)
+        if stream is not None:
+            stream(s)
+
+    generate(
+        lm,
+        ids,
+        max_new_tokens=max_new_tokens,
+        do_sample=temperature > 0,
+        temperature=temperature if temperature > 0 else 1.0,
+        top_p=top_p,
+        top_k=top_k,
+        seed=seed,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        streamer=TextStreamer(tok, skip_prompt=True, on_text=on_text, skip_special_tokens=True),
+    )
+    return "".join(pieces)
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model", default=None, help="checkpoint folder or hub repo id (default: the embedded demo model)"
+    )
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as stored)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cpu)")
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None, help="weight-only quantization")
+
+
+def _quant_name(q: str | None) -> str | None:
+    return f"{q}_weight_only" if q else None
+
+
+def _cli_generate(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    generate_text(
+        args.prompt,
+        model=args.model,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        dtype=args.dtype,
+        device=args.device,
+        quantize=_quant_name(args.quantize),
+        stream=lambda s: print(s, end="", flush=True),
+    )
+    print()
+    if args.verbose:
+        print(f"[{time.perf_counter() - start:.1f} s]", file=sys.stderr)
+    return 0
+
+
+def chat(
+    model: str | None = None,
+    max_new_tokens: int = 200,
+    temperature: float = 0.8,
+    top_p: float | None = 0.95,
+    seed: int | None = None,
+    dtype: str | None = None,
+    device: str | None = None,
+    quantize: str | None = None,
+    input_fn: Callable[[str], str] = input,
+    output_fn: Callable[[str], None] = lambda s: print(s, end="", flush=True),
+) -> None:
+    """An interactive loop. With a chat template, turns are kept as messages; without one, each line
+    continues the running transcript. An empty line or EOF (Ctrl-D) ends it."""
+    lm, tok = load_for_cli(model, dtype, device, quantize)
+    has_template = getattr(tok, "chat_template", None) is not None
+    messages: list[dict[str, str]] = []
+    transcript = ""
+    while True:
+        try:
+            line = input_fn("> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        if has_template:
+            messages.append({"role": "user", "content": line})
+            prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            ids = tok.encode(prompt, add_special_tokens=False)
+        else:
+            transcript += line + "\n"
+            ids = tok.encode(transcript)
+        pieces: list[str] = []
+        generate(
+            lm,
+            torch.tensor([ids[-lm.config.max_position_embeddings + max_new_tokens :]]),
+            max_new_tokens=max_new_tokens,
+            do_sample=temperature > 0,
+            temperature=temperature if temperature > 0 else 1.0,
+            top_p=top_p,
+            seed=seed,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            stop_strings=None if has_template else ["\n\n"],
+            tokenizer=tok,
+            streamer=TextStreamer(
+                tok,
+                on_text=lambda s, pieces=pieces: (pieces.append(s), output_fn(s)),
+                skip_special_tokens=True,
+            ),
+        )
+        output_fn("\n")
+        reply = "".join(pieces)
+        if has_template:
+            messages.append({"role": "assistant", "content": reply})
+        else:
+            transcript += reply.split("\n\n")[0] + "\n\n"
+
+
+def add_cli(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="continue a prompt, streaming the text to stdout")
+    _add_sampling_args(p)
+    p.add_argument("--verbose", action="store_true", help="print the time taken to stderr")
+    p.add_argument("prompt")
+    p.set_defaults(func=_cli_generate)
+    c = sub.add_parser("chat", help="an interactive loop (empty line or Ctrl-D to quit)")
+    _add_sampling_args(c)
+    c.set_defaults(
+        func=lambda a: chat(
+            model=a.model,
+            max_new_tokens=a.max_new_tokens,
+            temperature=a.temperature,
+            top_p=a.top_p,
+            seed=a.seed,
+            dtype=a.dtype,
+            device=a.device,
+            quantize=_quant_name(a.quantize),
+        )
+    )

@@ -1,0 +1,97 @@
+"""`bamba info MODEL`: parameters, layer layout and memory needs of a checkpoint, without loading weights."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Any
+
+import torch
+
+from .checkpoint import resolve_folder, weight_files
+from .config import BambaConfig
+
+
+def model_info(model: str | None = None) -> dict[str, Any]:
+    """Read config.json and the safetensors headers only (built on `meta`: no weights in memory)."""
+    from .checkpoint import SafetensorsFile
+    from .demo import demo_path
+    from .model import BambaForCausalLM
+
+    folder = resolve_folder(model) if model else demo_path()
+    config = BambaConfig.from_json_file(os.path.join(folder, "config.json"))
+    with torch.device("meta"):
+        lm = BambaForCausalLM(config, init=False)
+    n_params = lm.num_parameters()
+    stored = 0
+    dtypes = set()
+    for path in weight_files(folder):
+        st = SafetensorsFile(path)
+        for name in st.keys():
+            dtype, shape, start, end = st.entries[name]
+            stored += end - start
+            dtypes.add(str(dtype).removeprefix("torch."))
+    c = config
+    state_per_row = sum(
+        (c.mamba_d_conv - 1) * c.mamba_conv_dim * 4 + c.mamba_n_heads * c.mamba_d_head * c.mamba_d_state * 4
+        for kind in c.layers_block_type
+        if kind == "mamba"
+    )
+    kv_per_token = 2 * c.num_key_value_heads * c.head_dim * 4 * c.layers_block_type.count("attention")
+    return {
+        "folder": folder,
+        "parameters": n_params,
+        "stored_bytes": stored,
+        "stored_dtypes": sorted(dtypes),
+        "layers": c.num_hidden_layers,
+        "layout": "".join("A" if k == "attention" else "M" for k in c.layers_block_type),
+        "attention_layers": c.attn_layer_indices or [],
+        "hidden_size": c.hidden_size,
+        "vocab_size": c.vocab_size,
+        "mamba": f"{c.mamba_n_heads} heads x {c.mamba_d_head}, d_state {c.mamba_d_state}, {c.mamba_n_groups} group(s)",
+        "attention": f"{c.num_attention_heads} heads / {c.num_key_value_heads} kv heads x {c.head_dim}",
+        "weights_fp32_bytes": n_params * 4,
+        "weights_bf16_bytes": n_params * 2,
+        "mamba_state_bytes_per_sequence_fp32": state_per_row,
+        "kv_cache_bytes_per_token_fp32": kv_per_token,
+        "max_position_embeddings": c.max_position_embeddings,
+    }
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
+
+
+def _cli(args: argparse.Namespace) -> int:
+    info = model_info(args.model)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"model        {info['folder']}")
+    print(
+        f"parameters   {info['parameters']:,} ({', '.join(info['stored_dtypes'])} on disk: {_gib(info['stored_bytes'])})"
+    )
+    print(
+        f"layers       {info['layers']}: {info['layout']}  (M = Mamba-2, A = attention at {info['attention_layers']})"
+    )
+    print(
+        f"hidden       {info['hidden_size']}, vocab {info['vocab_size']}, context {info['max_position_embeddings']}"
+    )
+    print(f"mamba        {info['mamba']}")
+    print(f"attention    {info['attention']}")
+    print(f"weights      {_gib(info['weights_fp32_bytes'])} fp32, {_gib(info['weights_bf16_bytes'])} bf16")
+    print(
+        f"cache        {_gib(info['mamba_state_bytes_per_sequence_fp32'])} Mamba state per sequence + "
+        f"{info['kv_cache_bytes_per_token_fp32'] / 1024:.1f} KiB KV per token (fp32)"
+    )
+    return 0
+
+
+def add_cli(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("info", help="parameters, layer layout and memory needs of a model")
+    p.add_argument(
+        "model", nargs="?", default=None, help="checkpoint folder or hub repo id (default: the demo model)"
+    )
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cli)
