@@ -24,9 +24,10 @@ from .cache import HybridMambaAttentionDynamicCache
 class TextStreamer:
     """Receives token ids as they are generated and emits text as soon as it is complete.
 
-    A multi-byte character split over several byte-level tokens is held back until its last byte arrives
-    (a decode ending in U+FFFD is incomplete), so no broken character is ever emitted. `on_text(piece)`
-    is called with each new piece; the default prints it to stdout.
+    Decoding goes through the tokenizer's `stream_decoder()` (a `bamba.tokenizer.DecodeStream`): a
+    multi-byte character split over several byte-level tokens is held back until its last byte arrives,
+    so no broken character is ever emitted. `on_text(piece)` is called with each new piece; the default
+    prints it to stdout.
     """
 
     def __init__(
@@ -34,14 +35,13 @@ class TextStreamer:
         tokenizer: Any,
         skip_prompt: bool = True,
         on_text: Callable[[str], None] | None = None,
-        **decode_kwargs: Any,
+        skip_special_tokens: bool = False,
     ) -> None:
         self.tokenizer = tokenizer
         self.skip_prompt = skip_prompt
         self.on_text = on_text or (lambda s: print(s, end="", flush=True))
-        self.decode_kwargs = decode_kwargs
-        self._ids: list[int] = []
-        self._emitted = 0  # characters of decode(self._ids) already emitted
+        self.skip_special_tokens = skip_special_tokens
+        self._stream: Any = None
         self._prompt_pending = skip_prompt
 
     def put(self, ids: Tensor | Sequence[int]) -> None:
@@ -53,19 +53,16 @@ class TextStreamer:
         if self._prompt_pending:
             self._prompt_pending = False
             return
-        self._ids.extend(ids)
-        text = self.tokenizer.decode(self._ids, **self.decode_kwargs)
-        if text.endswith("\ufffd"):
-            return  # an incomplete character: wait for its remaining bytes
-        if len(text) > self._emitted:
-            self.on_text(text[self._emitted :])
-        self._emitted = len(text)
+        if self._stream is None:
+            self._stream = self.tokenizer.stream_decoder(skip_special_tokens=self.skip_special_tokens)
+        for i in ids:
+            if piece := self._stream.step(i):
+                self.on_text(piece)
 
     def end(self) -> None:
-        text = self.tokenizer.decode(self._ids, **self.decode_kwargs)
-        if len(text) > self._emitted:
-            self.on_text(text[self._emitted :])
-        self._ids, self._emitted = [], 0
+        if self._stream is not None and (piece := self._stream.flush()):
+            self.on_text(piece)
+        self._stream = None
 
 
 class TextIteratorStreamer(TextStreamer):

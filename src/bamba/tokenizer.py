@@ -1,0 +1,483 @@
+"""Tokenizer: a thin layer over Hugging Face `tokenizers` that reads and writes the Hugging Face folder layout.
+
+Its behaviour follows transformers' `PreTrainedTokenizerFast` (v5: `TokenizersBackend`) loaded from a
+tokenizer.json, which is what the tests compare against:
+
+- tokenizer.json's post-processor alone decides whether BOS / EOS are added. transformers drops
+  `add_bos_token` / `add_eos_token` from tokenizer_config.json when a tokenizer.json exists, and so do we;
+  a tokenizer.json without a post-processor adds nothing.
+- Special tokens come from tokenizer_config.json, overridden by special_tokens_map.json unless the config has
+  `added_tokens_decoder`. Named special tokens missing from the added vocabulary are added as special tokens
+  (new ids at the end when they are not in the model's vocabulary either).
+- `clean_up_tokenization_spaces` is applied on decode only for non-BPE models: transformers skips it for BPE,
+  where it would delete real spaces before punctuation.
+- A chat template in chat_template.jinja takes priority over the `chat_template` of tokenizer_config.json.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import Any
+
+import torch
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer as BackendTokenizer
+
+TOKENIZER_FILE = "tokenizer.json"
+CONFIG_FILE = "tokenizer_config.json"
+SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+
+# The named special tokens of transformers, in the order it registers them.
+SPECIAL_TOKEN_NAMES = (
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "sep_token",
+    "pad_token",
+    "cls_token",
+    "mask_token",
+)
+_NO_MAX_LENGTH = int(1e30)  # transformers' model_max_length when the config has none
+
+# Role header, content, EOS; BOS once at the start, because chat text is encoded without special tokens.
+DEFAULT_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] + eos_token + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
+
+def _resolve(path: str | os.PathLike, filename: str, required: bool, **hub_kwargs: Any) -> str | None:
+    """Path of `filename` in a local folder or a Hub repo id (via the shared checkpoint resolver);
+    None when optional and absent."""
+    from .checkpoint import resolve_folder
+
+    folder = resolve_folder(path, **hub_kwargs)
+    file = os.path.join(folder, filename)
+    if os.path.isfile(file):
+        return file
+    if required:
+        raise FileNotFoundError(f"tokenizer folder {folder!r} has no {filename}")
+    return None
+
+
+def _token_content(value: Any) -> str | None:
+    """A special token as stored in a config: a string, or an AddedToken dict with a `content` key."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        return value["content"]
+    raise ValueError(f"special token should be a string or a dict with 'content', got {value!r}")
+
+
+def _added_token(value: str | dict[str, Any], special: bool = True) -> AddedToken:
+    """AddedToken from a string or a serialized AddedToken dict (its flags kept)."""
+    if isinstance(value, str):
+        return AddedToken(value, special=special, normalized=not special)
+    fields = {k: value[k] for k in ("lstrip", "rstrip", "single_word", "normalized") if k in value}
+    fields["special"] = value.get("special", special)
+    return AddedToken(value["content"], **fields)
+
+
+def _extra_special_tokens(config: dict[str, Any]) -> list[Any]:
+    extra = config.get("extra_special_tokens") or config.get("additional_special_tokens") or []
+    return list(extra.values()) if isinstance(extra, dict) else list(extra)
+
+
+def _default_template(value: Any) -> str | None:
+    """The default chat template from a config entry: a string, {name: template} or [{name, template}]."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        value = {t["name"]: t["template"] for t in value}
+    if "default" not in value:
+        raise ValueError(f"chat_template has named templates {sorted(value)} but none called 'default'")
+    return value["default"]
+
+
+# transformers' clean_up_tokenization: drop the space a word-piece decoder puts before punctuation.
+_CLEAN_UP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"))
+_CLEAN_UP += ((" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
+
+
+def _clean_up_spaces(text: str) -> str:
+    for old, new in _CLEAN_UP:
+        text = text.replace(old, new)
+    return text
+
+
+@functools.lru_cache(maxsize=16)
+def _compile_template(source: str) -> Any:
+    """Compile a chat template in the sandbox, with the globals and filters transformers gives templates."""
+    import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(
+        x: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None, sort_keys=False
+    ):
+        # Jinja's own tojson escapes HTML characters, which chat templates do not want.
+        return json.dumps(
+            x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+        )
+
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(source)
+
+
+class Tokenizer:
+    """A `tokenizers.Tokenizer` plus the special tokens, chat template and settings of tokenizer_config.json.
+
+    `config` is the tokenizer_config.json dict (already merged with special_tokens_map.json); keys we do not use
+    are kept and written back by `save_pretrained`.
+    """
+
+    def __init__(
+        self,
+        backend: BackendTokenizer,
+        config: dict[str, Any] | None = None,
+        chat_template: str | None = None,
+        name_or_path: str = "",
+    ):
+        self.backend = backend
+        self.config = dict(config or {})
+        self.name_or_path = name_or_path
+        # Padding is done here; encode never truncates (transformers ignores both settings of tokenizer.json too).
+        backend.no_padding()
+        backend.no_truncation()
+        backend.encode_special_tokens = bool(self.config.get("split_special_tokens", False))
+
+        self._special = {name: _token_content(self.config.get(name)) for name in SPECIAL_TOKEN_NAMES}
+        self.extra_special_tokens = [_token_content(t) for t in _extra_special_tokens(self.config)]
+        self._register_added_tokens()
+
+        if chat_template is None:
+            chat_template = _default_template(self.config.get("chat_template"))
+        self.chat_template = chat_template
+        self.model_max_length = int(self.config.get("model_max_length", _NO_MAX_LENGTH))
+        self.clean_up_tokenization_spaces = bool(self.config.get("clean_up_tokenization_spaces", False))
+
+    def _register_added_tokens(self) -> None:
+        """Add the config's added tokens and named special tokens that tokenizer.json lacks, as transformers does."""
+        present = {t.content for t in self.backend.get_added_tokens_decoder().values()}
+        to_add: list[AddedToken] = []
+        decoder = self.config.get("added_tokens_decoder") or {}
+        for _, value in sorted(decoder.items(), key=lambda kv: int(kv[0])):
+            if value["content"] not in present:
+                to_add.append(_added_token(value, special=value.get("special", False)))
+                present.add(value["content"])
+        named = [self.config.get(name) for name in SPECIAL_TOKEN_NAMES] + _extra_special_tokens(self.config)
+        for value in named:
+            if value is not None and _token_content(value) not in present:
+                to_add.append(_added_token(value))
+                present.add(_token_content(value))
+        if to_add:
+            self.backend.add_tokens(to_add)
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id: str | os.PathLike, **hub_kwargs: Any) -> Tokenizer:
+        """Load tokenizer.json (required), tokenizer_config.json, special_tokens_map.json, chat_template.jinja."""
+        tokenizer_file = _resolve(path_or_repo_id, TOKENIZER_FILE, True, **hub_kwargs)
+        config: dict[str, Any] = {}
+        if config_file := _resolve(path_or_repo_id, CONFIG_FILE, False, **hub_kwargs):
+            with open(config_file, encoding="utf-8") as f:
+                config = json.load(f)
+        # Like transformers: the legacy special_tokens_map.json only counts when the config has no
+        # added_tokens_decoder, and then it overrides the config's entries.
+        if "added_tokens_decoder" not in config:
+            if map_file := _resolve(path_or_repo_id, SPECIAL_TOKENS_MAP_FILE, False, **hub_kwargs):
+                with open(map_file, encoding="utf-8") as f:
+                    config.update(json.load(f))
+        chat_template = None
+        if template_file := _resolve(path_or_repo_id, CHAT_TEMPLATE_FILE, False, **hub_kwargs):
+            with open(template_file, encoding="utf-8") as f:
+                chat_template = f.read()
+        backend = BackendTokenizer.from_file(tokenizer_file)
+        return cls(backend, config, chat_template=chat_template, name_or_path=os.fspath(path_or_repo_id))
+
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json into `folder`."""
+        os.makedirs(folder, exist_ok=True)
+        self.backend.save(os.path.join(folder, TOKENIZER_FILE))
+        config = dict(self.config)
+        config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
+        for name in SPECIAL_TOKEN_NAMES:
+            if self._special[name] is not None or name in config:
+                config[name] = self._special[name]
+        config["model_max_length"] = self.model_max_length
+        config["clean_up_tokenization_spaces"] = self.clean_up_tokenization_spaces
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
+        with open(os.path.join(folder, CONFIG_FILE), "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, ensure_ascii=False)
+            f.write("\n")
+        special_map: dict[str, Any] = dict(self.special_tokens_map)
+        if self.extra_special_tokens:
+            special_map["additional_special_tokens"] = list(self.extra_special_tokens)
+        with open(os.path.join(folder, SPECIAL_TOKENS_MAP_FILE), "w", encoding="utf-8") as f:
+            json.dump(special_map, f, indent=2, ensure_ascii=False)
+            f.write("\n")
+
+    # ---- special tokens -------------------------------------------------------------------------------------
+
+    @property
+    def bos_token(self) -> str | None:
+        return self._special["bos_token"]
+
+    @property
+    def eos_token(self) -> str | None:
+        return self._special["eos_token"]
+
+    @property
+    def pad_token(self) -> str | None:
+        return self._special["pad_token"]
+
+    @property
+    def unk_token(self) -> str | None:
+        return self._special["unk_token"]
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self.token_to_id(self.bos_token)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.token_to_id(self.eos_token)
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return self.token_to_id(self.pad_token)
+
+    @property
+    def special_tokens_map(self) -> dict[str, str]:
+        """The named special tokens that are set, e.g. {"bos_token": "<|bos|>", ...} (chat template variables)."""
+        return {name: token for name, token in self._special.items() if token is not None}
+
+    @property
+    def add_bos_token(self) -> bool:
+        """Whether `encode(..., add_special_tokens=True)` starts with BOS (decided by the post-processor)."""
+        bos = self.bos_token_id
+        return bos is not None and self.backend.encode("", add_special_tokens=True).ids[:1] == [bos]
+
+    @property
+    def vocab_size(self) -> int:
+        """Size of the full vocabulary, added tokens included (transformers' `len(tokenizer)`)."""
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def token_to_id(self, token: str | None) -> int | None:
+        return None if token is None else self.backend.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self.backend.id_to_token(token_id)
+
+    def __repr__(self) -> str:
+        return (
+            f"Tokenizer(name_or_path={self.name_or_path!r}, vocab_size={self.vocab_size}, "
+            f"special_tokens={self.special_tokens_map})"
+        )
+
+    # ---- encode / decode ------------------------------------------------------------------------------------
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def __call__(
+        self,
+        texts: str | Sequence[str],
+        padding: bool = True,
+        padding_side: str = "left",
+        return_tensors: str | None = "pt",
+        add_special_tokens: bool = True,
+    ) -> dict[str, Any]:
+        """Encode a batch: {"input_ids", "attention_mask"}, padded to the longest row (pad id, else EOS id).
+
+        `return_tensors="pt"` gives (B, L) LongTensors, None gives lists of lists.
+        """
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side should be 'left' or 'right', got {padding_side!r}")
+        if return_tensors not in ("pt", None):
+            raise ValueError(f"return_tensors should be 'pt' or None, got {return_tensors!r}")
+        batch = [texts] if isinstance(texts, str) else list(texts)
+        rows = [e.ids for e in self.backend.encode_batch(batch, add_special_tokens=add_special_tokens)]
+        masks = [[1] * len(row) for row in rows]
+        width = max(map(len, rows), default=0)
+        ragged = any(len(row) != width for row in rows)
+        if padding and ragged:
+            pad_id = self.pad_token_id if self.pad_token_id is not None else self.eos_token_id
+            if pad_id is None:
+                raise ValueError(
+                    f"cannot pad: tokenizer {self.name_or_path!r} has neither pad_token nor eos_token"
+                )
+            for i, row in enumerate(rows):
+                n = width - len(row)
+                if padding_side == "left":
+                    rows[i], masks[i] = [pad_id] * n + row, [0] * n + masks[i]
+                else:
+                    rows[i], masks[i] = row + [pad_id] * n, masks[i] + [0] * n
+        if return_tensors is None:
+            return {"input_ids": rows, "attention_mask": masks}
+        if ragged and not padding:
+            raise ValueError("rows have different lengths: use padding=True or return_tensors=None")
+        return {
+            "input_ids": torch.tensor(rows, dtype=torch.long).view(len(rows), width),  # (B, L)
+            "attention_mask": torch.tensor(masks, dtype=torch.long).view(len(rows), width),  # (B, L)
+        }
+
+    def decode(self, ids: int | Iterable[int] | torch.Tensor, skip_special_tokens: bool = False) -> str:
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        ids = [ids] if isinstance(ids, int) else list(ids)
+        text = self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+        if self.clean_up_tokenization_spaces and not isinstance(self.backend.model, models.BPE):
+            text = _clean_up_spaces(text)
+        return text
+
+    def batch_decode(
+        self, batch: Iterable[Iterable[int]] | torch.Tensor, skip_special_tokens: bool = False
+    ) -> list[str]:
+        if isinstance(batch, torch.Tensor):
+            batch = batch.tolist()
+        return [self.decode(ids, skip_special_tokens=skip_special_tokens) for ids in batch]
+
+    def stream_decoder(self, skip_special_tokens: bool = False) -> DecodeStream:
+        """A `DecodeStream` over this tokenizer, for printing generated tokens as they come."""
+        return DecodeStream(self, skip_special_tokens=skip_special_tokens)
+
+    # ---- chat -----------------------------------------------------------------------------------------------
+
+    def apply_chat_template(
+        self,
+        messages: Sequence[dict[str, Any]],
+        add_generation_prompt: bool = False,
+        tokenize: bool = False,
+        **kwargs: Any,
+    ) -> str | list[int]:
+        """Render `messages` with the chat template (the same variables as transformers); ids if `tokenize`.
+
+        The rendered text is encoded without special tokens: the template writes its own BOS.
+        """
+        if self.chat_template is None:
+            raise ValueError(
+                f"tokenizer {self.name_or_path!r} has no chat template: neither a 'chat_template' entry in "
+                f"{CONFIG_FILE} nor a {CHAT_TEMPLATE_FILE} file"
+            )
+        if not messages:
+            raise ValueError("cannot apply a chat template to an empty list of messages")
+        # transformers drops None-valued keys: templates test `'key' in message`, not `is none`.
+        messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
+        variables = {"tools": None, "documents": None, **self.special_tokens_map, **kwargs}
+        text = _compile_template(self.chat_template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt, **variables
+        )
+        return self.encode(text, add_special_tokens=False) if tokenize else text
+
+
+class DecodeStream:
+    """Incremental decoding: feed token ids one at a time, get back the newly completed text.
+
+    Text is emitted only once it no longer ends in U+FFFD, so a multi-byte character split over several
+    byte-level tokens comes out whole, after its last byte. Each step decodes a short window: the ids emitted
+    last time (as context, so decoders that strip a leading space see the same neighbours as a full decode) plus
+    the ids not yet emitted. The concatenation of all `step` results and `flush()` equals `decode(ids)`.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.ids: list[int] = []
+        self._prefix = 0  # ids[_prefix:_read] were emitted by the last step that emitted text
+        self._read = 0  # ids[:_read] have been emitted
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.backend.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+    def step(self, token_id: int) -> str:
+        """Add one id; return the text it completes ("" while a character is still incomplete)."""
+        self.ids.append(int(token_id))
+        done = self._decode(self.ids[self._prefix : self._read])
+        text = self._decode(self.ids[self._prefix :])
+        if len(text) > len(done) and not text.endswith("\ufffd"):
+            self._prefix, self._read = self._read, len(self.ids)
+            return text[len(done) :]
+        return ""
+
+    def flush(self) -> str:
+        """Text still held back at the end of the stream (an incomplete character decodes to U+FFFD)."""
+        done = self._decode(self.ids[self._prefix : self._read])
+        text = self._decode(self.ids[self._prefix :])
+        self._prefix, self._read = self._read, len(self.ids)
+        return text[len(done) :]
+
+
+def train_tokenizer(
+    files: list[str],
+    vocab_size: int,
+    out_dir: str,
+    special_tokens: Sequence[str] = ("<|pad|>", "<|bos|>", "<|eos|>"),
+    min_frequency: int = 2,
+    *,
+    model_max_length: int = 262144,
+    chat_template: str | None = DEFAULT_CHAT_TEMPLATE,
+) -> Tokenizer:
+    """Train a byte-level BPE tokenizer on text `files` and save it to `out_dir` in the Hugging Face layout.
+
+    `special_tokens` are (pad, bos, eos, *extra) and get ids 0, 1, 2, ... in that order. Every encoded sequence
+    starts with BOS. The result loads with transformers' AutoTokenizer and encodes identically. Training is
+    deterministic for the same files and settings.
+    """
+    if len(special_tokens) < 3:
+        raise ValueError(f"special_tokens should be (pad, bos, eos, *extra), got {tuple(special_tokens)}")
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    if vocab_size < len(alphabet) + len(special_tokens):
+        raise ValueError(
+            f"vocab_size={vocab_size} is below the {len(alphabet)} byte tokens + {len(special_tokens)} special tokens"
+        )
+    for file in files:
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"training file {file!r} does not exist")
+    pad, bos, eos = special_tokens[:3]
+    backend = BackendTokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=list(special_tokens),
+        initial_alphabet=alphabet,
+        show_progress=False,
+    )
+    backend.train(list(files), trainer)
+    bos_id = backend.token_to_id(bos)
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, bos_id)]
+    )
+    config: dict[str, Any] = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": bos,
+        "eos_token": eos,
+        "pad_token": pad,
+        "unk_token": None,  # byte-level BPE covers every byte: nothing is unknown
+        "model_max_length": model_max_length,
+        "clean_up_tokenization_spaces": False,
+    }
+    if len(special_tokens) > 3:
+        config["additional_special_tokens"] = list(special_tokens[3:])
+    tokenizer = Tokenizer(backend, config, chat_template=chat_template, name_or_path=out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return tokenizer
