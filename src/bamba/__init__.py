@@ -2,7 +2,22 @@
 
 from .cache import HybridMambaAttentionDynamicCache
 from .config import BambaConfig, preset
+from .data import DataCollatorWithFlattening
+from .generation import TextIteratorStreamer, TextStreamer
 from .model import BambaForCausalLM, BambaModel
+from .pipeline import pipeline
+from .tokenizer import Tokenizer
 
-__all__ = ["BambaConfig", "BambaForCausalLM", "BambaModel", "HybridMambaAttentionDynamicCache", "preset"]
+__all__ = [
+    "BambaConfig",
+    "BambaForCausalLM",
+    "BambaModel",
+    "DataCollatorWithFlattening",
+    "HybridMambaAttentionDynamicCache",
+    "TextIteratorStreamer",
+    "TextStreamer",
+    "Tokenizer",
+    "pipeline",
+    "preset",
+]
 __version__ = "0.1.0"
