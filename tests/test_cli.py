@@ -1,0 +1,75 @@
+"""The command line: generate / info on a tiny folder, and one-line errors with a non-zero exit."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bamba import BambaConfig, BambaForCausalLM
+from bamba.cli import main
+from bamba.tokenizer import train_tokenizer
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    from conftest import TINY
+
+    root = tmp_path_factory.mktemp("cli")
+    corpus = root / "c.txt"
+    corpus.write_text("to be or not to be, that is the question\n" * 40)
+    train_tokenizer([str(corpus)], vocab_size=300, out_dir=str(root / "m"), min_frequency=1)
+    torch.manual_seed(0)
+    BambaForCausalLM(
+        BambaConfig(**{**TINY, "vocab_size": 300, "max_position_embeddings": 64})
+    ).save_pretrained(root / "m")
+    return str(root / "m")
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bamba", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_generate_streams_text(folder, capsys):
+    assert main(["generate", "--model", folder, "--max-new-tokens", "5", "--temperature", "0", "to be"]) == 0
+    greedy = capsys.readouterr().out
+    assert main(["generate", "--model", folder, "--max-new-tokens", "5", "--seed", "1", "to be"]) == 0
+    assert main(["generate", "--model", folder, "--max-new-tokens", "5", "--seed", "1", "to be"]) == 0
+    a, b = capsys.readouterr().out.split("\n")[:2]
+    assert a == b and greedy.endswith("\n")
+
+
+def test_info(folder, capsys):
+    assert main(["info", folder]) == 0
+    out = capsys.readouterr().out
+    assert "MAM" in out and "parameters" in out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["generate", "--model", "/no/such/folder", "hi"], "no such checkpoint folder"),
+        (["generate", "--dtype", "int3", "hi"], "dtype='int3' is not a floating-point torch dtype"),
+        (["generate", "--device", "cuda", "hi"], "CUDA is not available"),
+        (["generate", "--device", "toaster", "hi"], "is not a torch device"),
+        (["generate", "   "], "the prompt is empty"),
+        (["generate", "to be " * 40], "longer than the model's context"),
+    ],
+)
+def test_errors_are_one_line_and_nonzero(folder, capsys, args, message):
+    if "cuda" in args and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    if "--model" not in args:
+        args = [args[0], "--model", folder, *args[1:]]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_python_dash_m_bamba(folder):
+    r = run_cli("info", folder, "--json")
+    assert r.returncode == 0 and '"parameters"' in r.stdout
+    r = run_cli("generate", "--model", "/nope", "x")
+    assert r.returncode == 2 and r.stderr.startswith("bamba generate: error:") and "Traceback" not in r.stderr
