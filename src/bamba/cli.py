@@ -20,7 +20,9 @@ class UserError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bamba", description="Run, train and benchmark Bamba models (pure PyTorch).")
+    parser = argparse.ArgumentParser(
+        prog="bamba", description="Run, train and benchmark Bamba models (pure PyTorch)."
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         try:
