@@ -282,7 +282,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "demo": dict(
         vocab_size=2048,
         hidden_size=256,
-        intermediate_size=640,
+        intermediate_size=512,
         num_hidden_layers=6,
         num_attention_heads=4,
         num_key_value_heads=2,
