@@ -73,3 +73,43 @@ def test_python_dash_m_bamba(folder):
     assert r.returncode == 0 and '"parameters"' in r.stdout
     r = run_cli("generate", "--model", "/nope", "x")
     assert r.returncode == 2 and r.stderr.startswith("bamba generate: error:") and "Traceback" not in r.stderr
+
+
+def test_chat_loop_uses_the_template_and_keeps_history(folder, monkeypatch):
+    import bamba.generation as g
+    from bamba.generation import chat
+    from bamba.tokenizer import Tokenizer
+
+    seen: list[str] = []
+    real = g.generate
+
+    def recording_generate(model, ids, **kw):
+        seen.append(Tokenizer.from_pretrained(folder).decode(ids[0].tolist()))
+        return real(model, ids, **kw)
+
+    monkeypatch.setattr(g, "generate", recording_generate)
+    real_load = g.load_for_cli
+
+    def load_with_long_context(*args):
+        lm, tok = real_load(*args)
+        lm.config.max_position_embeddings = 4096  # the fixture's 64 would truncate the history
+        return lm, tok
+
+    monkeypatch.setattr(g, "load_for_cli", load_with_long_context)
+
+    lines = iter(["to be", "or not"])
+    prompts: list[str] = []
+    out: list[str] = []
+
+    def fake_input(prompt: str) -> str:
+        prompts.append(prompt)
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    chat(model=folder, max_new_tokens=3, temperature=0, input_fn=fake_input, output_fn=out.append)
+    assert prompts == ["> ", "> ", "> "]  # two turns, then EOF ends the loop
+    assert out.count("\n") == 2
+    assert "<|user|>\nto be" in seen[0] and seen[0].rstrip().endswith("<|assistant|>")
+    assert seen[1].startswith(seen[0]) and "<|user|>\nor not" in seen[1]  # the history is kept

@@ -417,7 +417,9 @@ def chat(
         pieces: list[str] = []
         generate(
             lm,
-            torch.tensor([ids[-lm.config.max_position_embeddings + max_new_tokens :]]),
+            torch.tensor(
+                [ids[-(lm.config.max_position_embeddings - max_new_tokens) :]]
+            ),  # the latest context
             max_new_tokens=max_new_tokens,
             do_sample=temperature > 0,
             temperature=temperature if temperature > 0 else 1.0,
