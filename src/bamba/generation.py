@@ -302,6 +302,20 @@ def load_for_cli(
     return lm, Tokenizer.from_pretrained(folder)
 
 
+def cli_sampling(
+    temperature: float, top_p: float | None, top_k: int | None, seed: int | None
+) -> dict[str, Any]:
+    """generate() options for the CLI's sampling flags: temperature 0 means greedy."""
+    if temperature < 0:
+        raise ValueError(f"--temperature {temperature} must be >= 0 (0: greedy)")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"--top-p {top_p} must be in (0, 1]")
+    sample = temperature > 0
+    return dict(
+        do_sample=sample, temperature=temperature if sample else 1.0, top_p=top_p, top_k=top_k, seed=seed
+    )
+
+
 def generate_text(
     prompt: str,
     model: str | None = None,
@@ -331,11 +345,7 @@ def generate_text(
         lm,
         ids,
         max_new_tokens=max_new_tokens,
-        do_sample=temperature > 0,
-        temperature=temperature if temperature > 0 else 1.0,
-        top_p=top_p,
-        top_k=top_k,
-        seed=seed,
+        **cli_sampling(temperature, top_p, top_k, seed),
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
         streamer=TextStreamer(tok, skip_prompt=True, on_text=on_text, skip_special_tokens=True),
@@ -421,10 +431,7 @@ def chat(
                 [ids[-(lm.config.max_position_embeddings - max_new_tokens) :]]
             ),  # the latest context
             max_new_tokens=max_new_tokens,
-            do_sample=temperature > 0,
-            temperature=temperature if temperature > 0 else 1.0,
-            top_p=top_p,
-            seed=seed,
+            **cli_sampling(temperature, top_p, None, seed),
             eos_token_id=tok.eos_token_id,
             pad_token_id=tok.pad_token_id,
             stop_strings=None if has_template else ["\n\n"],
