@@ -17,7 +17,13 @@ def test_demo_folder_is_complete_and_small():
 
     folder = demo_path()
     files = set(os.listdir(folder))
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ):
         assert name in files, name
     size = sum(os.path.getsize(os.path.join(folder, f)) for f in files if not f.endswith(".py"))
     assert size < 16 * 2**20
