@@ -1,0 +1,402 @@
+"""Tests for bamba.train and bamba.tokenizer_cli: learning, checkpoints, exact resume, atomic saves, DDP / FSDP2
+equality with one process, gradient accumulation, and the messages for bad input. Tiny model, tiny data."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import bamba.model
+import bamba.train
+from bamba import BambaForCausalLM
+from bamba.cli import main as cli_main
+from bamba.config import BambaConfig
+from bamba.data import pack_examples
+from bamba.train import (
+    find_checkpoint,
+    flatten_rows,
+    iter_log,
+    lr_factor,
+    save_folder_atomically,
+    tokenize_documents,
+    train,
+)
+
+TINY = dict(
+    vocab_size=320,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    attn_layer_indices=[1],
+    mamba_n_heads=4,
+    mamba_d_state=8,
+    mamba_chunk_size=8,
+    max_position_embeddings=512,
+)
+WORDS = "the cat sat on a mat dog ran far away and then slept under tree sun moon star big small".split()
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and OpenMP threads stall badly on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> dict[str, str]:
+    """A text file of 200 documents of 1..60 words, and a 300-token BPE tokenizer trained on it (via the CLI)."""
+    root = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(0)
+    docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 60))) for _ in range(200)]
+    data = root / "data.txt"
+    data.write_text("\n\n".join(docs))
+    tok = root / "tok"
+    assert cli_main(["train-tokenizer", str(data), "--vocab-size", "300", "--out", str(tok)]) == 0
+    return {"data": str(data), "tokenizer": str(tok), "root": str(root)}
+
+
+def run(corpus: dict[str, str], out, **overrides):
+    kwargs = dict(
+        out_dir=str(out),
+        data=[corpus["data"]],
+        tokenizer=corpus["tokenizer"],
+        config=BambaConfig(**TINY),
+        row_tokens=64,
+        max_steps=4,
+        lr=1e-2,
+        warmup_steps=1,
+        eval_every=0,
+        save_every=0,
+        progress=False,
+    )
+    kwargs.update(overrides)
+    return train(**kwargs)
+
+
+def losses(out, key: str = "loss") -> list[float]:
+    """The per-step `key` ("loss" or "grad_norm") of a run's log."""
+    return [r[key] for r in iter_log(os.path.join(out, "log.jsonl")) if "loss" in r]
+
+
+def weights(folder) -> dict[str, torch.Tensor]:
+    return BambaForCausalLM.from_pretrained(str(folder)).state_dict()
+
+
+def assert_same_weights(a, b, atol: float = 0.0) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=atol, rtol=0.0 if atol == 0 else 1e-4, msg=k)
+
+
+# ----- data and schedule helpers ---------------------------------------------------------------------------
+def test_documents_get_bos_and_eos_and_long_ones_are_split(corpus):
+    tok = bamba.train.load_tokenizer(corpus["tokenizer"])
+    (doc,) = tokenize_documents(["the cat sat " * 40], tok)
+    assert doc[0] == tok.bos_token_id == 1 and doc[-1] == tok.eos_token_id == 2
+    assert len(doc) > 64
+    rows = list(pack_examples([doc], 16))
+    assert all(sum(map(len, r)) <= 16 for r in rows)
+    assert [t for r in rows for ex in r for t in ex] == doc  # every token kept, in order
+    batch = flatten_rows(rows[:2])
+    assert batch["input_ids"].shape == (1, 32)
+    # each piece is its own example: positions restart, the first token of each is not a target
+    assert batch["position_ids"][0, 16].item() == 0 and batch["labels"][0, 16].item() == -100
+    assert batch["seq_idx"][0].tolist() == [0] * 16 + [1] * 16
+
+
+def test_stream_positions_cut_the_same_global_batch():
+    def step_rows(step, batch_rows, world, grad_accum):
+        return [
+            list(bamba.train.stream_positions(step, m, r, batch_rows, world, grad_accum))
+            for m in range(grad_accum)
+            for r in range(world)
+        ]
+
+    assert step_rows(1, 2, 1, 1) == [[2, 3]]
+    assert step_rows(1, 1, 2, 1) == [[2], [3]]  # rank 0, rank 1
+    assert step_rows(1, 1, 1, 2) == [[2], [3]]  # micro 0, micro 1
+    assert step_rows(2, 2, 2, 2) == [[16, 17], [18, 19], [20, 21], [22, 23]]
+
+
+def test_lr_schedule_warmup_then_cosine_to_min():
+    f = [lr_factor(s, warmup_steps=4, max_steps=20, min_lr_ratio=0.1) for s in range(20)]
+    assert f[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert f[4] == 1.0 and all(a >= b for a, b in zip(f[4:], f[5:]))
+    assert f[-1] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(15 / 16 * torch.pi)).item()))
+    assert lr_factor(20, 4, 20, 0.1) == pytest.approx(0.1)
+
+
+# ----- learning, checkpoint layout --------------------------------------------------------------------------
+def test_training_reduces_loss_and_saves_loadable_checkpoints(corpus, tmp_path):
+    metrics = run(corpus, tmp_path, max_steps=30, lr=3e-3, warmup_steps=3, eval_every=10, batch_rows=2)
+    train_losses = losses(tmp_path)
+    assert len(train_losses) == 30
+    assert sum(train_losses[-5:]) / 5 < train_losses[0] - 1.0  # from ~ln(300) = 5.7 down
+    evals = [r for r in iter_log(tmp_path / "log.jsonl") if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [10, 20, 30]
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+    assert metrics["step"] == 30 and metrics["eval_loss"] == evals[-1]["eval_loss"]
+    assert metrics["eval_ppl"] == pytest.approx(torch.exp(torch.tensor(metrics["eval_loss"])).item())
+
+    for name in ("final", "checkpoint-last"):
+        folder = tmp_path / name
+        for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+            assert (folder / f).is_file(), f"{name}/{f}"
+    assert (tmp_path / "checkpoint-last" / "trainer_state.pt").is_file()
+    assert json.loads((tmp_path / "checkpoint-last" / "trainer_state.json").read_text())["step"] == 30
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no temporary folders left
+
+    ours = BambaForCausalLM.from_pretrained(str(tmp_path / "final"))
+    ids = torch.tensor([[1, 5, 9, 42, 7, 100, 3]])
+    logits = ours(ids).logits
+    transformers = pytest.importorskip("transformers")
+    theirs = transformers.BambaForCausalLM.from_pretrained(str(tmp_path / "final")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(logits, theirs(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_grad_accumulation_2x1_equals_1x2_rows(corpus, tmp_path):
+    run(corpus, tmp_path / "a", grad_accum=2, batch_rows=1)
+    run(corpus, tmp_path / "b", grad_accum=1, batch_rows=2)
+    la, lb = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert len(la) == 4 and la[0] > 4.0
+    torch.testing.assert_close(la, lb, atol=1e-5, rtol=1e-5)
+    # the gradient itself, not only the loss (Adam would hide a gradient off by a constant factor)
+    torch.testing.assert_close(
+        losses(tmp_path / "a", "grad_norm"), losses(tmp_path / "b", "grad_norm"), rtol=1e-5, atol=0
+    )
+    assert_same_weights(tmp_path / "a" / "final", tmp_path / "b" / "final", atol=1e-5)
+
+
+def test_bfloat16_autocast_trains_close_to_float32(corpus, tmp_path):
+    run(corpus, tmp_path / "fp32", max_steps=2)
+    run(corpus, tmp_path / "bf16", max_steps=2, dtype="bfloat16")
+    fp32, bf16 = losses(tmp_path / "fp32"), losses(tmp_path / "bf16")
+    assert fp32 != bf16  # autocast did something
+    torch.testing.assert_close(bf16, fp32, atol=0.05, rtol=0.0)
+    assert (
+        weights(tmp_path / "bf16" / "final")["lm_head.weight"].dtype == torch.float32
+    )  # fp32 master weights
+
+
+def test_train_tokenizer_reads_jsonl_text_fields(tmp_path):
+    records = [{"text": f"hello world number {i % 7}", "id": i} for i in range(50)]
+    path = tmp_path / "docs.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in records))
+    assert (
+        cli_main(["train-tokenizer", str(path), "--vocab-size", "300", "--out", str(tmp_path / "tok")]) == 0
+    )
+    tok = bamba.train.load_tokenizer(str(tmp_path / "tok"))
+    vocab = json.loads((tmp_path / "tok" / "tokenizer.json").read_text())["model"]["vocab"]
+    assert len(tok) <= 300 and {"hello", "Ġworld", "Ġnumber"} <= vocab.keys()
+    assert not any(len(t) > 1 and ('"' in t or "text" in t) for t in vocab)  # learnt from the text, not JSON
+    assert tok.decode(tok.encode("hello world", add_special_tokens=False)) == "hello world"
+    assert cli_main(["train-tokenizer", str(tmp_path / "nope.txt"), "--vocab-size", "300", "--out", "x"]) == 2
+
+
+# ----- resume, atomic checkpoints ---------------------------------------------------------------------------
+class Crash(Exception):
+    pass
+
+
+def crash_at(step: int):
+    def callback(record):
+        if record["step"] == step:
+            raise Crash(step)
+
+    return callback
+
+
+def test_resume_after_a_crash_gives_the_losses_of_an_uninterrupted_run(corpus, tmp_path):
+    # grad_accum 2 and two epochs (rows are reshuffled each epoch) so the data position matters.
+    opts = dict(max_steps=8, save_every=3, grad_accum=2, eval_every=4, row_tokens=256)
+    run(corpus, tmp_path / "full", **opts)
+    with pytest.raises(Crash):
+        run(
+            corpus, tmp_path / "crashed", callback=crash_at(5), **opts
+        )  # dies after step 5, last save: step 3
+    assert json.loads((tmp_path / "crashed/checkpoint-last/trainer_state.json").read_text())["step"] == 3
+    metrics = run(corpus, tmp_path / "crashed", **opts)
+    assert metrics["step"] == 8
+    full, resumed = losses(tmp_path / "full"), losses(tmp_path / "crashed")
+    assert len(full) == len(resumed) == 8  # the log was trimmed to the checkpoint, then continued
+    assert resumed == full  # bit-identical on CPU
+    assert_same_weights(tmp_path / "full" / "final", tmp_path / "crashed" / "final")
+
+
+def test_failure_while_saving_leaves_the_previous_checkpoint_intact(corpus, tmp_path, monkeypatch):
+    calls = []
+    original = bamba.train._write_trainer_state
+
+    def failing(state, folder):
+        calls.append(state["step"])
+        if len(calls) == 2:
+            raise OSError("disk full (simulated)")
+        original(state, folder)
+
+    monkeypatch.setattr(bamba.train, "_write_trainer_state", failing)
+    with pytest.raises(OSError, match="disk full"):
+        run(corpus, tmp_path, max_steps=6, save_every=2)
+    assert calls == [2, 4]
+    assert find_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-last")
+    state = json.loads((tmp_path / "checkpoint-last" / "trainer_state.json").read_text())
+    assert state["step"] == 2
+    BambaForCausalLM.from_pretrained(str(tmp_path / "checkpoint-last"))
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # the half-written folder is gone
+
+    # A crash between "move the old one aside" and "move the new one in" leaves only `.checkpoint-last.old`:
+    os.rename(tmp_path / "checkpoint-last", tmp_path / ".checkpoint-last.old")
+    assert find_checkpoint(str(tmp_path)) == str(tmp_path / ".checkpoint-last.old")
+    save_folder_atomically(
+        str(tmp_path), "checkpoint-last", lambda d: open(os.path.join(d, "x"), "w").close()
+    )
+    assert (
+        os.listdir(tmp_path / "checkpoint-last") == ["x"] and not (tmp_path / ".checkpoint-last.old").exists()
+    )
+
+
+# ----- bad input ---------------------------------------------------------------------------------------------
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(corpus, tmp_path, monkeypatch):
+    original = bamba.model.causal_lm_loss
+    calls = []
+
+    def poisoned(*args, **kwargs):
+        calls.append(1)
+        loss = original(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 3 else loss  # the 3rd training step
+
+    monkeypatch.setattr(bamba.model, "causal_lm_loss", poisoned)
+    with pytest.raises(
+        RuntimeError, match=r"loss at step 3 is nan.*last good checkpoint is .*checkpoint-last"
+    ):
+        run(corpus, tmp_path, max_steps=6, save_every=2)
+    assert json.loads((tmp_path / "checkpoint-last" / "trainer_state.json").read_text())["step"] == 2
+    assert not (tmp_path / "final").exists()
+
+
+def test_micro_batches_with_nothing_to_predict_are_skipped(corpus, tmp_path):
+    # Rows of 1 token: every example is one token, whose label is -100 -> no loss, no update, no NaN.
+    metrics = run(corpus, tmp_path, row_tokens=1, max_steps=3, eval_fraction=0.0)
+    records = list(iter_log(tmp_path / "log.jsonl"))
+    assert [r["step"] for r in records] == [1, 2, 3] and all("skipped" in r for r in records)
+    assert metrics["step"] == 3 and not metrics["loss"] == metrics["loss"]  # nan: no step was trained
+
+    # Documents "<bos> cat <eos>" in rows of 2 tokens alternate rows [<bos> cat] (1 target) and [<eos>] (none).
+    words = tmp_path / "words.txt"
+    words.write_text("\n\n".join(["cat"] * 40))
+    tok = bamba.train.load_tokenizer(corpus["tokenizer"])
+    assert tokenize_documents(["cat"], tok)[0] == [1, tok.encode("cat", add_special_tokens=False)[0], 2]
+    run(
+        corpus,
+        tmp_path / "mixed",
+        data=[str(words)],
+        row_tokens=2,
+        grad_accum=2,
+        max_steps=6,
+        eval_fraction=0.0,
+    )
+    mixed = list(iter_log(tmp_path / "mixed" / "log.jsonl"))
+    assert len(mixed) == 6 and any("skipped" in r for r in mixed) and any("loss" in r for r in mixed)
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in mixed if "loss" in r)
+
+
+def test_bad_inputs_have_clear_messages(corpus, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n   \n")
+    with pytest.raises(ValueError, match="hold no documents"):
+        run(corpus, tmp_path / "o1", data=[str(empty)], eval_fraction=0.0)
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
+        run(corpus, tmp_path / "o2", tokenizer=str(tmp_path))
+    with pytest.raises(ValueError, match="a tokenizer is required"):
+        run(corpus, tmp_path / "o2", tokenizer=None)
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        run(corpus, tmp_path / "o3", data=[str(tmp_path / "missing.txt")])
+    with pytest.raises(ValueError, match="has 300 tokens but the config's vocab_size is 100"):
+        run(corpus, tmp_path / "o4", config=BambaConfig(**{**TINY, "vocab_size": 100}))
+    with pytest.raises(ValueError, match="unknown preset"):
+        run(corpus, tmp_path / "o5", config="no-such-preset")
+    with pytest.raises(ValueError, match="grad_accum=0 must be >= 1"):
+        run(corpus, tmp_path / "o6", grad_accum=0)
+    # resuming with other batch settings would silently read other data: refused
+    run(corpus, tmp_path / "o7", max_steps=2, save_every=1)
+    with pytest.raises(ValueError, match="cannot resume.*rows_per_step: 1 -> 2"):
+        run(corpus, tmp_path / "o7", max_steps=3, batch_rows=2)
+    # the command line turns them into one line and exit status 2
+    args = ["train", "--config", "demo", "--data", corpus["data"], "--tokenizer", str(tmp_path), "--out", "x"]
+    assert cli_main(args) == 2
+
+
+def test_cli_trains_and_continues(corpus, tmp_path, capsys):
+    base = [
+        "train",
+        "--data",
+        corpus["data"],
+        "--tokenizer",
+        corpus["tokenizer"],
+        "--out",
+        str(tmp_path / "a"),
+    ]
+    config = tmp_path / "config.json"
+    BambaConfig(**TINY).save_pretrained(tmp_path)
+    assert (
+        cli_main([*base, "--config", str(config), "--max-steps", "2", "--row-tokens", "32", "--no-progress"])
+        == 0
+    )
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert metrics["step"] == 2
+    # --init-from: the weights (and config) of a checkpoint, a fresh optimizer, a new out dir
+    cont = [*base[:-1], str(tmp_path / "b"), "--init-from", str(tmp_path / "a" / "final"), "--max-steps", "1"]
+    assert cli_main([*cont, "--row-tokens", "32", "--no-progress", "--eval-data", corpus["data"]]) == 0
+    (eval_record,) = [r for r in iter_log(tmp_path / "b" / "log.jsonl") if "eval_loss" in r]
+    assert eval_record["eval_tokens"] > 5000  # the whole corpus, not a 5% slice of it
+    assert BambaForCausalLM.from_pretrained(str(tmp_path / "b" / "final")).config.hidden_size == 32
+
+
+# ----- distributed ------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, corpus: dict, out: str, fsdp: bool) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )
+    torch.set_num_threads(1)
+    run(corpus, out, batch_rows=1, grad_accum=2, fsdp=fsdp, save_every=2, eval_every=2)
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
+def test_two_processes_match_one_process_on_the_same_global_batch(corpus, tmp_path, fsdp):
+    run(corpus, tmp_path / "single", batch_rows=2, grad_accum=2, save_every=2, eval_every=2)
+    args = (2, _free_port(), corpus, str(tmp_path / "dist"), fsdp)
+    mp.start_processes(_worker, args=args, nprocs=2, start_method="spawn")
+    single, dist = losses(tmp_path / "single"), losses(tmp_path / "dist")
+    assert len(dist) == 4
+    torch.testing.assert_close(dist, single, atol=1e-5, rtol=1e-5)
+    grad_norms = [losses(tmp_path / d, "grad_norm") for d in ("single", "dist")]
+    torch.testing.assert_close(grad_norms[1], grad_norms[0], rtol=1e-5, atol=0)
+    evals = [
+        [r["eval_loss"] for r in iter_log(tmp_path / d / "log.jsonl") if "eval_loss" in r]
+        for d in ("single", "dist")
+    ]
+    torch.testing.assert_close(evals[1], evals[0], atol=1e-5, rtol=1e-5)
+    assert_same_weights(tmp_path / "single" / "final", tmp_path / "dist" / "final", atol=1e-5)
