@@ -373,6 +373,13 @@ def _quant_name(q: str | None) -> str | None:
 
 def _cli_generate(args: argparse.Namespace) -> int:
     start = time.perf_counter()
+    first = True
+
+    def stream(piece: str) -> None:  # the prompt goes out with the first piece, once the model has loaded
+        nonlocal first
+        print((args.prompt if first else "") + piece, end="", flush=True)
+        first = False
+
     generate_text(
         args.prompt,
         model=args.model,
@@ -384,9 +391,9 @@ def _cli_generate(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         device=args.device,
         quantize=_quant_name(args.quantize),
-        stream=lambda s: print(s, end="", flush=True),
+        stream=stream,
     )
-    print()
+    print(args.prompt if first else "")  # the prompt alone when nothing was generated
     if args.verbose:
         print(f"[{time.perf_counter() - start:.1f} s]", file=sys.stderr)
     return 0
