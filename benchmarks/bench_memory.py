@@ -56,13 +56,21 @@ def scan_child(impl: str, length: int) -> dict:
 
             y = mamba2_chunk_scan(x, dt, A, B, C, q, D=D, return_final_states=True)[0]
     peak = _status("VmHWM") - base
-    return {"impl": impl, "length": length, "peak_extra_bytes": peak, "output_bytes": out_bytes, "y_sum": float(y.sum())}
+    return {
+        "impl": impl,
+        "length": length,
+        "peak_extra_bytes": peak,
+        "output_bytes": out_bytes,
+        "y_sum": float(y.sum()),
+    }
 
 
 def load_child(impl: str, folder: str) -> dict:
     import torch
 
-    weights = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder) if f.endswith(".safetensors"))
+    weights = sum(
+        os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder) if f.endswith(".safetensors")
+    )
     _reset_peak()
     base = _status("VmRSS")
     if impl == "bamba":
@@ -78,7 +86,12 @@ def load_child(impl: str, folder: str) -> dict:
     with torch.no_grad():
         model(torch.randint(0, 1000, (1, 16)))
     after_forward = _status("VmHWM") - base
-    return {"impl": impl, "weights_bytes": weights, "peak_rss_load": loaded, "peak_rss_load_and_forward": after_forward}
+    return {
+        "impl": impl,
+        "weights_bytes": weights,
+        "peak_rss_load": loaded,
+        "peak_rss_load_and_forward": after_forward,
+    }
 
 
 def ensure_checkpoint(folder: str) -> None:
@@ -116,7 +129,9 @@ def main() -> None:
     ensure_checkpoint(args.checkpoint)
     results["load"] = [run("load", impl, args.checkpoint) for impl in ("bamba", "transformers")]
     gib = 2**30
-    print(f"SSD scan, {args.length} tokens at Bamba-9B Mamba shapes (output itself: {results['scan'][0]['output_bytes'] / gib:.2f} GiB)")
+    print(
+        f"SSD scan, {args.length} tokens at Bamba-9B Mamba shapes (output itself: {results['scan'][0]['output_bytes'] / gib:.2f} GiB)"
+    )
     for r in results["scan"]:
         print(f"  {r['impl']:<13} peak extra memory {r['peak_extra_bytes'] / gib:6.2f} GiB")
     w = results["load"][0]["weights_bytes"]

@@ -298,6 +298,9 @@ def atomic_write(path: str, write: Any, mode: str = "w") -> None:
     """Write a file through a temporary file in the same folder and a rename: never half written."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make shared checkpoints unreadable to others
     try:
         with os.fdopen(fd, mode) as f:
             write(f)

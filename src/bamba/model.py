@@ -6,7 +6,9 @@ one to one onto `state_dict()` keys. Modules hold weights only; decoding state l
 
 from __future__ import annotations
 
+import functools
 import math
+import time
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -17,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .cache import HybridMambaAttentionDynamicCache
 from .config import BambaConfig
-from .ssd import causal_conv1d, ssd_chunked, ssd_step
+from .ssd import causal_conv1d, causal_conv1d_step, ssd_chunked, ssd_step_inplace
 
 Cache = HybridMambaAttentionDynamicCache
 
@@ -59,6 +61,55 @@ class CausalLMOutput(_Output):
 
 
 # ----- small modules -------------------------------------------------------------------------------------
+@functools.cache
+def bf16_gemm_is_fast() -> bool:
+    """Measured once: is a bf16 GEMM on this CPU within 2x of fp32? (True with AVX512-BF16 / AMX; on
+    AVX2-only CPUs PyTorch's bf16 GEMM is hundreds of times slower, bf16 GEMV is fine.)"""
+    a, b = torch.randn(128, 512), torch.randn(512, 512)
+    ab, bb = a.bfloat16(), b.bfloat16()
+
+    def best(x: Tensor, y: Tensor) -> float:
+        x @ y
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            x @ y
+            times.append(time.perf_counter() - t)
+        return min(times)
+
+    return best(ab, bb) < 2 * best(a, b)
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters). With bf16 weights on a CPU where bf16 GEMM is slow
+    (`bf16_gemm_is_fast()` False), inputs of more than one row are computed in fp32 from weight tiles
+    upcast on the fly (`linear_upcast`), so the weights stay bf16 (half the memory and bandwidth) while
+    prefill runs at fp32 GEMM speed; single rows (decode) use the bf16 GEMV, which is fast everywhere."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.weight
+        if (
+            w.dtype == torch.bfloat16
+            and w.device.type == "cpu"
+            and x.numel() > x.shape[-1] * 8
+            and not bf16_gemm_is_fast()
+        ):
+            return linear_upcast(x, w, self.bias)
+        return F.linear(x, w, self.bias)
+
+
+def linear_upcast(x: Tensor, w: Tensor, bias: Tensor | None = None, tile: int = 1024) -> Tensor:
+    """F.linear(x.float(), w.float(), bias) in x's dtype, upcasting `tile` output rows of w at a time
+    (a few MB of fp32 at once, never the whole weight). Reference: F.linear in fp32."""
+    xf = x.float()
+    out = x.new_empty(*x.shape[:-1], w.shape[0], dtype=torch.float32)  # (..., out)
+    for i in range(0, w.shape[0], tile):
+        out[..., i : i + tile] = F.linear(xf, w[i : i + tile].float())
+    if bias is not None:
+        out += bias.float()
+    return out.to(x.dtype)
+
+
 class BambaRMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
         super().__init__()
@@ -66,10 +117,8 @@ class BambaRMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        return self.weight * x.to(dtype)
+        # x * rsqrt(mean(x^2) + eps) in fp32 (one fused op), then scaled in the input's dtype
+        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.variance_epsilon).to(x.dtype)
 
 
 class BambaRMSNormGated(nn.Module):
@@ -84,7 +133,7 @@ class BambaRMSNormGated(nn.Module):
     def forward(self, y: Tensor, z: Tensor) -> Tensor:
         y = y.float() * F.silu(z.float())  # (b, l, d)
         yg = y.view(*y.shape[:-1], -1, self.group_size)  # (b, l, groups, group_size)
-        yg = yg * torch.rsqrt(yg.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        yg = F.rms_norm(yg, (self.group_size,), eps=self.variance_epsilon)
         return self.weight.float() * yg.view_as(y)  # fp32
 
 
@@ -92,9 +141,9 @@ class BambaMLP(nn.Module):
     def __init__(self, config: BambaConfig) -> None:
         super().__init__()
         d, f, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
-        self.gate_proj = nn.Linear(d, f, bias=bias)
-        self.up_proj = nn.Linear(d, f, bias=bias)
-        self.down_proj = nn.Linear(f, d, bias=bias)
+        self.gate_proj = Linear(d, f, bias=bias)
+        self.up_proj = Linear(d, f, bias=bias)
+        self.down_proj = Linear(f, d, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -139,10 +188,10 @@ class BambaAttention(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         d, bias = config.hidden_size, config.attention_bias
-        self.q_proj = nn.Linear(d, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=bias)
+        self.q_proj = Linear(d, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = Linear(d, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = Linear(d, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = Linear(self.num_heads * self.head_dim, d, bias=bias)
 
     def forward(
         self,
@@ -208,7 +257,7 @@ class BambaMixer(nn.Module):
         self.conv_dim = config.mamba_conv_dim
         self.chunk_size = config.mamba_chunk_size
         self.time_step_limit = config.time_step_limit
-        self.in_proj = nn.Linear(config.hidden_size, config.mamba_in_proj_size, bias=config.mamba_proj_bias)
+        self.in_proj = Linear(config.hidden_size, config.mamba_in_proj_size, bias=config.mamba_proj_bias)
         self.conv1d = nn.Conv1d(
             self.conv_dim,
             self.conv_dim,
@@ -225,7 +274,7 @@ class BambaMixer(nn.Module):
             group_size=self.intermediate_size // self.n_groups,
             eps=config.rms_norm_eps,
         )
-        self.out_proj = nn.Linear(self.intermediate_size, config.hidden_size, bias=config.mamba_proj_bias)
+        self.out_proj = Linear(self.intermediate_size, config.hidden_size, bias=config.mamba_proj_bias)
 
     def forward(
         self,
@@ -236,6 +285,8 @@ class BambaMixer(nn.Module):
     ) -> Tensor:
         """x: (b, l, d); pad_mask: (b, l) bool, False at padding; seq_idx: (b, l) packed sequence ids."""
         b, l, _ = x.shape
+        if cache is not None and l == 1 and cache.has_mamba_state(self.layer_idx):
+            return self.step(x, cache)
         dtype = x.dtype
         m = pad_mask[..., None].to(dtype) if pad_mask is not None else None  # (b, l, 1)
         if m is not None:
@@ -256,40 +307,57 @@ class BambaMixer(nn.Module):
         xs, B, C = xBC.split(
             [self.intermediate_size, self.n_groups * self.d_state, self.n_groups * self.d_state], dim=-1
         )
-
-        dt = F.softplus(dt.float() + self.dt_bias.float())  # (b, l, h)
-        if self.time_step_limit is not None and self.time_step_limit != (0.0, math.inf):
-            dt = dt.clamp(*self.time_step_limit)
+        dt = self._dt(dt)  # (b, l, h) fp32
         if pad_mask is not None:
             dt = dt * pad_mask[..., None]  # dt = 0: a pad token leaves the state exactly as it was
-        A = -torch.exp(self.A_log.float())  # (h,)
-
-        if ssm_state is not None and l == 1:
-            y, new_ssm_state = ssd_step(
-                ssm_state,
-                xs.view(b, self.num_heads, self.head_dim),
-                dt[:, 0],
-                A,
-                B.view(b, self.n_groups, self.d_state),
-                C.view(b, self.n_groups, self.d_state),
-                self.D,
-            )  # (b, h, p)
-        else:
-            y, new_ssm_state = ssd_chunked(
-                xs.view(b, l, self.num_heads, self.head_dim),
-                dt,
-                A,
-                B.view(b, l, self.n_groups, self.d_state),
-                C.view(b, l, self.n_groups, self.d_state),
-                self.chunk_size,
-                D=self.D,
-                initial_state=ssm_state,
-                seq_idx=seq_idx,
-            )  # (b, l, h, p)
+        y, new_ssm_state = ssd_chunked(
+            xs.view(b, l, self.num_heads, self.head_dim),
+            dt,
+            -torch.exp(self.A_log.float()),  # A (h,)
+            B.view(b, l, self.n_groups, self.d_state),
+            C.view(b, l, self.n_groups, self.d_state),
+            self.chunk_size,
+            D=self.D,
+            initial_state=ssm_state,
+            seq_idx=seq_idx,
+        )  # (b, l, h, p)
         if cache is not None:
             cache.set_mamba_state(self.layer_idx, new_conv_state, new_ssm_state)
         y = self.norm(y.reshape(b, l, self.intermediate_size), z)  # fp32
         return self.out_proj(y.to(dtype))
+
+    def step(self, x: Tensor, cache: Cache) -> Tensor:
+        """One decode token (b, 1, d) on a filled cache, whose conv window and SSM state are updated in
+        place (`causal_conv1d_step`, `ssd_step_inplace`; references: `causal_conv1d`, `ssd_step`)."""
+        b = x.shape[0]
+        zxbcdt = self.in_proj(x[:, 0])  # (b, in_proj)
+        z, xBC, dt = zxbcdt.split([self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
+        xBC = F.silu(
+            causal_conv1d_step(
+                xBC, cache.conv_states[self.layer_idx], self.conv1d.weight[:, 0], self.conv1d.bias
+            )
+        )  # (b, conv_dim)
+        xs, B, C = xBC.split(
+            [self.intermediate_size, self.n_groups * self.d_state, self.n_groups * self.d_state], dim=-1
+        )
+        y = ssd_step_inplace(
+            cache.ssm_states[self.layer_idx],
+            xs.view(b, self.num_heads, self.head_dim),
+            self._dt(dt),
+            -torch.exp(self.A_log.float()),
+            B.view(b, self.n_groups, self.d_state),
+            C.view(b, self.n_groups, self.d_state),
+            self.D,
+        )  # (b, h, p) fp32
+        y = self.norm(y.view(b, 1, self.intermediate_size), z[:, None])  # fp32
+        return self.out_proj(y.to(x.dtype))
+
+    def _dt(self, dt: Tensor) -> Tensor:
+        """softplus(dt + dt_bias), clamped to time_step_limit; fp32."""
+        dt = F.softplus(dt.float() + self.dt_bias.float())
+        if self.time_step_limit is not None and self.time_step_limit != (0.0, math.inf):
+            dt = dt.clamp(*self.time_step_limit)
+        return dt
 
 
 # ----- blocks and models ---------------------------------------------------------------------------------
@@ -398,6 +466,8 @@ class BambaModel(BambaPreTrainedModel):
         self.layers = nn.ModuleList(BambaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.final_layernorm = BambaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.gradient_checkpointing = False
+        # Prompts longer than this run through the cache in pieces of this many tokens (None: never).
+        self.prefill_chunk_size: int | None = 2048
         _build(self, init)
 
     def forward(
@@ -461,6 +531,27 @@ class BambaModel(BambaPreTrainedModel):
                 "packed input (seq_idx / cu_seq_lens / restarting position_ids) cannot continue a cache"
             )
 
+        chunk = self.prefill_chunk_size
+        if (
+            chunk
+            and l > chunk
+            and past_key_values is not None
+            and attention_mask is None
+            and position_ids is None
+            and seq_idx is None
+            and not (output_hidden_states or output_attentions or self.training)
+        ):
+            # A long prompt goes through the cache in pieces: activations stay O(chunk), not O(l).
+            pieces = [
+                self(
+                    inputs_embeds=x[:, i : i + chunk], past_key_values=past_key_values, use_cache=True
+                ).last_hidden_state
+                for i in range(0, l, chunk)
+            ]
+            return BambaModelOutput(
+                last_hidden_state=torch.cat(pieces, dim=1), past_key_values=past_key_values
+            )
+
         if position_ids is None:
             if attention_mask is not None:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -l:]
@@ -504,7 +595,7 @@ class BambaForCausalLM(BambaPreTrainedModel):
         super().__init__()
         self.config = config
         self.model = BambaModel(config, init=False)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
         _build(self, init)
 

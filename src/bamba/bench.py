@@ -1,0 +1,497 @@
+"""Side-by-side CPU benchmark: this project against `transformers`, same checkpoint, same thread count.
+
+    bamba bench --threads 2               # creates .bench/bench-small once (random weights), then measures
+    bamba bench --quick --json out.json   # fewer tokens, no 4096-token prompts
+    python benchmarks/bench.py ...        # the same
+
+Every measured configuration runs in its own child process (`python -m bamba.bench --worker SPEC`), so
+the peak RSS reported is that run's own (`ru_maxrss` of the child). The machine's limits are measured in
+the same run: fp32 matmul FLOP/s (a large sgemm) and memory read bandwidth (summing a buffer far larger
+than the last-level cache). From them:
+
+- prefill fraction = tokens/s * matmul FLOPs per token / sgemm FLOP/s, where the FLOPs per token are
+  2 * (weights of every Linear but the lm_head) + causal attention (4 * mean context * heads * head_dim
+  per attention layer); the SSD scan's own FLOPs are left out, so the fraction is a lower bound;
+- decode fraction = steps/s * bytes read per step / bandwidth, where a step reads every weight but the
+  embedding table (lm_head included), reads and writes each row's SSM state (fp32) and conv window, and
+  reads each row's keys and values.
+
+Decode after a P-token prompt: the prompt is prefilled at batch 1 and the cache is then repeated to the
+batch size (the cost of a decode step depends on the cache's size, not on its contents); then tokens are
+decoded greedily, one forward per step, for both implementations alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from typing import Any
+
+DEFAULT_DIR = ".bench"
+PRESET = "bench-small"
+# Target ratios of issue 5 (ours / transformers fp32), keyed like the result rows.
+TARGETS = {
+    ("fp32", "prefill", 512): 1.5,
+    ("fp32", "prefill", 2048): 1.5,
+    ("fp32", "decode", 1, 128): 2.0,
+    ("fp32", "decode", 8, 128): 2.7,
+    ("bf16", "decode", 1, 128): 3.0,
+    ("int8", "decode", 1, 128): 5.0,
+    ("int4", "decode", 1, 128): 6.0,
+}
+QUANT = {"int8": "int8_weight_only", "int4": "int4_weight_only"}
+
+
+# ----- checkpoints --------------------------------------------------------------------------------------
+def ensure_checkpoint(folder: str, preset_name: str = PRESET, seed: int = 0) -> str:
+    """A random-weight fp32 checkpoint of `preset_name` in `folder`, created once and reused."""
+    import torch
+
+    from .config import preset
+    from .model import BambaForCausalLM
+
+    if os.path.isfile(os.path.join(folder, "config.json")):
+        return folder
+    print(f"creating {folder} ({preset_name}, random weights, seed {seed}) ...", file=sys.stderr)
+    torch.manual_seed(seed)
+    model = BambaForCausalLM(preset(preset_name)).eval()
+    with torch.no_grad():  # realistic Mamba parameters rather than the all-equal initialisation
+        for name, p in model.named_parameters():
+            if name.endswith(("A_log", "dt_bias", "D")) or "norm" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    model.save_pretrained(folder)
+    return folder
+
+
+def ensure_quantized_checkpoint(folder: str, variant: str) -> str:
+    """`folder` quantized with `variant` ("int8" / "int4"), saved once beside it and reused."""
+    from .model import BambaForCausalLM
+
+    out = f"{folder.rstrip('/')}-{variant}"
+    if os.path.isfile(os.path.join(out, "quantization_config.json")):
+        return out
+    print(f"creating {out} ...", file=sys.stderr)
+    BambaForCausalLM.from_pretrained(folder, quantization=QUANT[variant]).save_pretrained(out)
+    return out
+
+
+# ----- one measured configuration (runs in a child process) ----------------------------------------------
+def _load(impl: str, folder: str, variant: str) -> Any:
+    import torch
+
+    if impl == "transformers":
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        return transformers.BambaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    from .model import BambaForCausalLM
+
+    if variant in QUANT:
+        folder = ensure_quantized_checkpoint(folder, variant)  # a saved quantized model: realistic RSS
+        return BambaForCausalLM.from_pretrained(folder)
+    return BambaForCausalLM.from_pretrained(folder, dtype=torch.bfloat16 if variant == "bf16" else None)
+
+
+def _forward(impl: str, model: Any, ids: Any, cache: Any, past: int, keep: int = 1) -> Any:
+    """One forward of `ids` (b, l) continuing `cache` (which holds `past` tokens); logits (b, keep, V)."""
+    import torch
+
+    if impl == "transformers":
+        b, l = ids.shape
+        pos = torch.arange(past, past + l)[None].expand(b, l)
+        return model(input_ids=ids, cache=cache, use_cache=True, position_ids=pos, logits_to_keep=keep).logits
+    return model(ids, past_key_values=cache, use_cache=True, logits_to_keep=keep).logits
+
+
+def _new_cache(impl: str, model: Any) -> Any:
+    if impl == "transformers":
+        from transformers import DynamicCache
+
+        return DynamicCache(config=model.config)
+    from .cache import HybridMambaAttentionDynamicCache
+
+    return HybridMambaAttentionDynamicCache(model.config)
+
+
+def _repeat_cache(impl: str, cache: Any, b: int) -> Any:
+    """A copy of `cache` (batch 1) repeated to batch b."""
+    cache = copy.deepcopy(cache)
+    if b == 1:
+        return cache
+    if impl != "transformers":
+        cache.batch_repeat_interleave(b)
+        return cache
+    # transformers 5's linear-attention cache layers lack batch_repeat_interleave: repeat their tensors.
+    for layer in cache.layers:
+        for name in ("keys", "values"):
+            t = getattr(layer, name, None)
+            if t is not None and hasattr(t, "repeat_interleave") and t.dim() > 0:
+                setattr(layer, name, t.repeat_interleave(b, dim=0))
+        for name in ("conv_states", "recurrent_states"):
+            states = getattr(layer, name, None)
+            if isinstance(states, (list, dict)):
+                items = states.items() if isinstance(states, dict) else enumerate(states)
+                for k, t in list(items):
+                    if t is not None and hasattr(t, "repeat_interleave"):
+                        states[k] = t.repeat_interleave(b, dim=0)
+    return cache
+
+
+def _prefill(impl: str, model: Any, ids: Any, cache: Any, chunk: int | None) -> Any:
+    """Run the prompt through the cache, in pieces of `chunk` tokens if given; last logits (b, 1, V)."""
+    if not chunk:
+        return _forward(impl, model, ids, cache, 0)
+    for start in range(0, ids.shape[1], chunk):
+        logits = _forward(impl, model, ids[:, start : start + chunk], cache, start)
+    return logits
+
+
+def run_case(
+    impl: str,
+    folder: str,
+    threads: int,
+    kind: str,
+    variant: str = "fp32",
+    lengths: tuple[int, ...] = (),
+    prompt: int = 128,
+    batches: tuple[int, ...] = (1,),
+    steps: int = 16,
+    chunk: int | None = None,
+    reps: int = 1,
+) -> dict[str, Any]:
+    """Measure one configuration in this process; returns figures and this process's peak RSS.
+
+    kind "prefill": tokens/s for each prompt length (batch 1, last logits only), best of `reps`.
+    kind "decode": tokens/s (all rows) at each batch size after a `prompt`-token prompt, `steps` steps.
+    """
+    import torch
+
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    model = _load(impl, folder, variant)
+    load_s = time.perf_counter() - t0
+    vocab = model.config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    result: dict[str, Any] = {"impl": impl, "variant": variant, "kind": kind, "load_s": load_s}
+    result["weight_bytes"] = _weight_bytes(model)
+    emb = model.model.embed_tokens.weight
+    result["embed_bytes"] = 0 if model.config.tie_word_embeddings else emb.numel() * emb.element_size()
+    with torch.inference_mode():
+        if kind == "prefill":
+            _prefill(
+                impl, model, torch.randint(0, vocab, (1, 64), generator=gen), _new_cache(impl, model), None
+            )
+            for l in lengths:
+                ids = torch.randint(0, vocab, (1, l), generator=gen)
+                best = float("inf")
+                for _ in range(reps):
+                    cache = _new_cache(impl, model)
+                    t = time.perf_counter()
+                    _prefill(impl, model, ids, cache, chunk if l > (chunk or l) else None)
+                    best = min(best, time.perf_counter() - t)
+                    del cache
+                result[f"prefill_{l}"] = l / best
+        elif kind == "decode":
+            ids = torch.randint(0, vocab, (1, prompt), generator=gen)
+            base = _new_cache(impl, model)
+            logits = _prefill(impl, model, ids, base, chunk if prompt > (chunk or prompt) else None)
+            for b in batches:
+                cache = _repeat_cache(impl, base, b)
+                nxt = logits[:, -1].argmax(-1, keepdim=True).expand(b, 1).contiguous()
+                past = prompt
+                for i in range(2 + steps):  # two warm-up steps
+                    if i == 2:
+                        t = time.perf_counter()
+                    out = _forward(impl, model, nxt, cache, past)
+                    nxt = out[:, -1].argmax(-1, keepdim=True)
+                    past += 1
+                dt = time.perf_counter() - t
+                result[f"decode_b{b}"] = b * steps / dt
+                del cache
+        else:
+            raise ValueError(f"unknown benchmark kind {kind!r}")
+    result["peak_rss"] = peak_rss()
+    return result
+
+
+def peak_rss() -> int:
+    """This process's peak RSS in bytes: VmHWM (Linux), which, unlike ru_maxrss, does not carry over the
+    parent's peak through fork + exec; ru_maxrss elsewhere."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux units: KiB
+
+
+def _weight_bytes(model: Any) -> int:
+    """Bytes of every stored tensor (quantized ones as stored), counting shared tensors once."""
+    seen, total = set(), 0
+    for t in list(model.state_dict().values()):
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+def _state_bytes(cfg: Any, b: int, context: int) -> int:
+    """Bytes a decode step moves for the cache: SSM states read + written (fp32), conv windows, keys/values."""
+    n_attn = sum(kind == "attention" for kind in cfg.layers_block_type)
+    n_mamba = cfg.num_hidden_layers - n_attn
+    ssm = cfg.mamba_n_heads * cfg.mamba_d_head * cfg.mamba_d_state * 4 * 2
+    conv = cfg.mamba_conv_dim * (cfg.mamba_d_conv - 1) * 4 * 2
+    kv = 2 * cfg.num_key_value_heads * cfg.head_dim * context * 4
+    return b * (n_mamba * (ssm + conv) + n_attn * kv)
+
+
+def _linear_flops_per_token(cfg: Any, context: int) -> float:
+    """Matmul FLOPs per prefill token: Linear layers except the lm_head, and causal attention."""
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    n_attn = sum(kind == "attention" for kind in cfg.layers_block_type)
+    n_mamba = cfg.num_hidden_layers - n_attn
+    attn_proj = d * cfg.head_dim * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
+    mamba_proj = d * cfg.mamba_in_proj_size + cfg.mamba_intermediate_size * d
+    params = cfg.num_hidden_layers * 3 * d * f + n_attn * attn_proj + n_mamba * mamba_proj
+    attn = n_attn * 4 * (context / 2) * cfg.num_attention_heads * cfg.head_dim
+    return 2.0 * params + attn
+
+
+def machine_limits(threads: int) -> dict[str, float]:
+    """fp32 matmul FLOP/s and memory read bandwidth (bytes/s), best of a few runs each."""
+    import torch
+
+    torch.set_num_threads(threads)
+    n = 2048
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(5))
+    flops = 2 * n**3 / best
+    buf = torch.ones(384 * 2**20)  # 1.5 GiB: far beyond any last-level cache
+    buf.sum()
+    best = min(_timed(buf.sum) for _ in range(5))
+    bandwidth = buf.numel() * 4 / best
+    return {"sgemm_flops": flops, "mem_bandwidth": bandwidth}
+
+
+def _timed(fn: Any) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+# ----- the parent: plan, spawn children, report --------------------------------------------------------
+def _child(spec: dict[str, Any], threads: int) -> dict[str, Any]:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    env.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "bamba.bench", "--worker", json.dumps(spec)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark child {spec} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def plan(quick: bool, variants: tuple[str, ...], long_prompt: bool, transformers: bool) -> list[dict]:
+    """The configurations to run, in order: (impl, kind, variant, parameters)."""
+    steps = 8 if quick else 32
+    prompts = (128,) if quick else (128, 4096)
+    impls = (["transformers"] if transformers else []) + ["bamba"]
+    specs: list[dict] = []
+    for impl in impls:
+        specs.append(
+            dict(impl=impl, kind="prefill", variant="fp32", lengths=(512, 2048), reps=1 if quick else 2)
+        )
+        for p in prompts:
+            specs.append(
+                dict(impl=impl, kind="decode", variant="fp32", prompt=p, batches=(1, 8), steps=steps)
+            )
+    for v in variants:
+        if v == "fp32":
+            continue
+        specs.append(dict(impl="bamba", kind="prefill", variant=v, lengths=(512,), reps=1))
+        specs.append(dict(impl="bamba", kind="decode", variant=v, prompt=128, batches=(1, 8), steps=steps))
+    if long_prompt:
+        specs.append(dict(impl="bamba", kind="prefill", variant="fp32", lengths=(32768,), chunk=2048, reps=1))
+    return specs
+
+
+def bench(
+    checkpoint: str | None = None,
+    threads: int = 2,
+    quick: bool = False,
+    variants: tuple[str, ...] = ("fp32", "bf16", "int8", "int4"),
+    long_prompt: bool = False,
+    transformers: bool = True,
+    json_path: str | None = None,
+) -> dict[str, Any]:
+    """Run the side-by-side benchmark; print a table and return (and optionally write) the JSON report."""
+    from .config import BambaConfig
+
+    folder = ensure_checkpoint(checkpoint or os.path.join(DEFAULT_DIR, PRESET))
+    cfg = BambaConfig.from_json_file(os.path.join(folder, "config.json"))
+    for v in variants:
+        if v in QUANT:
+            ensure_quantized_checkpoint(folder, v)
+    limits = _child({"limits": True, "threads": threads}, threads)
+    runs = []
+    for spec in plan(quick, variants, long_prompt, transformers):
+        t = time.perf_counter()
+        r = _child({**spec, "folder": folder, "threads": threads}, threads)
+        r["spec"] = spec
+        runs.append(r)
+        print(
+            f"  {spec['impl']:12s} {spec['variant']:4s} {spec['kind']:7s} done in "
+            f"{time.perf_counter() - t:5.1f} s",
+            file=sys.stderr,
+        )
+    report = {
+        "checkpoint": folder,
+        "threads": threads,
+        "limits": limits,
+        "rows": _rows(runs, cfg, limits),
+        "runs": runs,
+    }
+    print(format_table(report))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(report, f, indent=2)
+    print(json.dumps({k: report[k] for k in ("checkpoint", "threads", "limits", "rows")}))
+    return report
+
+
+def _rows(runs: list[dict], cfg: Any, limits: dict[str, float]) -> list[dict]:
+    """One row per figure: ours, transformers' (fp32, same run), ratio, target, fraction of the limit."""
+
+    def find(impl: str, variant: str, kind: str, key: str, prompt: int | None = None) -> dict | None:
+        for r in runs:
+            s = r["spec"]
+            if (s["impl"], s["variant"], s["kind"]) == (impl, variant, kind) and key in r:
+                if prompt is None or s.get("prompt") == prompt:
+                    return r
+        return None
+
+    rows = []
+    for r in runs:
+        s = r["spec"]
+        if s["impl"] != "bamba":
+            continue
+        keys = [k for k in r if k.startswith(("prefill_", "decode_"))]
+        for key in keys:
+            hf = find("transformers", "fp32", s["kind"], key, s.get("prompt"))
+            row: dict[str, Any] = {
+                "variant": s["variant"],
+                "measure": key,
+                "unit": "tok/s",
+                "bamba": r[key],
+                "transformers_fp32": hf[key] if hf else None,
+                "bamba_peak_rss": r["peak_rss"],
+                "transformers_peak_rss": hf["peak_rss"] if hf else None,
+                "bamba_weight_bytes": r["weight_bytes"],
+            }
+            if s["kind"] == "decode":
+                row["prompt"] = s["prompt"]
+                b = int(key.removeprefix("decode_b"))
+                per_step = (
+                    r["weight_bytes"] - r["embed_bytes"] + _state_bytes(cfg, b, s["prompt"] + s["steps"] // 2)
+                )
+                row["limit_fraction"] = r[key] / b * per_step / limits["mem_bandwidth"]
+                target_key = (s["variant"], "decode", b, s["prompt"])
+            else:
+                l = int(key.removeprefix("prefill_"))
+                row["limit_fraction"] = r[key] * _linear_flops_per_token(cfg, l) / limits["sgemm_flops"]
+                target_key = (s["variant"], "prefill", l)
+            row["ratio"] = row["bamba"] / row["transformers_fp32"] if hf else None
+            row["target"] = TARGETS.get(target_key)
+            rows.append(row)
+    return rows
+
+
+def format_table(report: dict) -> str:
+    lim = report["limits"]
+    lines = [
+        f"checkpoint {report['checkpoint']}, {report['threads']} threads; machine: sgemm "
+        f"{lim['sgemm_flops'] / 1e9:.0f} GFLOP/s, memory read {lim['mem_bandwidth'] / 1e9:.1f} GB/s",
+        f"{'variant':7s} {'measure':14s} {'prompt':>6s} {'bamba':>9s} {'hf fp32':>9s} {'ratio':>6s} "
+        f"{'target':>6s} {'limit%':>6s} {'RSS bamba':>10s} {'RSS hf':>8s}",
+    ]
+    for r in report["rows"]:
+        hf = r["transformers_fp32"]
+        lines.append(
+            f"{r['variant']:7s} {r['measure']:14s} {r.get('prompt', ''):>6} {r['bamba']:9.1f} "
+            f"{hf if hf is None else format(hf, '9.1f'):>9} "
+            f"{'' if r['ratio'] is None else format(r['ratio'], '5.2f') + 'x':>6s} "
+            f"{'' if r['target'] is None else format(r['target'], '.1f') + 'x':>6s} "
+            f"{100 * r['limit_fraction']:5.0f}% {r['bamba_peak_rss'] / 2**30:8.2f}Gi "
+            f"{'' if r['transformers_peak_rss'] is None else format(r['transformers_peak_rss'] / 2**30, '6.2f') + 'Gi':>8s}"
+        )
+    return "\n".join(lines)
+
+
+# ----- command line -------------------------------------------------------------------------------------
+def add_cli(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmark against transformers on the CPU (prefill, decode, memory)")
+    p.add_argument(
+        "--checkpoint", default=None, help=f"checkpoint folder (default {DEFAULT_DIR}/{PRESET}, created)"
+    )
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--quick", action="store_true", help="fewer decode steps, no 4096-token prompts")
+    p.add_argument("--variants", default="fp32,bf16,int8,int4", help="comma list of fp32,bf16,int8,int4")
+    p.add_argument("--long", action="store_true", help="also prefill a 32768-token prompt (chunked)")
+    p.add_argument("--no-transformers", action="store_true", help="measure this project only")
+    p.add_argument("--json", default=None, help="also write the full report here")
+    p.set_defaults(
+        func=lambda a: (
+            bench(
+                checkpoint=a.checkpoint,
+                threads=a.threads,
+                quick=a.quick,
+                variants=tuple(v for v in a.variants.split(",") if v),
+                long_prompt=a.long,
+                transformers=not a.no_transformers,
+                json_path=a.json,
+            )
+            and 0
+        )
+    )
+
+
+def _worker_main(argv: list[str]) -> None:
+    spec = json.loads(argv[argv.index("--worker") + 1])
+    if spec.pop("limits", False):
+        out = machine_limits(spec["threads"])
+    else:
+        for key in ("lengths", "batches"):
+            if key in spec:
+                spec[key] = tuple(spec[key])
+        out = run_case(**spec)
+    print(json.dumps(out))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m bamba.bench [options]` / `python benchmarks/bench.py [options]` (the options of `bamba bench`)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if "--worker" in argv:
+        _worker_main(argv)
+        return 0
+    parser = argparse.ArgumentParser(prog="bamba.bench")
+    add_cli(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["bench", *argv])
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,363 @@
+"""Weight-only quantization (int8 per channel, int4 per group) by swapping `nn.Linear` modules.
+
+    from bamba import quantize
+    quantize.quantize(model, "int4_weight_only", group_size=128)   # in place; or
+    BambaForCausalLM.from_pretrained(folder, quantization="int8_weight_only")
+    bamba generate --quantize int4 ...
+
+Quantized: every `nn.Linear` (Mamba in_proj / out_proj, attention q/k/v/o, MLP, and the lm_head unless
+it is tied to the embeddings). Never: embeddings, A_log, D, dt_bias, conv1d, norms.
+
+Formats (the tensors are the module's state_dict, so they save and load like any weight):
+
+- int8_weight_only: `weight` int8 (out, in) and `scales` (out,) bfloat16, symmetric per output channel:
+  w = weight * scales.
+- int4_weight_only (group size g, default 128): asymmetric per group of g input columns,
+  w[n, k] = (q[n, k] - 8) * scale[k // g, n] + zero[k // g, n], q in 0..15, with
+  `scales_and_zeros` (in / g, out, 2) bfloat16 ([..., 0] = scale, [..., 1] = zero) and `weight` uint8
+  (out, in / 2) holding q in PyTorch's CPU int4 layout: viewed as (out / 64, in, 32), byte [nb, k, j] is
+  q[64 nb + j, k] | q[64 nb + 32 + j, k] << 4. Out features are padded with zero rows to a multiple
+  of 64 (`weight` and `scales_and_zeros` have the padded size; outputs are cut back). Layers whose in
+  features are not a multiple of g stay in floating point.
+
+A saved quantized model's folder holds `quantization_config.json`:
+{"quant_method": "bamba", "format": ..., "group_size": ..., "modules": [names], "version": 1}; loading
+reads it and builds the quantized modules before the weights are assigned (`prepare_quantized`).
+
+Kernels, chosen by measurement on a 2-core AVX-512 Xeon (bench-small's Linear shapes, ms per decode
+step at batch 1, one thread): fp32 F.linear 113, bf16 F.linear 94, `_weight_int8pack_mm` with bf16
+activations 62 (with fp32 activations: 350), `_weight_int4pack_mm_for_cpu` (bf16 activations) 31. For
+multi-token inputs (prefill) those kernels are 2-3x slower than dequantizing the weight and running an
+fp32 GEMM, so inputs of more than `KERNEL_MAX_ROWS` rows take that path. Each fast path has a plain
+reference beside it (`linear_int8_reference`, `linear_int4_reference`: dequantize, then F.linear).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+METHODS = ("int8_weight_only", "int4_weight_only")
+KERNEL_MAX_ROWS = 16  # inputs with at most this many rows use the packed kernels (decode)
+INT4_BLOCK_N = 64  # rows per block of the int4 layout
+
+
+# ----- int8: per output channel -----------------------------------------------------------------------------
+def quantize_int8(w: Tensor) -> tuple[Tensor, Tensor]:
+    """w (out, in) float -> (q int8 (out, in), scales bf16 (out,)), symmetric: w ~ q * scales."""
+    w = w.float()
+    scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12).to(torch.bfloat16)
+    q = torch.round(w / scales.float()[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scales
+
+
+def dequantize_int8(q: Tensor, scales: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    return (q.to(torch.float32) * scales.float()[:, None]).to(dtype)
+
+
+def linear_int8_reference(x: Tensor, q: Tensor, scales: Tensor, bias: Tensor | None = None) -> Tensor:
+    """Reference: dequantize, then a plain F.linear in x's dtype."""
+    return F.linear(x, dequantize_int8(q, scales, x.dtype), bias)
+
+
+def linear_int8(x: Tensor, q: Tensor, scales: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x (..., in) @ dequant(q).T: the packed CPU kernel (bf16 activations) for few rows, else the
+    reference (dequantize + GEMM in x's dtype)."""
+    rows = x.numel() // x.shape[-1]
+    if x.device.type != "cpu" or rows > KERNEL_MAX_ROWS:
+        return linear_int8_reference(x, q, scales, bias)
+    x2 = x.reshape(rows, x.shape[-1]).to(torch.bfloat16)
+    y = torch.ops.aten._weight_int8pack_mm(x2, q, scales.to(torch.bfloat16))  # (rows, out) bf16
+    y = y.to(x.dtype).view(*x.shape[:-1], q.shape[0])
+    return y + bias if bias is not None else y
+
+
+# ----- int4: per group of input columns ---------------------------------------------------------------------
+def quantize_int4(w: Tensor, group_size: int = 128) -> tuple[Tensor, Tensor]:
+    """w (out, in) float -> (packed uint8 (out', in/2) in the CPU int4 layout, scales_and_zeros bf16
+    (in/g, out', 2)), with w ~ (q - 8) * scale + zero per group; out' is out rounded up to a multiple
+    of 64 (zero rows)."""
+    n, k = w.shape
+    pad = -n % INT4_BLOCK_N  # zero rows up to a multiple of 64 (their outputs are dropped)
+    n += pad
+    _check_int4_shape(n, k, group_size)
+    wg = F.pad(w.float(), (0, 0, 0, pad)).view(n, k // group_size, group_size)  # (out, groups, g)
+    lo, hi = wg.amin(-1), wg.amax(-1)  # (out, groups)
+    scale = ((hi - lo) / 15.0).clamp(min=1e-8).to(torch.bfloat16)
+    zero = (lo + 8.0 * scale.float()).to(torch.bfloat16)  # the value of q = 8
+    q = torch.round((wg - zero.float()[..., None]) / scale.float()[..., None] + 8.0).clamp(0, 15)
+    q = q.to(torch.uint8).view(n, k)
+    sz = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()  # (groups, out, 2)
+    return pack_int4(q), sz
+
+
+def pack_int4(q: Tensor) -> Tensor:
+    """q (out, in) values 0..15 -> uint8 (out, in/2) in the blocked layout described in the module doc."""
+    n, k = q.shape
+    qb = q.to(torch.uint8).view(n // INT4_BLOCK_N, 2, 32, k)  # (nb, half, j, k): row 64 nb + 32 half + j
+    packed = qb[:, 0] | (qb[:, 1] << 4)  # (nb, j, k)
+    return packed.transpose(1, 2).contiguous().view(n, k // 2)  # (nb, k, j) -> (out, in/2)
+
+
+def unpack_int4(packed: Tensor) -> Tensor:
+    """Inverse of `pack_int4`: uint8 (out, in/2) -> q uint8 (out, in)."""
+    n, k = packed.shape[0], packed.shape[1] * 2
+    p = packed.view(n // INT4_BLOCK_N, k, 32)  # (nb, k, j)
+    q = torch.stack([p & 15, p >> 4], dim=1)  # (nb, half, k, j)
+    return q.transpose(2, 3).reshape(n, k)  # (nb, half, j, k) -> (out, in)
+
+
+def dequantize_int4(
+    packed: Tensor, sz: Tensor, group_size: int, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    q = unpack_int4(packed)  # (out, in)
+    n, k = q.shape
+    scale = sz[..., 0].float().t()[..., None]  # (out, groups, 1)
+    zero = sz[..., 1].float().t()[..., None]
+    w = (q.view(n, k // group_size, group_size).float() - 8.0) * scale + zero
+    return w.view(n, k).to(dtype)
+
+
+def linear_int4_reference(
+    x: Tensor, packed: Tensor, sz: Tensor, group_size: int, bias: Tensor | None = None, out: int | None = None
+) -> Tensor:
+    """Reference: dequantize, then a plain F.linear in x's dtype; the first `out` outputs (default all)."""
+    w = dequantize_int4(packed, sz, group_size, x.dtype)
+    return F.linear(x, w[:out], bias)
+
+
+def linear_int4(
+    x: Tensor, packed: Tensor, sz: Tensor, group_size: int, bias: Tensor | None = None, out: int | None = None
+) -> Tensor:
+    """x (..., in) @ dequant(packed)[:out].T: PyTorch's CPU int4 kernel (bf16 activations) for few rows
+    where this CPU's kernel uses our layout, else the reference."""
+    rows = x.numel() // x.shape[-1]
+    if x.device.type != "cpu" or rows > KERNEL_MAX_ROWS or not int4_kernel_layout_matches():
+        return linear_int4_reference(x, packed, sz, group_size, bias, out)
+    x2 = x.reshape(rows, x.shape[-1]).to(torch.bfloat16)
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, group_size, sz.to(torch.bfloat16))
+    y = y[:, :out].to(x.dtype).view(*x.shape[:-1], -1)
+    return y + bias if bias is not None else y
+
+
+@functools.cache
+def int4_kernel_layout_matches() -> bool:
+    """Does this CPU's `_convert_weight_to_int4pack_for_cpu` produce `pack_int4`'s layout? (The packing
+    depends on the CPU's vector width; where it differs, int4 layers take the reference path.)"""
+    try:
+        q = torch.randint(0, 16, (2 * INT4_BLOCK_N, 256), generator=torch.Generator().manual_seed(0))
+        ref = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 2)
+        return torch.equal(ref, pack_int4(q))
+    except (RuntimeError, AttributeError):
+        return False
+
+
+def _check_int4_shape(n: int, k: int, group_size: int) -> None:
+    if n % INT4_BLOCK_N or k % group_size or group_size % 32:
+        raise ValueError(
+            f"int4 weight (out={n}, in={k}): out must be a multiple of {INT4_BLOCK_N}, in a multiple of "
+            f"group_size={group_size} (itself a multiple of 32)"
+        )
+
+
+# ----- modules --------------------------------------------------------------------------------------------
+def _aligned(t: Tensor) -> Tensor:
+    """`t` itself if its data is 64-byte aligned, else an aligned copy. The packed kernels crash on weights
+    that are not 16-byte aligned, and a memory-mapped safetensors file only aligns tensors to 8 bytes.
+    (The mapped pages read by the copy stay resident until the file is unmapped: 64-byte aligned
+    tensor data in saved files would avoid the copy.)"""
+    if t.device.type != "cpu" or t.data_ptr() % 64 == 0:
+        return t
+    copy = torch.empty(t.numel() * t.element_size() + 64, dtype=torch.uint8)
+    start = (-copy.data_ptr()) % 64
+    out = copy[start : start + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+    return out.copy_(t)
+
+
+class Int8WeightOnlyLinear(nn.Module):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        device: Any = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer(
+            "weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device)
+        )
+        self.register_buffer("scales", torch.empty(out_features, dtype=torch.bfloat16, device=device))
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Int8WeightOnlyLinear:
+        w = linear.weight.detach()
+        mod = cls(linear.in_features, linear.out_features, linear.bias is not None, w.device, w.dtype)
+        mod.weight, mod.scales = quantize_int8(w)
+        if linear.bias is not None:
+            mod.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        return mod
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.weight.data_ptr() % 64:
+            self.weight = _aligned(self.weight)
+        return linear_int8(x, self.weight, self.scales, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per channel"
+
+
+class Int4WeightOnlyLinear(nn.Module):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        group_size: int = 128,
+        device: Any = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        rows = out_features + (-out_features % INT4_BLOCK_N)  # padded with zero rows to a multiple of 64
+        _check_int4_shape(rows, in_features, group_size)
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        self.register_buffer("weight", torch.empty(rows, in_features // 2, dtype=torch.uint8, device=device))
+        self.register_buffer(
+            "scales_and_zeros",
+            torch.empty(in_features // group_size, rows, 2, dtype=torch.bfloat16, device=device),
+        )
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int = 128) -> Int4WeightOnlyLinear:
+        w = linear.weight.detach()
+        mod = cls(
+            linear.in_features, linear.out_features, linear.bias is not None, group_size, w.device, w.dtype
+        )
+        mod.weight, mod.scales_and_zeros = quantize_int4(w, group_size)
+        if linear.bias is not None:
+            mod.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        return mod
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.weight.data_ptr() % 64:
+            self.weight = _aligned(self.weight)
+        if self.scales_and_zeros.data_ptr() % 64:
+            self.scales_and_zeros = _aligned(self.scales_and_zeros)
+        return linear_int4(
+            x, self.weight, self.scales_and_zeros, self.group_size, self.bias, self.out_features
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, int4 group {self.group_size}"
+        )
+
+
+# ----- whole models ---------------------------------------------------------------------------------------
+def _targets(model: nn.Module, method: str, group_size: int) -> list[str]:
+    """Names of the Linear layers `method` quantizes (a tied lm_head stays: it is the embedding)."""
+    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+    names = []
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.Linear) or (tied and name == "lm_head"):
+            continue
+        if method == "int4_weight_only" and mod.in_features % group_size:
+            continue
+        names.append(name)
+    return names
+
+
+def _set(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def quantize(model: nn.Module, method: str = "int8_weight_only", group_size: int = 128) -> nn.Module:
+    """Quantize `model`'s Linear layers in place (weight-only) and record `model.quantization_config`."""
+    if method not in METHODS:
+        raise ValueError(f"quantization={method!r}: expected one of {METHODS}")
+    done = getattr(model, "quantization_config", None)
+    if done is not None:
+        if done.get("format") != method or done.get("group_size", group_size) != group_size:
+            raise ValueError(f"model is already quantized as {done}; cannot quantize again as {method!r}")
+        return model
+    names = _targets(model, method, group_size)
+    with torch.no_grad():
+        for name in names:
+            linear = model.get_submodule(name)
+            if method == "int8_weight_only":
+                _set(model, name, Int8WeightOnlyLinear.from_linear(linear))
+            else:
+                _set(model, name, Int4WeightOnlyLinear.from_linear(linear, group_size))
+    model.quantization_config = {
+        "quant_method": "bamba",
+        "format": method,
+        "group_size": group_size if method == "int4_weight_only" else None,
+        "modules": names,
+        "version": 1,
+    }
+    return model
+
+
+def prepare_quantized(model: nn.Module, meta: dict) -> nn.Module:
+    """Before loading a saved quantized model: swap the named Linear layers for empty quantized ones
+    (on the Linear's device, e.g. `meta`), so the checkpoint's tensors are assigned to them."""
+    method = meta.get("format")
+    if meta.get("quant_method") != "bamba" or method not in METHODS:
+        raise ValueError(
+            f"quantization_config.json: unsupported {meta!r}; expected quant_method 'bamba' and "
+            f"format one of {METHODS}"
+        )
+    group_size = meta.get("group_size") or 128
+    for name in meta["modules"]:
+        try:
+            linear = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(
+                f"quantization_config.json names module {name!r}, which the model lacks"
+            ) from None
+        if not isinstance(linear, nn.Linear):
+            raise ValueError(f"quantization_config.json: {name!r} is a {type(linear).__name__}, not a Linear")
+        dev, dtype, bias = linear.weight.device, linear.weight.dtype, linear.bias is not None
+        if method == "int8_weight_only":
+            mod = Int8WeightOnlyLinear(linear.in_features, linear.out_features, bias, dev, dtype)
+        else:
+            mod = Int4WeightOnlyLinear(linear.in_features, linear.out_features, bias, group_size, dev, dtype)
+        _set(model, name, mod)
+    model.quantization_config = dict(meta)
+    return model
+
+
+# ----- accuracy ---------------------------------------------------------------------------------------------
+@torch.inference_mode()
+def perplexity(model: nn.Module, token_ids: Tensor, chunk_size: int = 2048) -> float:
+    """exp(mean next-token negative log-likelihood) of `token_ids` ((l,) or (b, l)) under `model`.
+
+    The sequence runs through the model's cache in pieces of `chunk_size` tokens, so long texts fit in
+    memory; every token after the first is scored.
+    """
+    from .cache import HybridMambaAttentionDynamicCache
+
+    ids = token_ids if token_ids.dim() == 2 else token_ids[None]
+    b, l = ids.shape
+    if l < 2:
+        raise ValueError(f"perplexity needs at least 2 tokens, found {l}")
+    cache = HybridMambaAttentionDynamicCache(model.config)
+    nll, count = 0.0, 0
+    for start in range(0, l - 1, chunk_size):
+        piece = ids[:, start : min(start + chunk_size, l - 1)]  # inputs; targets are shifted by one
+        targets = ids[:, start + 1 : start + 1 + piece.shape[1]]
+        logits = model(piece, past_key_values=cache, use_cache=True).logits.float()  # (b, t, V)
+        nll += F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
+        ).item()
+        count += targets.numel()
+    return math.exp(nll / count)

@@ -1,0 +1,113 @@
+"""Each decode / prefill fast path against its plain reference, on random inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bamba import BambaConfig, BambaForCausalLM, HybridMambaAttentionDynamicCache
+from bamba.model import BambaRMSNorm, BambaRMSNormGated, linear_upcast
+from bamba.ssd import causal_conv1d, causal_conv1d_step, ssd_step, ssd_step_inplace
+
+
+@pytest.mark.parametrize("g", [1, 2])
+def test_ssd_step_inplace_matches_ssd_step(g):
+    torch.manual_seed(0)
+    b, h, p, n = 3, 4, 8, 16
+    state = torch.randn(b, h, p, n)
+    x, dt = torch.randn(b, h, p), F.softplus(torch.randn(b, h))
+    A, D = -torch.rand(h) * 3, torch.randn(h)
+    B, C = torch.randn(b, g, n), torch.randn(b, g, n)
+    y_ref, s_ref = ssd_step(state, x, dt, A, B, C, D)
+    s = state.clone()
+    y = ssd_step_inplace(s, x, dt, A, B, C, D)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(s, s_ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_causal_conv1d_step_matches_causal_conv1d(dtype):
+    torch.manual_seed(1)
+    b, c, k = 2, 12, 4
+    x, w, bias = torch.randn(b, 5, c, dtype=dtype), torch.randn(c, k), torch.randn(c)
+    state = torch.randn(b, k - 1, c, dtype=dtype)
+    ref, ref_state = causal_conv1d(x, w.to(dtype), bias.to(dtype), state)
+    s = state.clone()
+    out = torch.stack([causal_conv1d_step(x[:, t], s, w, bias) for t in range(5)], dim=1)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
+    torch.testing.assert_close(s, ref_state)
+
+
+def test_fused_rms_norms_match_the_formula():
+    torch.manual_seed(2)
+    x, z = torch.randn(2, 5, 32), torch.randn(2, 5, 32)
+    norm = BambaRMSNorm(32, eps=1e-5)
+    norm.weight.data.normal_()
+    ref = norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5))
+    torch.testing.assert_close(norm(x), ref)
+    gated = BambaRMSNormGated(32, group_size=16, eps=1e-5)
+    gated.weight.data.normal_()
+    y = (x * F.silu(z)).view(2, 5, 2, 16)
+    ref = gated.weight * (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + 1e-5)).view(2, 5, 32)
+    torch.testing.assert_close(gated(x, z), ref)
+
+
+def test_linear_upcast_matches_fp32_linear():
+    torch.manual_seed(3)
+    x, w, bias = (
+        torch.randn(2, 7, 48, dtype=torch.bfloat16),
+        torch.randn(100, 48, dtype=torch.bfloat16),
+        torch.randn(100),
+    )
+    ref = F.linear(x.float(), w.float(), bias).bfloat16()
+    torch.testing.assert_close(linear_upcast(x, w, bias.bfloat16(), tile=32), ref, atol=3e-2, rtol=1e-2)
+
+
+CFG = dict(
+    vocab_size=97,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    attn_layer_indices=[1],
+    mamba_n_heads=4,
+    mamba_d_state=8,
+    mamba_chunk_size=8,
+)
+
+
+def test_decode_steps_match_one_full_forward():
+    torch.manual_seed(4)
+    model = BambaForCausalLM(BambaConfig(**CFG)).eval()
+    ids = torch.randint(0, 97, (3, 20))
+    with torch.no_grad():
+        ref = model(ids).logits
+        cache = HybridMambaAttentionDynamicCache(model.config)
+        steps = [model(ids[:, :12], past_key_values=cache, use_cache=True).logits]
+        for t in range(12, 20):  # the in-place decode path (BambaMixer.step)
+            steps.append(model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
+    torch.testing.assert_close(torch.cat(steps, dim=1), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_long_prompt_prefills_in_pieces_like_one_forward():
+    torch.manual_seed(5)
+    model = BambaForCausalLM(BambaConfig(**CFG)).eval()
+    ids = torch.randint(0, 97, (2, 50))
+    with torch.no_grad():
+        model.model.prefill_chunk_size = None
+        ref_cache = HybridMambaAttentionDynamicCache(model.config)
+        ref = model(ids, past_key_values=ref_cache, use_cache=True).logits
+        model.model.prefill_chunk_size = 16  # 50 tokens: pieces of 16, 16, 16, 2
+        cache = HybridMambaAttentionDynamicCache(model.config)
+        out = model(ids, past_key_values=cache, use_cache=True).logits
+        torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+        nxt = torch.randint(0, 97, (2, 1))
+        torch.testing.assert_close(
+            model(nxt, past_key_values=cache, use_cache=True).logits,
+            model(nxt, past_key_values=ref_cache, use_cache=True).logits,
+            atol=1e-4,
+            rtol=1e-4,
+        )
