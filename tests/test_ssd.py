@@ -9,7 +9,6 @@ from hypothesis import strategies as st
 from bamba.ssd import (
     causal_conv1d,
     causal_conv1d_reference,
-    segment_sum,
     ssd_chunked,
     ssd_sequential,
     ssd_step,
@@ -81,12 +80,6 @@ def test_step_continues_chunked_state():
     y_last, s_last = ssd_step(s_11, x[:, 11], dt[:, 11], A, B[:, 11], C[:, 11], D)
     torch.testing.assert_close(y_last, y_all[:, 11], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(s_last, s_all, atol=1e-5, rtol=1e-5)
-
-
-def test_segment_sum():
-    dA = torch.tensor([1.0, 2.0, 4.0])
-    expected = torch.tensor([[0.0, -torch.inf, -torch.inf], [2.0, 0.0, -torch.inf], [6.0, 4.0, 0.0]])
-    assert torch.equal(segment_sum(dA), expected)
 
 
 @settings(max_examples=30, deadline=None)
