@@ -365,10 +365,10 @@ def bench(
         "rows": _rows(runs, cfg, limits),
         "runs": runs,
     }
-    print(format_table(report))
     if json_path:
         with open(json_path, "w") as f:
             json.dump(report, f, indent=2)
+    print(format_table(report))
     print(json.dumps({k: report[k] for k in ("checkpoint", "threads", "limits", "rows")}))
     return report
 
@@ -420,6 +420,11 @@ def _rows(runs: list[dict], cfg: Any, limits: dict[str, float]) -> list[dict]:
     return rows
 
 
+def _fmt(value: float | int | None, spec: str, suffix: str = "", width: int = 9) -> str:
+    """A table cell: `value` formatted with `spec` plus `suffix`, right-aligned; blank for None."""
+    return f"{'' if value is None else format(value, spec) + suffix:>{width}}"
+
+
 def format_table(report: dict) -> str:
     lim = report["limits"]
     lines = [
@@ -429,14 +434,13 @@ def format_table(report: dict) -> str:
         f"{'target':>6s} {'limit%':>6s} {'RSS bamba':>10s} {'RSS hf':>8s}",
     ]
     for r in report["rows"]:
-        hf = r["transformers_fp32"]
+        rss_hf = r["transformers_peak_rss"]
         lines.append(
-            f"{r['variant']:7s} {r['measure']:14s} {r.get('prompt', ''):>6} {r['bamba']:9.1f} "
-            f"{hf if hf is None else format(hf, '9.1f'):>9} "
-            f"{'' if r['ratio'] is None else format(r['ratio'], '5.2f') + 'x':>6s} "
-            f"{'' if r['target'] is None else format(r['target'], '.1f') + 'x':>6s} "
-            f"{100 * r['limit_fraction']:5.0f}% {r['bamba_peak_rss'] / 2**30:8.2f}Gi "
-            f"{'' if r['transformers_peak_rss'] is None else format(r['transformers_peak_rss'] / 2**30, '6.2f') + 'Gi':>8s}"
+            f"{r['variant']:7s} {r['measure']:14s} {_fmt(r.get('prompt'), '', width=6)} {_fmt(r['bamba'], '9.1f')} "
+            f"{_fmt(r['transformers_fp32'], '9.1f')} {_fmt(r['ratio'], '5.2f', 'x', 6)} "
+            f"{_fmt(r['target'], '.1f', 'x', 6)} {_fmt(None if r['limit_fraction'] is None else 100 * r['limit_fraction'], '5.0f', '%', 6)} "
+            f"{_fmt(r['bamba_peak_rss'] / 2**30, '8.2f', 'Gi', 10)} "
+            f"{_fmt(None if rss_hf is None else rss_hf / 2**30, '6.2f', 'Gi', 8)}"
         )
     return "\n".join(lines)
 
