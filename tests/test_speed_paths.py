@@ -111,3 +111,17 @@ def test_long_prompt_prefills_in_pieces_like_one_forward():
             atol=1e-4,
             rtol=1e-4,
         )
+
+
+def test_grouped_decode_attention_matches_sdpa_with_gqa():
+    import torch.nn.functional as F
+
+    from bamba.model import grouped_decode_attention
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 8, 1, 16), torch.randn(3, 2, 11, 16), torch.randn(3, 2, 11, 16)
+    mask = torch.rand(3, 1, 1, 11) > 0.3
+    mask[..., -1] = True
+    for m in (None, mask):
+        expected = F.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=True)
+        torch.testing.assert_close(grouped_decode_attention(q, k, v, m), expected, atol=1e-6, rtol=1e-5)

@@ -212,6 +212,11 @@ class BambaAttention(nn.Module):
         weights = None
         if output_attentions:
             out, weights = self._eager(q, k, v, mask, dropout)
+        elif l == 1 and self.num_kv_heads != self.num_heads:
+            # Decoding: the query heads sharing a kv head become rows of one query block, so the cached
+            # keys/values are read once per kv head (CPU SDPA's enable_gqa is ~3x slower here).
+            # Reference: the enable_gqa call below (tests/test_speed_paths.py compares them).
+            out = grouped_decode_attention(q, k, v, mask.mask)  # (b, h, 1, hd)
         else:
             out = F.scaled_dot_product_attention(
                 q,
@@ -239,6 +244,16 @@ class BambaAttention(nn.Module):
             scores = scores.masked_fill(~m, float("-inf"))
         weights = scores.softmax(-1, dtype=torch.float32).to(q.dtype)
         return F.dropout(weights, dropout, self.training) @ v, weights
+
+
+def grouped_decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    """Attention of one new token per row. q: (b, h, 1, hd); k, v: (b, kvh, t, hd); mask: (b|1, 1, 1, t)
+    bool or None. Query head i uses kv head i // (h / kvh), as in transformers' repeat_kv."""
+    b, h, _, hd = q.shape
+    kvh = k.shape[1]
+    qg = q.reshape(b, kvh, h // kvh, hd)  # (b, kvh, rep, hd)
+    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask)  # (b, kvh, rep, hd)
+    return out.reshape(b, h, 1, hd)
 
 
 # ----- the Mamba-2 mixer ---------------------------------------------------------------------------------
