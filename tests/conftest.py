@@ -55,3 +55,12 @@ def hf_folder(tmp_path):
         return model, str(folder)
 
     return make
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from threads, and OpenMP threads stall badly on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

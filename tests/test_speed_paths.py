@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY
 
 from bamba import BambaConfig, BambaForCausalLM, HybridMambaAttentionDynamicCache
 from bamba.model import BambaRMSNorm, BambaRMSNormGated, linear_upcast
@@ -65,18 +66,7 @@ def test_linear_upcast_matches_fp32_linear():
     torch.testing.assert_close(linear_upcast(x, w, bias.bfloat16(), tile=32), ref, atol=3e-2, rtol=1e-2)
 
 
-CFG = dict(
-    vocab_size=97,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    attn_layer_indices=[1],
-    mamba_n_heads=4,
-    mamba_d_state=8,
-    mamba_chunk_size=8,
-)
+CFG = TINY
 
 
 def test_decode_steps_match_one_full_forward():

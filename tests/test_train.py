@@ -9,6 +9,7 @@ import os
 import random
 import socket
 
+import conftest
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -29,29 +30,17 @@ from bamba.train import (
     train,
 )
 
-TINY = dict(
-    vocab_size=320,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    attn_layer_indices=[1],
-    mamba_n_heads=4,
-    mamba_d_state=8,
-    mamba_chunk_size=8,
-    max_position_embeddings=512,
-)
+TINY = {
+    **conftest.TINY,
+    "vocab_size": 320,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "max_position_embeddings": 512,
+}
 WORDS = "the cat sat on a mat dog ran far away and then slept under tree sun moon star big small".split()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and OpenMP threads stall badly on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
