@@ -328,7 +328,7 @@ def save_safetensors(
         }
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # keep tensor data 8-byte aligned
+    blob += b" " * (-(8 + len(blob)) % 64)  # tensor data starts 64-byte aligned (packed kernels want it)
 
     def write(f: Any) -> None:
         f.write(struct.pack("<Q", len(blob)))
