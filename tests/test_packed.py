@@ -128,3 +128,16 @@ def test_separate_reference_matches_transformers(models):
             theirs = ref(ids, labels=ids, use_cache=False)
         torch.testing.assert_close(ours.logits, theirs.logits, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(ours.loss, theirs.loss, atol=1e-5, rtol=1e-5)
+
+
+def test_mismatched_cu_seq_lens_are_refused():
+    from conftest import TINY
+
+    from bamba import BambaConfig, BambaForCausalLM
+
+    model = BambaForCausalLM(BambaConfig(**TINY)).eval()
+    ids = torch.randint(1, 97, (1, 10))
+    with pytest.raises(ValueError, match="cu_seq_lens_q and cu_seq_lens_k differ"):
+        model(ids, cu_seq_lens_q=torch.tensor([0, 4, 10]), cu_seq_lens_k=torch.tensor([0, 5, 10]))
+    with pytest.raises(ValueError, match="cu_seq_lens must rise from 0 to batch\\*length=10"):
+        model(ids, cu_seq_lens_q=torch.tensor([0, 4, 9]))

@@ -538,8 +538,17 @@ class BambaModel(BambaPreTrainedModel):
                 attention_mask = None
 
         # Packed sequences: seq_idx from cu_seq_lens, from position_ids, or given.
+        if (
+            cu_seq_lens_q is not None
+            and cu_seq_lens_k is not None
+            and not torch.equal(cu_seq_lens_q, cu_seq_lens_k)
+        ):
+            raise ValueError(
+                "cu_seq_lens_q and cu_seq_lens_k differ; self-attention over packed input needs them equal"
+            )
+        cu_seq_lens = cu_seq_lens_q if cu_seq_lens_q is not None else cu_seq_lens_k
         seq_idx = packed_seq_idx(
-            b, l, x.device, seq_idx, cu_seq_lens_q, position_ids if attention_mask is None else None
+            b, l, x.device, seq_idx, cu_seq_lens, position_ids if attention_mask is None else None
         )
         if seq_idx is not None and past > 0:
             raise ValueError(
