@@ -6,6 +6,7 @@ from .data import DataCollatorWithFlattening
 from .generation import TextIteratorStreamer, TextStreamer
 from .model import BambaForCausalLM, BambaModel
 from .pipeline import pipeline
+from .quantize import quantize  # `bamba.quantize(model, "int8_weight_only")`; the module: bamba.quantize
 from .tokenizer import Tokenizer
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "TextStreamer",
     "Tokenizer",
     "pipeline",
+    "quantize",
     "preset",
 ]
 __version__ = "0.1.0"
