@@ -149,8 +149,15 @@ def test_hub_repo_id_from_cache_offline(saved, tmp_path, monkeypatch):
     shutil.copytree(folder, snap)
     (cache / "models--ibm-ai-platform--tiny-bamba" / "refs").mkdir()
     (cache / "models--ibm-ai-platform--tiny-bamba" / "refs" / "main").write_text("abc123")
+    from bamba import Tokenizer
+    from bamba.demo import demo_path
+
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(os.path.join(demo_path(), name), snap / name)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     loaded = BambaForCausalLM.from_pretrained("ibm-ai-platform/tiny-bamba", cache_dir=str(cache))
     assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+    tok = Tokenizer.from_pretrained("ibm-ai-platform/tiny-bamba", cache_dir=str(cache))
+    assert tok.encode("ROMEO:") == Tokenizer.from_pretrained(demo_path()).encode("ROMEO:")
     with pytest.raises(FileNotFoundError, match="not in the Hugging Face cache while offline"):
         BambaForCausalLM.from_pretrained("ibm-ai-platform/not-cached", cache_dir=str(cache))
