@@ -15,10 +15,6 @@ import sys
 COMMAND_MODULES = ["bamba.generation", "bamba.info", "bamba.train", "bamba.tokenizer_cli", "bamba.bench"]
 
 
-class UserError(Exception):
-    """An error in what the user asked for: reported as one line, exit status 2."""
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bamba", description="Run, train and benchmark Bamba models (pure PyTorch)."
@@ -48,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
-    except (UserError, ValueError, OSError, RuntimeError) as e:
+    except (ValueError, OSError, RuntimeError) as e:  # what a user can cause: one line, exit status 2
         message = " ".join(str(e).split()) or type(e).__name__  # one line
         print(f"bamba {args.command}: error: {message}", file=sys.stderr)
         return 2
