@@ -147,21 +147,8 @@ def test_perplexity_matches_the_loss():
 
 def test_top_level_bamba_quantize_is_the_function():
     import bamba
-    from bamba import BambaConfig, BambaForCausalLM
     from bamba.quantize import Int4WeightOnlyLinear
 
-    torch.manual_seed(0)
-    cfg = BambaConfig(
-        vocab_size=256,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        attn_layer_indices=[1],
-        mamba_n_heads=4,
-        mamba_d_state=16,
-    )
-    model = bamba.quantize(BambaForCausalLM(cfg).eval(), "int4_weight_only", group_size=128)
+    model = bamba.quantize(tiny(), "int4_weight_only", group_size=128)
     assert isinstance(model.model.layers[0].mamba.in_proj, Int4WeightOnlyLinear)
     assert model.model.layers[0].mamba.A_log.dtype == torch.float32  # never quantized

@@ -169,14 +169,25 @@ def _check_int4_shape(n: int, k: int, group_size: int) -> None:
 def _aligned(t: Tensor) -> Tensor:
     """`t` itself if its data is 64-byte aligned, else an aligned copy. The packed kernels crash on weights
     that are not 16-byte aligned, and a memory-mapped safetensors file only aligns tensors to 8 bytes.
-    (The mapped pages read by the copy stay resident until the file is unmapped: 64-byte aligned
-    tensor data in saved files would avoid the copy.)"""
+    (Files we save start their tensor data 64-byte aligned, so most of their tensors need no copy.)"""
     if t.device.type != "cpu" or t.data_ptr() % 64 == 0:
         return t
     copy = torch.empty(t.numel() * t.element_size() + 64, dtype=torch.uint8)
     start = (-copy.data_ptr()) % 64
     out = copy[start : start + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
     return out.copy_(t)
+
+
+def _align_buffers(module: nn.Module, *names: str) -> None:
+    """Replace the named tensors of `module` by 64-byte aligned copies where they are not (once)."""
+    for name in names:
+        t = getattr(module, name)
+        if t.data_ptr() % 64:
+            setattr(module, name, _aligned(t))
+
+
+def _frozen_bias(linear: nn.Linear) -> nn.Parameter | None:
+    return None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
 
 
 class Int8WeightOnlyLinear(nn.Module):
@@ -201,13 +212,11 @@ class Int8WeightOnlyLinear(nn.Module):
         w = linear.weight.detach()
         mod = cls(linear.in_features, linear.out_features, linear.bias is not None, w.device, w.dtype)
         mod.weight, mod.scales = quantize_int8(w)
-        if linear.bias is not None:
-            mod.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        mod.bias = _frozen_bias(linear)
         return mod
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.weight.data_ptr() % 64:
-            self.weight = _aligned(self.weight)
+        _align_buffers(self, "weight")
         return linear_int8(x, self.weight, self.scales, self.bias)
 
     def extra_repr(self) -> str:
@@ -242,15 +251,11 @@ class Int4WeightOnlyLinear(nn.Module):
             linear.in_features, linear.out_features, linear.bias is not None, group_size, w.device, w.dtype
         )
         mod.weight, mod.scales_and_zeros = quantize_int4(w, group_size)
-        if linear.bias is not None:
-            mod.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        mod.bias = _frozen_bias(linear)
         return mod
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.weight.data_ptr() % 64:
-            self.weight = _aligned(self.weight)
-        if self.scales_and_zeros.data_ptr() % 64:
-            self.scales_and_zeros = _aligned(self.scales_and_zeros)
+        _align_buffers(self, "weight", "scales_and_zeros")
         return linear_int4(
             x, self.weight, self.scales_and_zeros, self.group_size, self.bias, self.out_features
         )
