@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from conftest import TINY
 
 from bamba import BambaConfig, BambaForCausalLM, HybridMambaAttentionDynamicCache
-from bamba.model import BambaRMSNorm, BambaRMSNormGated, linear_upcast
+from bamba.model import BambaRMSNorm, BambaRMSNormGated
 from bamba.ssd import causal_conv1d, causal_conv1d_step, ssd_step, ssd_step_inplace
 
 
@@ -53,17 +53,6 @@ def test_fused_rms_norms_match_the_formula():
     y = (x * F.silu(z)).view(2, 5, 2, 16)
     ref = gated.weight * (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + 1e-5)).view(2, 5, 32)
     torch.testing.assert_close(gated(x, z), ref)
-
-
-def test_linear_upcast_matches_fp32_linear():
-    torch.manual_seed(3)
-    x, w, bias = (
-        torch.randn(2, 7, 48, dtype=torch.bfloat16),
-        torch.randn(100, 48, dtype=torch.bfloat16),
-        torch.randn(100),
-    )
-    ref = F.linear(x.float(), w.float(), bias).bfloat16()
-    torch.testing.assert_close(linear_upcast(x, w, bias.bfloat16(), tile=32), ref, atol=3e-2, rtol=1e-2)
 
 
 CFG = TINY

@@ -94,8 +94,9 @@ def _load(impl: str, folder: str, variant: str) -> Any:
 
     if variant in QUANT:
         folder = ensure_quantized_checkpoint(folder, variant)  # a saved quantized model: realistic RSS
-        return BambaForCausalLM.from_pretrained(folder)
-    return BambaForCausalLM.from_pretrained(folder, dtype=torch.bfloat16 if variant == "bf16" else None)
+        return BambaForCausalLM.from_pretrained(folder, pack=True)
+    dtype = torch.bfloat16 if variant == "bf16" else None
+    return BambaForCausalLM.from_pretrained(folder, dtype=dtype, pack=True)  # as the CLI loads
 
 
 def _forward(impl: str, model: Any, ids: Any, cache: Any, past: int, keep: int = 1) -> Any:
@@ -234,13 +235,19 @@ def peak_rss() -> int:
 
 
 def _weight_bytes(model: Any) -> int:
-    """Bytes of every stored tensor (quantized ones as stored), counting shared tensors once."""
+    """Bytes of every stored tensor (quantized ones as stored, packed ones at their dense size), counting
+    shared tensors once; nothing is unpacked to count it."""
+    from .linear import PackedLinear
+
     seen, total = set(), 0
-    for t in list(model.state_dict().values()):
+    for t in [*model.parameters(), *model.buffers()]:
         if t.data_ptr() in seen:
             continue
         seen.add(t.data_ptr())
         total += t.numel() * t.element_size()
+    for mod in model.modules():
+        if isinstance(mod, PackedLinear):
+            total += mod.in_features * mod.out_features * mod.weight_dtype.itemsize
     return total
 
 

@@ -196,12 +196,15 @@ def load_pretrained(
     quantization: str | None = None,
     config: BambaConfig | None = None,
     revision: str | None = None,
+    pack: bool = False,
     **hub_kwargs: Any,
 ) -> nn.Module:
     """Load `cls` (BambaForCausalLM or BambaModel) from a checkpoint folder or hub repo id.
 
     dtype: None or "auto" keeps the stored dtype (zero-copy); otherwise tensors are converted one at a
     time. quantization: "int8_weight_only" / "int4_weight_only", applied after loading (see bamba.quantize).
+    pack: for CPU inference, store Linear weights in oneDNN's layout where that is measured to be faster
+    (`bamba.linear.pack_for_cpu`; bf16 on CPUs with AVX512-BF16); the model can then not be trained.
     """
     folder = resolve_folder(path_or_repo_id, revision=revision, **hub_kwargs)
     if config is None:
@@ -221,6 +224,7 @@ def load_pretrained(
     expected = model.state_dict()
     prefix = "model." if hasattr(model, "lm_head") else ""
     loaded: dict[str, torch.Tensor] = {}
+    mapped: dict[str, tuple[SafetensorsFile, str]] = {}  # zero-copy tensors: where their pages are
     unexpected, wrong_shape = [], []
     for name, st in _iter_tensors(weight_files(folder)):
         key = _map_key(name, prefix)
@@ -240,6 +244,8 @@ def load_pretrained(
         if t.dtype != target or device.type != "cpu":
             t = t.to(device=device, dtype=target, copy=True)
             st.release(name)
+        else:
+            mapped[key] = (st, name)
         loaded[key] = t
     tied = {"lm_head.weight"} if config.tie_word_embeddings and prefix else set()
     missing = [k for k in expected if k not in loaded and k not in tied]
@@ -259,6 +265,13 @@ def load_pretrained(
         from .quantize import quantize
 
         quantize(model, quantization)
+    if pack:
+        from .linear import pack_for_cpu
+
+        for module_name in pack_for_cpu(model):  # the packed copy replaces the mapped weight
+            st, name = mapped.get(module_name + ".weight", (None, ""))
+            if st is not None:
+                st.release(name)
     return model
 
 

@@ -298,7 +298,9 @@ def load_for_cli(
             raise ValueError(f"--device {device!r} is not a torch device (cpu, cuda, cuda:1, mps)") from None
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"--device {device}: CUDA is not available on this machine")
-    lm = BambaForCausalLM.from_pretrained(folder, dtype=dtype, device=device, quantization=quantize)
+    lm = BambaForCausalLM.from_pretrained(
+        folder, dtype=dtype, device=device, quantization=quantize, pack=True
+    )
     return lm, Tokenizer.from_pretrained(folder)
 
 

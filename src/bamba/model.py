@@ -6,9 +6,7 @@ one to one onto `state_dict()` keys. Modules hold weights only; decoding state l
 
 from __future__ import annotations
 
-import functools
 import math
-import time
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -19,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .cache import HybridMambaAttentionDynamicCache
 from .config import BambaConfig
+from .linear import Linear
 from .ssd import causal_conv1d, causal_conv1d_step, ssd_chunked, ssd_step_inplace
 
 Cache = HybridMambaAttentionDynamicCache
@@ -61,55 +60,6 @@ class CausalLMOutput(_Output):
 
 
 # ----- small modules -------------------------------------------------------------------------------------
-@functools.cache
-def bf16_gemm_is_fast() -> bool:
-    """Measured once: is a bf16 GEMM on this CPU faster than fp32? (It can be with AVX512-BF16 / AMX; on
-    AVX2-only CPUs PyTorch's bf16 GEMM is hundreds of times slower, bf16 GEMV is fine.)"""
-    a, b = torch.randn(128, 512), torch.randn(512, 512)
-    ab, bb = a.bfloat16(), b.bfloat16()
-
-    def best(x: Tensor, y: Tensor) -> float:
-        x @ y
-        times = []
-        for _ in range(3):
-            t = time.perf_counter()
-            x @ y
-            times.append(time.perf_counter() - t)
-        return min(times)
-
-    return best(ab, bb) < best(a, b)
-
-
-class Linear(nn.Linear):
-    """nn.Linear (same parameters). With bf16 weights on a CPU where bf16 GEMM is slow
-    (`bf16_gemm_is_fast()` False), inputs of more than one row are computed in fp32 from weight tiles
-    upcast on the fly (`linear_upcast`), so the weights stay bf16 (half the memory and bandwidth) while
-    prefill runs at fp32 GEMM speed; single rows (decode) use the bf16 GEMV, which is fast everywhere."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        w = self.weight
-        if (
-            w.dtype == torch.bfloat16
-            and w.device.type == "cpu"
-            and x.numel() > x.shape[-1] * 8
-            and not bf16_gemm_is_fast()
-        ):
-            return linear_upcast(x, w, self.bias)
-        return F.linear(x, w, self.bias)
-
-
-def linear_upcast(x: Tensor, w: Tensor, bias: Tensor | None = None, tile: int = 1024) -> Tensor:
-    """F.linear(x.float(), w.float(), bias) in x's dtype, upcasting `tile` output rows of w at a time
-    (a few MB of fp32 at once, never the whole weight). Reference: F.linear in fp32."""
-    xf = x.float()
-    out = x.new_empty(*x.shape[:-1], w.shape[0], dtype=torch.float32)  # (..., out)
-    for i in range(0, w.shape[0], tile):
-        out[..., i : i + tile] = F.linear(xf, w[i : i + tile].float())
-    if bias is not None:
-        out += bias.float()
-    return out.to(x.dtype)
-
-
 class BambaRMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
         super().__init__()

@@ -112,7 +112,9 @@ def pipeline(
             raise ValueError("pass tokenizer= (a folder or a Tokenizer) with an already loaded model")
         lm = model
     else:
-        lm = BambaForCausalLM.from_pretrained(model, dtype=dtype, device=device, quantization=quantization)
+        lm = BambaForCausalLM.from_pretrained(
+            model, dtype=dtype, device=device, quantization=quantization, pack=True
+        )
         tokenizer = tokenizer if tokenizer is not None else model
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.from_pretrained(tokenizer)
     return TextGenerationPipeline(lm, tok, **generate_defaults)

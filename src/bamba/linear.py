@@ -1,0 +1,192 @@
+"""How Linear layers compute: the one place that picks a matmul path for a device, dtype and input size.
+
+- `Linear` is `nn.Linear` (same parameters, same state_dict) with two CPU fast paths:
+  * bf16 weights on a CPU where bf16 GEMM is slower than fp32 (`bf16_gemm_is_fast()` False): inputs
+    of more than 8 rows (prefill) run in fp32 from weight tiles upcast on the fly (`linear_upcast`),
+    so the weights stay bf16 (half the memory and bandwidth); fewer rows use the bf16 GEMV.
+  * fp32 weights, no gradient needed, 4..256 rows (batched decoding, short prompts): oneDNN's matmul
+    (`onednn_linear`). F.linear's MKL call is slow at those sizes: on the 2-core AVX-512 Xeon we
+    measured (bench-small shapes, weights out of cache) 1.2-1.35x more time at 8-16 rows.
+  Everything else, and everything that needs gradients, is F.linear.
+- `PackedLinear`, made by `pack_for_cpu(model)`, is for inference on CPUs: the weight is stored once,
+  in oneDNN's blocked layout, and every input runs through oneDNN. With bf16 weights on a CPU with
+  AVX512-BF16 this reads the weights at ~1.5x the speed of F.linear's bf16 GEMV (decode batch 1 and
+  8). oneDNN's bf16 GEMM is slower than the fp32 one there, so inputs of more than 128 rows (prompts)
+  unpack the weight (a copy of one layer's weight, ~5% of that layer's GEMM time at 512 rows) and take
+  `linear_upcast`. `pack_for_cpu` only packs dtypes where it measured that packing pays (`packing_pays`).
+
+References: each fast path equals F.linear in fp32 within rounding (tests/test_linear.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ONEDNN_ROWS = (4, 256)  # fp32 inputs with this many rows (inclusive) use oneDNN's matmul
+UPCAST_MIN_ROWS = 9  # bf16 inputs with at least this many rows use `linear_upcast` where bf16 GEMM is slow
+PACKED_BF16_MAX_ROWS = 128  # above this, a packed bf16 weight is unpacked for `linear_upcast` (prefill)
+
+
+def _best_time(fn: Any, *args: Any, reps: int = 3) -> float:
+    fn(*args)
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn(*args)
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+@functools.cache
+def bf16_gemm_is_fast() -> bool:
+    """Measured once: is a bf16 GEMM on this CPU faster than fp32? (It can be with AVX512-BF16 / AMX; on
+    AVX2-only CPUs PyTorch's bf16 GEMM is hundreds of times slower, bf16 GEMV is fine.)"""
+    a, b = torch.randn(128, 512), torch.randn(512, 512)
+    return _best_time(torch.mm, a.bfloat16(), b.bfloat16()) < _best_time(torch.mm, a, b)
+
+
+@functools.cache
+def onednn_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def onednn_linear(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
+    """F.linear through oneDNN's matmul (CPU, no autograd). `w` is (out, in), dense or packed by
+    `torch.ops.mkldnn._reorder_linear_weight`; x (..., in) in w's dtype -> (..., out)."""
+    return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
+
+
+def _needs_grad(x: Tensor, w: Tensor) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters) that takes the fastest measured path on CPUs; see the module doc."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.weight
+        if w.device.type == "cpu":
+            rows = x.numel() // x.shape[-1]
+            if w.dtype == torch.bfloat16 and rows >= UPCAST_MIN_ROWS and not bf16_gemm_is_fast():
+                return linear_upcast(x, w, self.bias)
+            if (
+                w.dtype == torch.float32
+                and x.dtype == torch.float32
+                and ONEDNN_ROWS[0] <= rows <= ONEDNN_ROWS[1]
+                and not _needs_grad(x, w)
+                and onednn_available()
+            ):
+                return onednn_linear(x, w, self.bias)
+        return F.linear(x, w, self.bias)
+
+
+def linear_upcast(x: Tensor, w: Tensor, bias: Tensor | None = None, tile: int = 1024) -> Tensor:
+    """F.linear(x.float(), w.float(), bias) in x's dtype, upcasting `tile` output rows of w at a time
+    (a few MB of fp32 at once, never the whole weight). Reference: F.linear in fp32."""
+    xf = x.float()
+    out = x.new_empty(*x.shape[:-1], w.shape[0], dtype=torch.float32)  # (..., out)
+    for i in range(0, w.shape[0], tile):
+        out[..., i : i + tile] = F.linear(xf, w[i : i + tile].float())
+    if bias is not None:
+        out += bias.float()
+    return out.to(x.dtype)
+
+
+# ----- prepacked weights for CPU inference ------------------------------------------------------------------
+class PackedLinear(nn.Module):
+    """An inference-only Linear whose weight lives in oneDNN's blocked layout (one copy, on the CPU).
+
+    `state_dict()` still holds a dense `weight` (unpacked on the fly) and loading a state_dict repacks,
+    so a packed model saves and loads like any other. It has no autograd: a forward that would need
+    gradients raises, as does an input on another device.
+    """
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        w = linear.weight.detach()
+        if w.device.type != "cpu":
+            raise ValueError(f"PackedLinear: the weight is on {w.device}; oneDNN packing is for CPU weights")
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight_dtype = w.dtype
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), 1)  # opaque (out, in)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.device.type != "cpu":
+            raise RuntimeError(
+                f"PackedLinear: input on {x.device}; the packed weight is a CPU (oneDNN) tensor"
+            )
+        if torch.is_grad_enabled() and x.requires_grad:
+            raise RuntimeError("PackedLinear is inference-only (no autograd); train the unpacked model")
+        rows = x.numel() // x.shape[-1]
+        if self.weight_dtype == torch.bfloat16 and rows > PACKED_BF16_MAX_ROWS and not bf16_gemm_is_fast():
+            return linear_upcast(x, self.weight, self.bias)  # long prompts: unpack, fp32 GEMM
+        return onednn_linear(x.to(self.weight_dtype), self.packed, self.bias)
+
+    @property
+    def weight(self) -> Tensor:
+        """The dense (out, in) weight (a fresh copy)."""
+        return self.packed.to_dense()
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        destination[prefix + "weight"] = self.weight
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
+        w = state_dict.get(prefix + "weight")
+        if w is not None:
+            if tuple(w.shape) != (self.out_features, self.in_features):
+                raise ValueError(
+                    f"{prefix}weight: expected shape {(self.out_features, self.in_features)}, found "
+                    f"{tuple(w.shape)}"
+                )
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(w.to(self.weight_dtype).contiguous(), 1)
+            state_dict = {k: v for k, v in state_dict.items() if k != prefix + "weight"}
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, {self.weight_dtype}, packed"
+        )
+
+
+@functools.cache
+def packing_pays(dtype: torch.dtype) -> bool:
+    """Measured once per dtype: is a packed oneDNN GEMV at least 15% faster than F.linear on this CPU?
+    (fp32: never measured faster on the machines we tried, so False without measuring.)"""
+    if dtype != torch.bfloat16 or not onednn_available() or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return False
+    ws = [torch.randn(2048, 1024).to(dtype) for _ in range(8)]  # 32 MB: mostly out of cache
+    packed = [torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in ws]
+    x = torch.randn(1, 1024).to(dtype)
+
+    def run(fn: Any, weights: list[Tensor]) -> None:
+        for w in weights:
+            fn(x, w)
+
+    return _best_time(run, onednn_linear, packed) < _best_time(run, F.linear, ws) / 1.15
+
+
+def pack_for_cpu(model: nn.Module, dtypes: tuple[torch.dtype, ...] | None = None) -> list[str]:
+    """Swap `model`'s CPU `Linear` layers whose dtype is in `dtypes` (default: those where
+    `packing_pays`) for `PackedLinear`, in place, for inference. A lm_head tied to the embeddings is
+    left as it is (packing would copy it). Returns the names of the packed layers."""
+    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+    if not onednn_available():
+        return []
+    packed = []
+    for name, mod in list(model.named_modules()):
+        if type(mod) is not Linear or mod.weight.device.type != "cpu" or (tied and name == "lm_head"):
+            continue
+        dtype = mod.weight.dtype
+        if (dtype in dtypes) if dtypes is not None else packing_pays(dtype):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, PackedLinear(mod))
+            packed.append(name)
+    return packed

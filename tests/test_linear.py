@@ -1,0 +1,143 @@
+"""The Linear paths of bamba.linear against F.linear, and packed models against unpacked ones."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TINY
+
+from bamba import BambaConfig, BambaForCausalLM
+from bamba.linear import (
+    Linear,
+    PackedLinear,
+    linear_upcast,
+    onednn_available,
+    onednn_linear,
+    pack_for_cpu,
+    packing_pays,
+)
+
+needs_onednn = pytest.mark.skipif(not onednn_available(), reason="this PyTorch build has no oneDNN")
+BF16_OK = onednn_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+DTYPES = [
+    torch.float32,
+    pytest.param(torch.bfloat16, marks=pytest.mark.skipif(not BF16_OK, reason="no bf16")),
+]
+
+
+def test_linear_upcast_matches_fp32_linear():
+    torch.manual_seed(3)
+    x, w, bias = (
+        torch.randn(2, 7, 48, dtype=torch.bfloat16),
+        torch.randn(100, 48, dtype=torch.bfloat16),
+        torch.randn(100),
+    )
+    ref = F.linear(x.float(), w.float(), bias).bfloat16()
+    torch.testing.assert_close(linear_upcast(x, w, bias.bfloat16(), tile=32), ref, atol=3e-2, rtol=1e-2)
+
+
+@needs_onednn
+@pytest.mark.parametrize("shape", [(1, 64), (4, 64), (2, 9, 64), (300, 64)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_onednn_linear_matches_f_linear(shape, bias):
+    torch.manual_seed(0)
+    x, w = torch.randn(*shape), torch.randn(70, 64)
+    b = torch.randn(70) if bias else None
+    torch.testing.assert_close(onednn_linear(x, w, b), F.linear(x, w, b), atol=1e-5, rtol=1e-5)
+    x_strided = torch.randn(*shape[:-1], 128)[..., ::2]  # a non-contiguous input
+    torch.testing.assert_close(
+        onednn_linear(x_strided, w, b), F.linear(x_strided, w, b), atol=1e-5, rtol=1e-5
+    )
+
+
+@pytest.mark.parametrize("rows", [1, 8, 300])
+def test_linear_paths_match_and_train(rows):
+    """Whatever path a row count takes, the output is F.linear's; with gradients it is F.linear itself."""
+    torch.manual_seed(1)
+    lin = Linear(64, 70)
+    x = torch.randn(rows, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias), atol=1e-5, rtol=1e-5)
+    xg = x.clone().requires_grad_()
+    lin(xg).square().sum().backward()
+    ref_x = x.clone().requires_grad_()
+    F.linear(ref_x, lin.weight, lin.bias).square().sum().backward()
+    torch.testing.assert_close(xg.grad, ref_x.grad, atol=1e-4, rtol=1e-4)
+
+
+@needs_onednn
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 8, 200])  # 200 rows: bf16 unpacks for the fp32 GEMM
+def test_packed_linear_matches_linear(dtype, rows):
+    torch.manual_seed(2)
+    lin = Linear(64, 70).to(dtype)
+    packed = PackedLinear(lin)
+    x = torch.randn(2, rows, 64).to(dtype)
+    ref = F.linear(x.float(), lin.weight.float(), lin.bias.float())
+    tol = 1e-5 if dtype == torch.float32 else 5e-2
+    with torch.inference_mode():
+        out = packed(x)
+    assert out.dtype == dtype and out.shape == (2, rows, 70)
+    torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
+
+
+@needs_onednn
+def test_packed_linear_state_dict_round_trip_and_errors():
+    torch.manual_seed(3)
+    lin = Linear(64, 70)
+    packed = PackedLinear(lin)
+    sd = packed.state_dict()
+    assert list(sd) == ["weight", "bias"]
+    torch.testing.assert_close(sd["weight"], lin.weight.detach(), atol=0, rtol=0)
+    new_w = torch.randn(70, 64)
+    packed.load_state_dict({"weight": new_w, "bias": lin.bias.detach()})
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(packed(x), F.linear(x, new_w, lin.bias), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"weight: expected shape \(70, 64\), found \(64, 70\)"):
+        packed.load_state_dict({"weight": new_w.t(), "bias": lin.bias.detach()})
+    with pytest.raises(RuntimeError, match="inference-only"):
+        packed(x.requires_grad_())
+
+
+@needs_onednn
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_packed_model_matches_and_saves(dtype, tmp_path, one_thread):
+    torch.manual_seed(4)
+    model = BambaForCausalLM(BambaConfig(**TINY)).to(dtype).eval()
+    ref_sd = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(1, 97, (2, 12))
+    with torch.inference_mode():
+        ref_logits = model(ids).logits.float()
+        ref_tokens = model.generate(ids, max_new_tokens=6)
+    names = pack_for_cpu(model, dtypes=(dtype,))
+    assert "lm_head" in names and len(names) == 2 * 2 + 3 * 3 + 4 + 1  # 2 mixers, 3 MLPs, q/k/v/o, lm_head
+    assert isinstance(model.model.layers[0].mamba.in_proj, PackedLinear)
+    tol = 1e-5 if dtype == torch.float32 else 6e-2
+    with torch.inference_mode():
+        torch.testing.assert_close(model(ids).logits.float(), ref_logits, atol=tol, rtol=tol)
+        if dtype == torch.float32:
+            assert torch.equal(model.generate(ids, max_new_tokens=6), ref_tokens)
+    model.save_pretrained(tmp_path / "packed")
+    again = BambaForCausalLM.from_pretrained(str(tmp_path / "packed"))
+    for k, v in again.state_dict().items():
+        torch.testing.assert_close(v, ref_sd[k], atol=0, rtol=0, msg=k)
+
+
+@needs_onednn
+def test_from_pretrained_pack_follows_the_measurement(tmp_path, one_thread):
+    torch.manual_seed(5)
+    BambaForCausalLM(BambaConfig(**TINY)).save_pretrained(tmp_path / "m")
+    for dtype in (torch.float32, torch.bfloat16):
+        model = BambaForCausalLM.from_pretrained(str(tmp_path / "m"), dtype=dtype, pack=True)
+        kinds = {type(m) for m in model.modules()}
+        assert (PackedLinear in kinds) == packing_pays(dtype), dtype
+        assert (Linear in kinds) != packing_pays(dtype), dtype
+
+
+@needs_onednn
+def test_pack_leaves_a_tied_lm_head():
+    model = BambaForCausalLM(BambaConfig(**{**TINY, "tie_word_embeddings": True})).eval()
+    names = pack_for_cpu(model, dtypes=(torch.float32,))
+    assert "lm_head" not in names and model.lm_head.weight is model.model.embed_tokens.weight
