@@ -61,7 +61,12 @@ def ssd_chunked(
         state = initial_state.float().reshape(b, g, r, p, n).clone()
     # The carried state belongs to the sequence of the token before the chunk (at the start: position 0's).
     prev_seq = seq_idx[:, :1] if seq_idx is not None else None  # (b, 1)
-    ys = []
+    out = x.new_empty(b, l, h, p, dtype=torch.float32)  # y, filled chunk by chunk
+    # Without autograd the largest tensors are updated in place (fewer allocations and passes);
+    # with it, the ops autograd saves for backward are left untouched.
+    grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, dt, A, B, C, D, initial_state)
+    )
     for c0 in range(0, l, chunk_size):
         c1 = min(c0 + chunk_size, l)
         q = c1 - c0
@@ -75,22 +80,24 @@ def ssd_chunked(
 
         # 1. Within the chunk: y_i = sum_{j<=i} (C_i . B_j) exp(dA_{j+1..i}) dt_j x_j, where
         # dA_{j+1..i} = dA_cs[i] - dA_cs[j] (chunk-local cumsums, as the Mamba-2 kernels compute it)
+        # The masks go on the scores, which heads share (r times smaller than the decays); the decays
+        # are computed in place: these (b, g, r, q, q) tensors are the scan's largest.
+        scores = Cc @ Bc.transpose(-1, -2)  # (b, g, 1, q, q)
         causal = torch.ones(q, q, dtype=torch.bool, device=x.device).tril()  # (i, j): j <= i
-        seg = dA_cs[..., :, None] - dA_cs[..., None, :]  # (b, g, r, q, q)
-        decay = _decay(seg).masked_fill(~causal, 0.0)  # 0 above the diagonal
+        scores.masked_fill_(~causal, 0.0)  # 0 above the diagonal
         if seq_idx is not None:
             s = seq_idx[:, c0:c1]  # (b, q)
-            same = (s[:, :, None] == s[:, None, :])[:, None, None]  # (b, 1, 1, q, q)
-            decay = decay * same
-        scores = Cc @ Bc.transpose(-1, -2)  # (b, g, 1, q, q)
-        y = (scores * decay) @ xdt  # (b, g, r, q, p)
+            scores.mul_((s[:, :, None] == s[:, None, :])[:, None, None])  # (b, 1, 1, q, q): same sequence
+        seg = dA_cs[..., :, None] - dA_cs[..., None, :]  # (b, g, r, q, q); > 0 above the diagonal
+        decay = seg.clamp_(_MIN_LOG_DECAY, 0.0).exp_()  # = _decay(seg), in place; 1 above the diagonal
+        y = (decay * scores if grad else decay.mul_(scores)) @ xdt  # (b, g, r, q, p)
 
         # 2. From the state carried into the chunk: y_i += exp(dA_{0..i}) C_i . state
         decay_in = _decay(dA_cs)  # (b, g, r, q)
         if seq_idx is not None:
             decay_in = decay_in * (s == prev_seq)[:, None, None, :]
-        y = y + (Cc @ state.transpose(-1, -2)) * decay_in[..., None]  # (b,g,1,q,n) @ (b,g,r,n,p)
-        ys.append(y)
+        y += (Cc @ state.transpose(-1, -2)).mul_(decay_in[..., None])  # (b,g,1,q,n) @ (b,g,r,n,p)
+        out[:, c0:c1] = y.view(b, h, q, p).transpose(1, 2)  # (b, q, h, p)
 
         # 3. The state at the chunk's end: decayed old state plus every token's decayed contribution.
         decay_out = _decay(dA_cs[..., -1:] - dA_cs)  # (b, g, r, q)
@@ -100,12 +107,14 @@ def ssd_chunked(
             chunk_decay = chunk_decay * (s[:, -1:] == prev_seq)[:, :, None]
             prev_seq = s[:, -1:]
         contrib = (xdt * decay_out[..., None]).transpose(-1, -2) @ Bc  # (b,g,r,p,q) @ (b,g,1,q,n)
-        state = state * chunk_decay[..., None, None] + contrib  # (b, g, r, p, n)
+        if grad:
+            state = state * chunk_decay[..., None, None] + contrib  # (b, g, r, p, n)
+        else:
+            state = state.mul_(chunk_decay[..., None, None]).add_(contrib)  # our own copy
 
-    y = torch.cat(ys, dim=3).reshape(b, h, l, p).transpose(1, 2)  # (b, l, h, p)
     if D is not None:
-        y = y + x.float() * D.float()[:, None]
-    return y, state.reshape(b, h, p, n)
+        out.addcmul_(x.float(), D.float()[:, None])  # (b, l, h, p) += x * D (h, 1)
+    return out, state.reshape(b, h, p, n)
 
 
 def ssd_step(
