@@ -16,6 +16,9 @@ than the last-level cache). From them:
   embedding table (lm_head included), reads and writes each row's SSM state (fp32) and conv window, and
   reads each row's keys and values.
 
+This project is loaded as the command line loads it (`from_pretrained(..., pack=True)`: bf16 weights
+in oneDNN's layout where that was measured to pay); transformers as `from_pretrained(dtype=float32)`.
+
 Decode after a P-token prompt: the prompt is prefilled at batch 1 and the cache is then repeated to the
 batch size (the cost of a decode step depends on the cache's size, not on its contents); then tokens are
 decoded greedily, one forward per step, for both implementations alike.

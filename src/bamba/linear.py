@@ -103,8 +103,9 @@ class PackedLinear(nn.Module):
     """An inference-only Linear whose weight lives in oneDNN's blocked layout (one copy, on the CPU).
 
     `state_dict()` still holds a dense `weight` (unpacked on the fly) and loading a state_dict repacks,
-    so a packed model saves and loads like any other. It has no autograd: a forward that would need
-    gradients raises, as does an input on another device.
+    so a packed model saves and loads like any other (saving unpacks each weight: a dense copy). It has
+    no autograd: a forward that would need gradients raises, as does an input on another device. Casts
+    and moves (`.to()`, `.half()`) leave the packed weight as it is: pack a model once it is in place.
     """
 
     def __init__(self, linear: nn.Linear) -> None:
