@@ -73,7 +73,7 @@ def linear_int8(x: Tensor, q: Tensor, scales: Tensor, bias: Tensor | None = None
         return linear_int8_reference(x, q, scales, bias)
     x2 = x.reshape(rows, x.shape[-1]).to(torch.bfloat16)
     y = torch.ops.aten._weight_int8pack_mm(x2, q, scales.to(torch.bfloat16))  # (rows, out) bf16
-    y = y.to(x.dtype).view(*x.shape[:-1], q.shape[0])
+    y = y.view(*x.shape[:-1], q.shape[0]).to(x.dtype)
     return y + bias if bias is not None else y
 
 
@@ -141,7 +141,9 @@ def linear_int4(
         return linear_int4_reference(x, packed, sz, group_size, bias, out)
     x2 = x.reshape(rows, x.shape[-1]).to(torch.bfloat16)
     y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, group_size, sz.to(torch.bfloat16))
-    y = y[:, :out].to(x.dtype).view(*x.shape[:-1], -1)
+    if out is not None and out < y.shape[1]:
+        y = y[:, :out]  # drop the padding rows
+    y = y.reshape(*x.shape[:-1], y.shape[1]).to(x.dtype)
     return y + bias if bias is not None else y
 
 
@@ -180,10 +182,10 @@ def _aligned(t: Tensor) -> Tensor:
 
 def _align_buffers(module: nn.Module, *names: str) -> None:
     """Replace the named tensors of `module` by 64-byte aligned copies where they are not (once)."""
+    buffers = module._buffers  # a dict lookup: this runs on every decode step
     for name in names:
-        t = getattr(module, name)
-        if t.data_ptr() % 64:
-            setattr(module, name, _aligned(t))
+        if buffers[name].data_ptr() % 64:
+            buffers[name] = _aligned(buffers[name])
 
 
 def _frozen_bias(linear: nn.Linear) -> nn.Parameter | None:
