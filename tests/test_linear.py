@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -97,6 +99,9 @@ def test_packed_linear_state_dict_round_trip_and_errors():
         torch.testing.assert_close(packed(x), F.linear(x, new_w, lin.bias), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match=r"weight: expected shape \(70, 64\), found \(64, 70\)"):
         packed.load_state_dict({"weight": new_w.t(), "bias": lin.bias.detach()})
+    twin = copy.deepcopy(packed)  # opaque oneDNN tensors need a repack to be copied
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x), packed(x), atol=0, rtol=0)
     with pytest.raises(RuntimeError, match="inference-only"):
         packed(x.requires_grad_())
 

@@ -135,6 +135,14 @@ class PackedLinear(nn.Module):
         """The dense (out, in) weight (a fresh copy)."""
         return self.packed.to_dense()
 
+    def __deepcopy__(self, memo: dict) -> PackedLinear:
+        # oneDNN's opaque tensors cannot be deep-copied: repack a dense copy instead.
+        dense = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        dense.weight = nn.Parameter(self.weight, requires_grad=False)
+        if self.bias is not None:
+            dense.bias = nn.Parameter(self.bias.detach().clone(), requires_grad=False)
+        return PackedLinear(dense)
+
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         destination[prefix + "weight"] = self.weight
         super()._save_to_state_dict(destination, prefix, keep_vars)
