@@ -100,6 +100,7 @@ def pipeline(
     """Build a text-generation pipeline from a checkpoint folder, hub repo id, or loaded model.
 
     `model=None` uses the embedded demo model. The tokenizer defaults to the one in the model's folder.
+    A model loaded here is for inference: `pack=True` (see `bamba.linear.pack_for_cpu`).
     """
     if task != "text-generation":
         raise ValueError(f"task {task!r} is not supported; only 'text-generation'")
