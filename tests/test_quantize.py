@@ -10,6 +10,8 @@ import torch
 
 from bamba import BambaConfig, BambaForCausalLM
 from bamba.quantize import (
+    INT4_KERNEL_MAX_ROWS,
+    INT8_KERNEL_MAX_ROWS,
     Int4WeightOnlyLinear,
     Int8WeightOnlyLinear,
     dequantize_int4,
@@ -47,7 +49,8 @@ def tiny(seed: int = 0) -> BambaForCausalLM:
     return BambaForCausalLM(BambaConfig(**CFG)).eval()
 
 
-@pytest.mark.parametrize("rows", [1, 5, 40])  # kernel path (<= 16 rows) and dequantize-then-GEMM path
+# kernel path (few rows) and the dequantize-then-GEMM path (more than *_KERNEL_MAX_ROWS rows)
+@pytest.mark.parametrize("rows", [1, 5, INT8_KERNEL_MAX_ROWS, INT8_KERNEL_MAX_ROWS + 1])
 def test_int8_linear_matches_reference(rows):
     torch.manual_seed(0)
     w, x, bias = torch.randn(192, 256) * 0.05, torch.randn(rows, 256), torch.randn(192)
@@ -59,10 +62,10 @@ def test_int8_linear_matches_reference(rows):
     assert (dequantize_int8(q, s) - w).abs().le(s.float()[:, None] * 0.51 + 1e-6).all()
 
 
-@pytest.mark.parametrize("rows", [1, 5, 40])
+@pytest.mark.parametrize("rows", [1, 5, INT4_KERNEL_MAX_ROWS, INT4_KERNEL_MAX_ROWS + 1])
 def test_int4_linear_matches_reference(rows):
     torch.manual_seed(1)
-    w, x = torch.randn(100, 256) * 0.05, torch.randn(2, rows, 256)
+    w, x = torch.randn(100, 256) * 0.05, torch.randn(rows, 256)
     packed, sz = quantize_int4(w, 128)
     assert packed.shape == (128, 128)  # 100 rows padded to 128
     ref = linear_int4_reference(x, packed, sz, 128, out=100)

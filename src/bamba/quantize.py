@@ -26,10 +26,13 @@ reads it and builds the quantized modules before the weights are assigned (`prep
 
 Kernels, chosen by measurement on a 2-core AVX-512 Xeon (bench-small's Linear shapes, ms per decode
 step at batch 1, one thread): fp32 F.linear 113, bf16 F.linear 94, `_weight_int8pack_mm` with bf16
-activations 62 (with fp32 activations: 350), `_weight_int4pack_mm_for_cpu` (bf16 activations) 31. For
-multi-token inputs (prefill) those kernels are 2-3x slower than dequantizing the weight and running an
-fp32 GEMM, so inputs of more than `KERNEL_MAX_ROWS` rows take that path. Each fast path has a plain
-reference beside it (`linear_int8_reference`, `linear_int4_reference`: dequantize, then F.linear).
+activations 62 (with fp32 activations: 350), `_weight_int4pack_mm_for_cpu` (bf16 activations) 31. The
+kernels' time grows with the rows; dequantizing the weight and running an fp32 GEMM costs a fixed
+dequantization plus a fast GEMM. Crossovers measured on 20 bench-small layers, 2 threads (ms, kernel vs
+dequantize + GEMM): int8 at 32 rows 41 vs 53, at 64 rows 76 vs 70; int4 at 128 rows 135 vs 177, at 256
+rows 272 vs 235. Inputs of more than `INT8_KERNEL_MAX_ROWS` / `INT4_KERNEL_MAX_ROWS` rows (prompts) take
+the dequantize path. Each fast path has a plain reference beside it (`linear_int8_reference`,
+`linear_int4_reference`: dequantize, then F.linear).
 """
 
 from __future__ import annotations
@@ -43,7 +46,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 METHODS = ("int8_weight_only", "int4_weight_only")
-KERNEL_MAX_ROWS = 16  # inputs with at most this many rows use the packed kernels (decode)
+INT8_KERNEL_MAX_ROWS = 32  # inputs with at most this many rows use the packed int8 kernel (decode)
+INT4_KERNEL_MAX_ROWS = 128  # the same for the int4 kernel
 INT4_BLOCK_N = 64  # rows per block of the int4 layout
 
 
@@ -69,7 +73,7 @@ def linear_int8(x: Tensor, q: Tensor, scales: Tensor, bias: Tensor | None = None
     """x (..., in) @ dequant(q).T: the packed CPU kernel (bf16 activations) for few rows, else the
     reference (dequantize + GEMM in x's dtype)."""
     rows = x.numel() // x.shape[-1]
-    if x.device.type != "cpu" or rows > KERNEL_MAX_ROWS:
+    if x.device.type != "cpu" or rows > INT8_KERNEL_MAX_ROWS:
         return linear_int8_reference(x, q, scales, bias)
     x2 = x.reshape(rows, x.shape[-1]).to(torch.bfloat16)
     y = torch.ops.aten._weight_int8pack_mm(x2, q, scales.to(torch.bfloat16))  # (rows, out) bf16
@@ -137,7 +141,7 @@ def linear_int4(
     """x (..., in) @ dequant(packed)[:out].T: PyTorch's CPU int4 kernel (bf16 activations) for few rows
     where this CPU's kernel uses our layout, else the reference."""
     rows = x.numel() // x.shape[-1]
-    if x.device.type != "cpu" or rows > KERNEL_MAX_ROWS or not int4_kernel_layout_matches():
+    if x.device.type != "cpu" or rows > INT4_KERNEL_MAX_ROWS or not int4_kernel_layout_matches():
         return linear_int4_reference(x, packed, sz, group_size, bias, out)
     x2 = x.reshape(rows, x.shape[-1]).to(torch.bfloat16)
     y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, group_size, sz.to(torch.bfloat16))
