@@ -1,0 +1,117 @@
+"""The Linear paths of `bamba.linear` and `bamba.quantize` against plain F.linear, side by side.
+
+For each path, one pass over every Linear layer of a model config (bench-small by default: the 87
+layers a decode step runs, weights far larger than the caches) is timed at several row counts, and
+the weight bytes read per second are printed next to the baseline measured in the same run:
+
+- fp32: F.linear (the baseline) | oneDNN matmul on the dense weight (`Linear`'s path for 4-256 rows);
+- bf16: F.linear | oneDNN on the packed weight (`PackedLinear`);
+- int8 / int4: the quantized modules (packed aten kernels up to their row limits, then dequantize + GEMM).
+
+Run: python benchmarks/bench_linear.py [--preset bench-small] [--threads 2] [--rows 1,8,16,64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+from bamba.config import preset
+from bamba.linear import PackedLinear, onednn_available, onednn_linear
+from bamba.quantize import Int4WeightOnlyLinear, Int8WeightOnlyLinear
+
+
+def linear_shapes(cfg) -> list[tuple[int, int]]:
+    """(out, in) of every Linear layer a decode step runs, in order (the lm_head last)."""
+    shapes = []
+    for kind in cfg.layers_block_type:
+        if kind == "mamba":
+            shapes += [
+                (cfg.mamba_in_proj_size, cfg.hidden_size),
+                (cfg.hidden_size, cfg.mamba_intermediate_size),
+            ]
+        else:
+            q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+            shapes += [
+                (q, cfg.hidden_size),
+                (kv, cfg.hidden_size),
+                (kv, cfg.hidden_size),
+                (cfg.hidden_size, q),
+            ]
+        shapes += [(cfg.intermediate_size, cfg.hidden_size)] * 2 + [(cfg.hidden_size, cfg.intermediate_size)]
+    return shapes + [(cfg.vocab_size, cfg.hidden_size)]
+
+
+def time_pass(fns: list, xs: dict[int, torch.Tensor], reps: int = 3) -> float:
+    """Best time of one call of every fn on the input of its width."""
+    best = float("inf")
+    for _ in range(reps + 1):  # the first pass warms up
+        t = time.perf_counter()
+        for fn, k in fns:
+            fn(xs[k])
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="bench-small")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rows", default="1,8,16,64")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    shapes = linear_shapes(preset(args.preset))
+    n_weights = sum(o * i for o, i in shapes)
+    print(
+        f"{args.preset}: {len(shapes)} Linear layers, {n_weights / 1e6:.0f}M weights, {args.threads} threads"
+    )
+
+    with torch.inference_mode():
+        dense = [torch.nn.Linear(i, o, bias=False) for o, i in shapes]
+        paths: dict[
+            str, tuple[list, torch.dtype, float]
+        ] = {}  # name -> (fns, activation dtype, bytes/weight)
+
+        def plain(w: torch.Tensor):
+            return lambda x: F.linear(x, w)
+
+        def onednn(w: torch.Tensor):
+            return lambda x: onednn_linear(x, w)
+
+        paths["fp32 F.linear (baseline)"] = (
+            [(plain(m.weight), m.in_features) for m in dense],
+            torch.float32,
+            4,
+        )
+        if onednn_available():
+            paths["fp32 oneDNN"] = ([(onednn(m.weight), m.in_features) for m in dense], torch.float32, 4)
+        bf16 = [torch.nn.Linear(m.in_features, m.out_features, bias=False).to(torch.bfloat16) for m in dense]
+        paths["bf16 F.linear (baseline)"] = (
+            [(plain(m.weight), m.in_features) for m in bf16],
+            torch.bfloat16,
+            2,
+        )
+        if onednn_available():
+            packed = [PackedLinear(m) for m in bf16]
+            paths["bf16 packed oneDNN"] = ([(m, m.in_features) for m in packed], torch.bfloat16, 2)
+        del bf16
+        q8 = [Int8WeightOnlyLinear.from_linear(m) for m in dense]
+        paths["int8 weight-only kernel"] = ([(m, m.in_features) for m in q8], torch.float32, 1)
+        q4 = [Int4WeightOnlyLinear.from_linear(m) for m in dense]
+        paths["int4 weight-only kernel"] = ([(m, m.in_features) for m in q4], torch.float32, 0.5)
+
+        widths = {i for _, i in shapes}
+        print(f"{'path':28s} {'rows':>5s} {'ms/pass':>9s} {'GB/s':>7s}")
+        for rows in (int(r) for r in args.rows.split(",")):
+            for name, (fns, dtype, per_weight) in paths.items():
+                xs = {k: torch.randn(rows, k).to(dtype) for k in widths}
+                t = time_pass(fns, xs)
+                print(f"{name:28s} {rows:5d} {t * 1e3:9.2f} {n_weights * per_weight / t / 1e9:7.1f}")
+
+
+if __name__ == "__main__":
+    main()
