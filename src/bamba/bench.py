@@ -16,7 +16,9 @@ than the last-level cache). From them:
   embedding table (lm_head included), reads and writes each row's SSM state (fp32) and conv window, and
   reads each row's keys and values.
 
-This project is loaded as the command line loads it (`from_pretrained(..., pack=True)`: bf16 weights
+Both implementations' workers run with the allocator setting the command line uses
+(`bamba.runtime.tune_cpu_allocator`: large freed blocks are kept for reuse). This project is loaded as
+the command line loads it (`from_pretrained(..., pack=True)`: bf16 weights
 in oneDNN's layout where that was measured to pay); transformers as `from_pretrained(dtype=float32)`.
 
 Decode after a P-token prompt: the prompt is prefilled at batch 1 and the cache is then repeated to the
@@ -484,6 +486,9 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
 
 
 def _worker_main(argv: list[str]) -> None:
+    from .runtime import tune_cpu_allocator
+
+    tune_cpu_allocator()  # the same process setting for both implementations, as `bamba` sets it
     spec = json.loads(argv[argv.index("--worker") + 1])
     if spec.pop("limits", False):
         out = machine_limits(spec["threads"])

@@ -37,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from .runtime import tune_cpu_allocator
+
+    tune_cpu_allocator()  # big temporaries are reused instead of page-faulted in again (bamba.runtime)
     try:
         result = args.func(args)
     except KeyboardInterrupt:

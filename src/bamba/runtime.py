@@ -1,0 +1,31 @@
+"""Process-level settings for running on CPUs, applied by the command line and the benchmark workers.
+
+`tune_cpu_allocator()`: PyTorch takes every large temporary from malloc. glibc serves blocks above its
+mmap threshold (128 KB to start) with a fresh mapping, and gives the top of its heap back to the system
+above its trim threshold, so the tens-of-MB temporaries of a prompt (a dequantized layer, a chunk's
+decay matrix, an MLP activation) are page-faulted in again by every op that makes one. Raising both
+thresholds keeps freed blocks for reuse. Measured on the 2-core test machine: dequantizing one
+bench-small int4 layer 10.2 -> 3.2 ms; prefill of 512 tokens +6% (fp32) and +14% (int4); decoding
+unchanged. The cost: up to `trim_threshold` bytes of freed memory stay with the process.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+
+
+def tune_cpu_allocator(mmap_threshold: int = 64 << 20, trim_threshold: int = 256 << 20) -> bool:
+    """Raise glibc's mmap and trim thresholds (bytes) for this process; see the module doc.
+
+    Returns whether they were set: False off Linux, or where the C library is not glibc (e.g. musl).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(M_TRIM_THRESHOLD, trim_threshold))
