@@ -16,8 +16,9 @@ than the last-level cache). From them:
   embedding table (lm_head included), reads and writes each row's SSM state (fp32) and conv window, and
   reads each row's keys and values.
 
-Both implementations' workers run with the allocator setting the command line uses
-(`bamba.runtime.tune_cpu_allocator`: large freed blocks are kept for reuse). This project is loaded as
+Both implementations' workers run with glibc's malloc as it comes, or with `--allocator tuned` both call
+`bamba.runtime.tune_cpu_allocator` (large freed blocks kept for reuse, as the `bamba` command line does
+for itself; it speeds up transformers' batched decoding a lot, ours little). This project is loaded as
 the command line loads it (`from_pretrained(..., pack=True)`: bf16 weights
 in oneDNN's layout where that was measured to pay); transformers as `from_pretrained(dtype=float32)`.
 
@@ -349,8 +350,14 @@ def bench(
     long_prompt: bool = False,
     transformers: bool = True,
     json_path: str | None = None,
+    allocator: str = "default",
 ) -> dict[str, Any]:
-    """Run the side-by-side benchmark; print a table and return (and optionally write) the JSON report."""
+    """Run the side-by-side benchmark; print a table and return (and optionally write) the JSON report.
+
+    allocator: "default" (glibc as it comes, for both implementations) or "tuned" (both workers call
+    `bamba.runtime.tune_cpu_allocator`, as the `bamba` command line does for itself)."""
+    if allocator not in ("default", "tuned"):
+        raise ValueError(f"allocator={allocator!r}: expected 'default' or 'tuned'")
     from .config import BambaConfig
 
     folder = ensure_checkpoint(checkpoint or os.path.join(DEFAULT_DIR, PRESET))
@@ -358,11 +365,11 @@ def bench(
     for v in variants:
         if v in QUANT:
             ensure_quantized_checkpoint(folder, v)
-    limits = _child({"limits": True, "threads": threads}, threads)
+    limits = _child({"limits": True, "threads": threads, "allocator": allocator}, threads)
     runs = []
     for spec in plan(quick, variants, long_prompt, transformers):
         t = time.perf_counter()
-        r = _child({**spec, "folder": folder, "threads": threads}, threads)
+        r = _child({**spec, "folder": folder, "threads": threads, "allocator": allocator}, threads)
         r["spec"] = spec
         runs.append(r)
         print(
@@ -373,6 +380,7 @@ def bench(
     report = {
         "checkpoint": folder,
         "threads": threads,
+        "allocator": allocator,
         "limits": limits,
         "rows": _rows(runs, cfg, limits),
         "runs": runs,
@@ -381,7 +389,7 @@ def bench(
         with open(json_path, "w") as f:
             json.dump(report, f, indent=2)
     print(format_table(report))
-    print(json.dumps({k: report[k] for k in ("checkpoint", "threads", "limits", "rows")}))
+    print(json.dumps({k: report[k] for k in ("checkpoint", "threads", "allocator", "limits", "rows")}))
     return report
 
 
@@ -440,7 +448,8 @@ def _fmt(value: float | int | None, spec: str, suffix: str = "", width: int = 9)
 def format_table(report: dict) -> str:
     lim = report["limits"]
     lines = [
-        f"checkpoint {report['checkpoint']}, {report['threads']} threads; machine: sgemm "
+        f"checkpoint {report['checkpoint']}, {report['threads']} threads, {report.get('allocator', 'default')} "
+        "allocator; machine: sgemm "
         f"{lim['sgemm_flops'] / 1e9:.0f} GFLOP/s, memory read {lim['mem_bandwidth'] / 1e9:.1f} GB/s",
         f"{'variant':7s} {'measure':14s} {'prompt':>6s} {'bamba':>9s} {'hf fp32':>9s} {'ratio':>6s} "
         f"{'target':>6s} {'limit%':>6s} {'RSS bamba':>10s} {'RSS hf':>8s}",
@@ -469,6 +478,12 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--long", action="store_true", help="also prefill a 32768-token prompt (chunked)")
     p.add_argument("--no-transformers", action="store_true", help="measure this project only")
     p.add_argument("--json", default=None, help="also write the full report here")
+    p.add_argument(
+        "--allocator",
+        choices=["default", "tuned"],
+        default="default",
+        help="glibc malloc as it comes, or tuned (bamba.runtime) in both implementations' workers",
+    )
     p.set_defaults(
         func=lambda a: (
             bench(
@@ -479,6 +494,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                 long_prompt=a.long,
                 transformers=not a.no_transformers,
                 json_path=a.json,
+                allocator=a.allocator,
             )
             and 0
         )
@@ -488,8 +504,9 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
 def _worker_main(argv: list[str]) -> None:
     from .runtime import tune_cpu_allocator
 
-    tune_cpu_allocator()  # the same process setting for both implementations, as `bamba` sets it
     spec = json.loads(argv[argv.index("--worker") + 1])
+    if spec.pop("allocator", "default") == "tuned":  # the same process setting for both implementations
+        tune_cpu_allocator()
     if spec.pop("limits", False):
         out = machine_limits(spec["threads"])
     else:

@@ -1,0 +1,35 @@
+"""`bamba bench` end to end on a tiny checkpoint: both implementations measured, figures reported."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import TINY
+
+from bamba import BambaConfig, BambaForCausalLM
+from bamba.bench import bench
+
+
+def test_bench_reports_both_implementations(tmp_path, capsys):
+    BambaForCausalLM(BambaConfig(**TINY)).save_pretrained(tmp_path / "m")
+    report = bench(
+        checkpoint=str(tmp_path / "m"),
+        threads=1,
+        quick=True,
+        variants=("fp32",),
+        json_path=str(tmp_path / "r.json"),
+        allocator="tuned",
+    )
+    assert report["allocator"] == "tuned" and json.loads((tmp_path / "r.json").read_text())["rows"]
+    rows = {(r["measure"], r.get("prompt")): r for r in report["rows"]}
+    assert set(rows) == {
+        ("prefill_512", None),
+        ("prefill_2048", None),
+        ("decode_b1", 128),
+        ("decode_b8", 128),
+    }
+    for r in rows.values():
+        assert r["bamba"] > 0 and r["transformers_fp32"] > 0 and r["ratio"] > 0
+        assert r["bamba_peak_rss"] > 0 and r["transformers_peak_rss"] > 0 and 0 < r["limit_fraction"] < 1
+    table = capsys.readouterr().out
+    assert "tuned allocator" in table and "decode_b8" in table
