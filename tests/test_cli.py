@@ -10,7 +10,7 @@ import torch
 
 from bamba import BambaConfig, BambaForCausalLM
 from bamba.cli import main
-from bamba.tokenizer import train_tokenizer
+from bamba.tokenizer import Tokenizer, train_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +40,38 @@ def test_generate_streams_text(folder, capsys):
     a, b = capsys.readouterr().out.split("\n")[:2]
     assert a == b and a.startswith("to be")  # same seed, same text; the prompt is echoed first
     assert greedy.startswith("to be") and greedy.endswith("\n")
+
+
+def test_generate_verbose_reports_speed(folder, capsys):
+    args = [
+        "generate",
+        "--model",
+        folder,
+        "--max-new-tokens",
+        "6",
+        "--temperature",
+        "0",
+        "--verbose",
+        "to be",
+    ]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    n_prompt = len(Tokenizer.from_pretrained(folder).encode("to be"))
+    assert f"prompt {n_prompt} tokens, first token after " in err, err
+    assert " tok/s, weights read at " in err and "GB/s" in err, err
+
+
+def test_generate_text_stats(folder):
+    from bamba.generation import generate_text
+    from bamba.linear import weight_bytes
+
+    stats: dict = {}
+    text = generate_text("to be", model=folder, max_new_tokens=6, temperature=0, stats=stats)
+    assert stats["new_tokens"] >= 1 and stats["decode_s"] >= 0 and stats["first_token_s"] > 0
+    model = BambaForCausalLM.from_pretrained(folder)
+    embed = model.model.embed_tokens.weight
+    assert stats["decode_bytes"] == weight_bytes(model) - embed.numel() * embed.element_size()  # untied
+    assert isinstance(text, str)
 
 
 def test_info(folder, capsys):

@@ -179,6 +179,8 @@ def run_case(
     """
     import torch
 
+    from .linear import weight_bytes
+
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
     model = _load(impl, folder, variant)
@@ -186,7 +188,7 @@ def run_case(
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(0)
     result: dict[str, Any] = {"impl": impl, "variant": variant, "kind": kind, "load_s": load_s}
-    result["weight_bytes"] = _weight_bytes(model)
+    result["weight_bytes"] = weight_bytes(model)
     emb = model.model.embed_tokens.weight
     result["embed_bytes"] = 0 if model.config.tie_word_embeddings else emb.numel() * emb.element_size()
     with torch.inference_mode():
@@ -238,23 +240,6 @@ def peak_rss() -> int:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux units: KiB
-
-
-def _weight_bytes(model: Any) -> int:
-    """Bytes of every stored tensor (quantized ones as stored, packed ones at their dense size), counting
-    shared tensors once; nothing is unpacked to count it."""
-    from .linear import PackedLinear
-
-    seen, total = set(), 0
-    for t in [*model.parameters(), *model.buffers()]:
-        if t.data_ptr() in seen:
-            continue
-        seen.add(t.data_ptr())
-        total += t.numel() * t.element_size()
-    for mod in model.modules():
-        if isinstance(mod, PackedLinear):
-            total += mod.in_features * mod.out_features * mod.weight_dtype.itemsize
-    return total
 
 
 def _state_bytes(cfg: Any, b: int, context: int) -> int:

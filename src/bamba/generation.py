@@ -330,19 +330,33 @@ def generate_text(
     device: str | None = None,
     quantize: str | None = None,
     stream: Callable[[str], None] | None = None,
+    stats: dict[str, float] | None = None,
 ) -> str:
-    """What `bamba generate` does: returns the continuation (and streams it to `stream` if given)."""
+    """What `bamba generate` does: returns the continuation (and streams it to `stream` if given).
+
+    `stats`, if given, is filled with: load_s, prompt_tokens, first_token_s (prefill and the first
+    step), new_tokens, decode_s (the steps after the first), decode_bytes (weight bytes one step reads).
+    """
     if not prompt.strip():
         raise ValueError("the prompt is empty")
+    t_load = time.perf_counter()
     lm, tok = load_for_cli(model, dtype, device, quantize)
     ids = torch.tensor([tok.encode(prompt)])
     pieces: list[str] = []
+    times: list[float] = []  # when each new token arrived
 
     def on_text(s: str) -> None:
         pieces.append(s)
         if stream is not None:
             stream(s)
 
+    class TimedStreamer(TextStreamer):
+        def put(self, new_ids: Tensor | Sequence[int]) -> None:
+            if not self._prompt_pending:
+                times.append(time.perf_counter())
+            super().put(new_ids)
+
+    t_start = time.perf_counter()
     generate(
         lm,
         ids,
@@ -350,8 +364,19 @@ def generate_text(
         **cli_sampling(temperature, top_p, top_k, seed),
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
-        streamer=TextStreamer(tok, skip_prompt=True, on_text=on_text, skip_special_tokens=True),
+        streamer=TimedStreamer(tok, skip_prompt=True, on_text=on_text, skip_special_tokens=True),
     )
+    if stats is not None:
+        from .linear import weight_bytes
+
+        stats.update(
+            load_s=t_start - t_load,
+            prompt_tokens=ids.shape[1],
+            first_token_s=(times[0] - t_start) if times else 0.0,
+            new_tokens=len(times),
+            decode_s=(times[-1] - times[0]) if times else 0.0,
+            decode_bytes=weight_bytes(lm, decode_step=True),
+        )
     return "".join(pieces)
 
 
@@ -382,6 +407,7 @@ def _cli_generate(args: argparse.Namespace) -> int:
         print((args.prompt if first else "") + piece, end="", flush=True)
         first = False
 
+    stats: dict[str, float] = {}
     generate_text(
         args.prompt,
         model=args.model,
@@ -394,10 +420,24 @@ def _cli_generate(args: argparse.Namespace) -> int:
         device=args.device,
         quantize=_quant_name(args.quantize),
         stream=stream,
+        stats=stats,
     )
     print(args.prompt if first else "")  # the prompt alone when nothing was generated
     if args.verbose:
-        print(f"[{time.perf_counter() - start:.1f} s]", file=sys.stderr)
+        print(format_stats(stats, time.perf_counter() - start), file=sys.stderr)
+
+
+def format_stats(stats: dict[str, float], total_s: float) -> str:
+    """One line: load, prompt (prefill + first token), decode tokens/s and the weight bandwidth it implies."""
+    line = (
+        f"[load {stats['load_s']:.2f} s | prompt {stats['prompt_tokens']} tokens, first token after "
+        f"{stats['first_token_s']:.2f} s"
+    )
+    steps = stats["new_tokens"] - 1  # the steps timed after the first token
+    if steps > 0 and stats["decode_s"] > 0:
+        rate = steps / stats["decode_s"]
+        line += f" | decode {rate:.1f} tok/s, weights read at {rate * stats['decode_bytes'] / 1e9:.2f} GB/s"
+    return line + f" | total {total_s:.1f} s]"
     return 0
 
 
@@ -462,7 +502,9 @@ def chat(
 def add_cli(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="continue a prompt, streaming the text to stdout")
     _add_sampling_args(p)
-    p.add_argument("--verbose", action="store_true", help="print the time taken to stderr")
+    p.add_argument(
+        "--verbose", action="store_true", help="print load time, first-token time, tok/s and GB/s to stderr"
+    )
     p.add_argument("prompt")
     p.set_defaults(func=_cli_generate)
     c = sub.add_parser("chat", help="an interactive loop (empty line or Ctrl-D to quit)")

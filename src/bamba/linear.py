@@ -199,3 +199,27 @@ def pack_for_cpu(model: nn.Module, dtypes: tuple[torch.dtype, ...] | None = None
             setattr(model.get_submodule(parent) if parent else model, child, PackedLinear(mod))
             packed.append(name)
     return packed
+
+
+def weight_bytes(model: nn.Module, decode_step: bool = False) -> int:
+    """Bytes of `model`'s stored tensors (quantized ones as stored, packed ones at their dense size),
+    shared tensors counted once; nothing is unpacked to count. Works for any nn.Module.
+
+    decode_step: only what one decoding step reads: everything but an input embedding table that no
+    output head shares (its single looked-up row is negligible)."""
+    seen, total = set(), 0
+    skip = set()
+    emb = getattr(getattr(model, "model", model), "embed_tokens", None)
+    if decode_step and isinstance(emb, nn.Embedding):
+        head = getattr(model, "lm_head", None)
+        if not (isinstance(head, nn.Linear) and head.weight is emb.weight):
+            skip.add(emb.weight.data_ptr())
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.data_ptr() in seen or t.data_ptr() in skip:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    for mod in model.modules():
+        if isinstance(mod, PackedLinear):
+            total += mod.in_features * mod.out_features * mod.weight_dtype.itemsize
+    return total
