@@ -425,6 +425,7 @@ def _cli_generate(args: argparse.Namespace) -> int:
     print(args.prompt if first else "")  # the prompt alone when nothing was generated
     if args.verbose:
         print(format_stats(stats, time.perf_counter() - start), file=sys.stderr)
+    return 0
 
 
 def format_stats(stats: dict[str, float], total_s: float) -> str:
@@ -438,7 +439,6 @@ def format_stats(stats: dict[str, float], total_s: float) -> str:
         rate = steps / stats["decode_s"]
         line += f" | decode {rate:.1f} tok/s, weights read at {rate * stats['decode_bytes'] / 1e9:.2f} GB/s"
     return line + f" | total {total_s:.1f} s]"
-    return 0
 
 
 def chat(
