@@ -268,10 +268,12 @@ def load_pretrained(
     if pack:
         from .linear import pack_for_cpu
 
-        for module_name in pack_for_cpu(model):  # the packed copy replaces the mapped weight
+        def release(module_name: str) -> None:  # the packed copy replaces the mapped weight
             st, name = mapped.get(module_name + ".weight", (None, ""))
             if st is not None:
                 st.release(name)
+
+        pack_for_cpu(model, on_packed=release)
     return model
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -182,10 +183,15 @@ def packing_pays(dtype: torch.dtype) -> bool:
     return _best_time(run, onednn_linear, packed) < _best_time(run, F.linear, ws) / 1.15
 
 
-def pack_for_cpu(model: nn.Module, dtypes: tuple[torch.dtype, ...] | None = None) -> list[str]:
+def pack_for_cpu(
+    model: nn.Module,
+    dtypes: tuple[torch.dtype, ...] | None = None,
+    on_packed: Callable[[str], None] | None = None,
+) -> list[str]:
     """Swap `model`'s CPU `Linear` layers whose dtype is in `dtypes` (default: those where
     `packing_pays`) for `PackedLinear`, in place, for inference. A lm_head tied to the embeddings is
-    left as it is (packing would copy it). Returns the names of the packed layers."""
+    left as it is (packing would copy it). `on_packed(name)` runs after each layer (the loader releases
+    the layer's memory-mapped pages there, so only one layer is held twice). Returns the packed names."""
     tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
     if not onednn_available():
         return []
@@ -198,6 +204,8 @@ def pack_for_cpu(model: nn.Module, dtypes: tuple[torch.dtype, ...] | None = None
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, PackedLinear(mod))
             packed.append(name)
+            if on_packed is not None:
+                on_packed(name)
     return packed
 
 
