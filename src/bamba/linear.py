@@ -4,9 +4,11 @@
   * bf16 weights on a CPU where bf16 GEMM is slower than fp32 (`bf16_gemm_is_fast()` False): inputs
     of more than 8 rows (prefill) run in fp32 from weight tiles upcast on the fly (`linear_upcast`),
     so the weights stay bf16 (half the memory and bandwidth); fewer rows use the bf16 GEMV.
-  * fp32 weights, no gradient needed, 4..256 rows (batched decoding, short prompts): oneDNN's matmul
-    (`onednn_linear`). F.linear's MKL call is slow at those sizes: on the 2-core AVX-512 Xeon we
-    measured (bench-small shapes, weights out of cache) 1.2-1.35x more time at 8-16 rows.
+  * fp32 weights, no gradient needed, 4..256 rows (batched decoding, short prompts), on x86: oneDNN's
+    matmul (`onednn_linear`). F.linear's MKL call is slow at those sizes: on the 2-core AVX-512 Xeon
+    we measured (bench-small shapes, weights out of cache) 1.2-1.35x more time at 8-16 rows. (A
+    one-time measurement was tried to decide this, as `packing_pays` does, but at a size small enough
+    to take 30 ms it flipped between runs; other CPUs keep F.linear until measured.)
   Everything else, and everything that needs gradients, is F.linear.
 - `PackedLinear`, made by `pack_for_cpu(model)`, is for inference on CPUs: the weight is stored once,
   in oneDNN's blocked layout, and every input runs through oneDNN. With bf16 weights on a CPU with
@@ -21,6 +23,7 @@ References: each fast path equals F.linear in fp32 within rounding (tests/test_l
 from __future__ import annotations
 
 import functools
+import platform
 import time
 from collections.abc import Callable
 from typing import Any
@@ -29,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-ONEDNN_ROWS = (4, 256)  # fp32 inputs with this many rows (inclusive) use oneDNN's matmul
+ONEDNN_ROWS = (4, 256)  # fp32 inputs with this many rows (inclusive) use oneDNN's matmul (x86 only)
+_X86 = platform.machine().lower() in ("x86_64", "amd64")  # where that was measured faster
 UPCAST_MIN_ROWS = 9  # bf16 inputs with at least this many rows use `linear_upcast` where bf16 GEMM is slow
 PACKED_BF16_MAX_ROWS = 128  # above this, a packed bf16 weight is unpacked for `linear_upcast` (prefill)
 
@@ -82,6 +86,7 @@ class Linear(nn.Linear):
                 and ONEDNN_ROWS[0] <= rows <= ONEDNN_ROWS[1]
                 and not _needs_grad(x, w)
                 and onednn_available()
+                and _X86
             ):
                 return onednn_linear(x, w, self.bias)
         return F.linear(x, w, self.bias)
