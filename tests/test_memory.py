@@ -27,7 +27,8 @@ def test_scan_extra_memory_at_bamba_9b_shapes_4096_tokens_under_1_gib():
     assert r["peak_extra_bytes"] < 2**30, r
 
 
-def test_load_then_forward_peak_rss_under_1_3x_weights(tmp_path):
+def save_model(folder, dtype=None, **save_kwargs) -> None:
+    """A random ~130M-parameter Bamba (untied lm_head) saved to `folder`, in `dtype` if given."""
     import torch
 
     from bamba import BambaConfig, BambaForCausalLM
@@ -44,7 +45,11 @@ def test_load_then_forward_peak_rss_under_1_3x_weights(tmp_path):
         mamba_d_state=64,
     )
     torch.manual_seed(0)
-    BambaForCausalLM(cfg).save_pretrained(tmp_path, max_shard_size="100MB")
+    BambaForCausalLM(cfg).to(dtype).save_pretrained(folder, **save_kwargs)
+
+
+def test_load_then_forward_peak_rss_under_1_3x_weights(tmp_path):
+    save_model(tmp_path, max_shard_size="100MB")
     r = child("load", "bamba", str(tmp_path))
     assert r["weights_bytes"] > 150e6
     assert r["peak_rss_load_and_forward"] < 1.3 * r["weights_bytes"], r
@@ -73,22 +78,7 @@ def test_packed_bf16_load_holds_the_weights_about_once(tmp_path):
     so the load peaks near one copy of the weights."""
     import torch
 
-    from bamba import BambaConfig, BambaForCausalLM
-
-    cfg = BambaConfig(
-        vocab_size=32768,
-        hidden_size=512,
-        intermediate_size=1536,
-        num_hidden_layers=8,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        attn_layer_indices=[3],
-        mamba_n_heads=16,
-        mamba_d_state=64,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    BambaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(tmp_path)
+    save_model(tmp_path, torch.bfloat16)
     weights = os.path.getsize(tmp_path / "model.safetensors")
     out = subprocess.run(
         [sys.executable, "-c", PACKED_LOAD, str(tmp_path)], check=True, capture_output=True, text=True

@@ -62,10 +62,11 @@ def test_int8_linear_matches_reference(rows):
     assert (dequantize_int8(q, s) - w).abs().le(s.float()[:, None] * 0.51 + 1e-6).all()
 
 
-@pytest.mark.parametrize("rows", [1, 5, INT4_KERNEL_MAX_ROWS, INT4_KERNEL_MAX_ROWS + 1])
+# rows per sequence; 2 sequences (a 3-D input): 2, 10, the kernel's limit, then 2 rows over it
+@pytest.mark.parametrize("rows", [1, 5, INT4_KERNEL_MAX_ROWS // 2, INT4_KERNEL_MAX_ROWS // 2 + 1])
 def test_int4_linear_matches_reference(rows):
     torch.manual_seed(1)
-    w, x = torch.randn(100, 256) * 0.05, torch.randn(rows, 256)
+    w, x = torch.randn(100, 256) * 0.05, torch.randn(2, rows, 256)
     packed, sz = quantize_int4(w, 128)
     assert packed.shape == (128, 128)  # 100 rows padded to 128
     ref = linear_int4_reference(x, packed, sz, 128, out=100)

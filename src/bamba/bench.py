@@ -189,8 +189,7 @@ def run_case(
     gen = torch.Generator().manual_seed(0)
     result: dict[str, Any] = {"impl": impl, "variant": variant, "kind": kind, "load_s": load_s}
     result["weight_bytes"] = weight_bytes(model)
-    emb = model.model.embed_tokens.weight
-    result["embed_bytes"] = 0 if model.config.tie_word_embeddings else emb.numel() * emb.element_size()
+    result["step_weight_bytes"] = weight_bytes(model, decode_step=True)  # all but an untied embedding
     with torch.inference_mode():
         if kind == "prefill":
             _prefill(
@@ -410,9 +409,7 @@ def _rows(runs: list[dict], cfg: Any, limits: dict[str, float]) -> list[dict]:
             if s["kind"] == "decode":
                 row["prompt"] = s["prompt"]
                 b = int(key.removeprefix("decode_b"))
-                per_step = (
-                    r["weight_bytes"] - r["embed_bytes"] + _state_bytes(cfg, b, s["prompt"] + s["steps"] // 2)
-                )
+                per_step = r["step_weight_bytes"] + _state_bytes(cfg, b, s["prompt"] + s["steps"] // 2)
                 row["limit_fraction"] = r[key] / b * per_step / limits["mem_bandwidth"]
                 target_key = (s["variant"], "decode", b, s["prompt"])
             else:

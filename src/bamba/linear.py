@@ -129,7 +129,7 @@ class PackedLinear(nn.Module):
             raise RuntimeError(
                 f"PackedLinear: input on {x.device}; the packed weight is a CPU (oneDNN) tensor"
             )
-        if torch.is_grad_enabled() and x.requires_grad:
+        if _needs_grad(x, self.packed):
             raise RuntimeError("PackedLinear is inference-only (no autograd); train the unpacked model")
         rows = x.numel() // x.shape[-1]
         if self.weight_dtype == torch.bfloat16 and rows > PACKED_BF16_MAX_ROWS and not bf16_gemm_is_fast():
