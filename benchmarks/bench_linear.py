@@ -6,7 +6,12 @@ the weight bytes read per second are printed next to the baseline measured in th
 
 - fp32: F.linear (the baseline) | oneDNN matmul on the dense weight (`Linear`'s path for 4-256 rows);
 - bf16: F.linear | oneDNN on the packed weight (`PackedLinear`);
-- int8 / int4: the quantized modules (packed aten kernels up to their row limits, then dequantize + GEMM).
+- int8 / int4: the quantized modules (packed aten kernels up to their row limits, then dequantize + GEMM);
+- where `torchao` is installed (it is not a dependency: `pip install torchao`), its weight-only configs on
+  the same layers in bf16, as `quantize_` applies them: `Int8WeightOnlyConfig()` and int4 with group size
+  128 through its CPU format (`PrototypeInt4WeightOnlyConfig` in torchao >= 0.16, earlier
+  `Int4WeightOnlyConfig(layout=Int4CPULayout())`). A config this torchao cannot run on the CPU is
+  reported with its error. This is the measurement behind `bamba.quantize` using PyTorch's own kernels.
 
 Run: python benchmarks/bench_linear.py [--preset bench-small] [--threads 2] [--rows 1,8,16,64]
 """
@@ -43,6 +48,45 @@ def linear_shapes(cfg) -> list[tuple[int, int]]:
             ]
         shapes += [(cfg.intermediate_size, cfg.hidden_size)] * 2 + [(cfg.hidden_size, cfg.intermediate_size)]
     return shapes + [(cfg.vocab_size, cfg.hidden_size)]
+
+
+def torchao_paths(dense: list[torch.nn.Linear]) -> dict[str, tuple[list, torch.dtype, float]]:
+    """torchao's int8 and int4 (group 128) weight-only versions of `dense`, where torchao is installed
+    and runs them on this CPU; a failing config is printed, not raised."""
+    try:
+        import torchao
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    except ImportError:
+        print("torchao is not installed: its rows are left out (pip install torchao)")
+        return {}
+
+    def int4_config():
+        try:  # torchao >= 0.16: the CPU int4 format is a prototype config
+            from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
+
+            return PrototypeInt4WeightOnlyConfig(group_size=128)
+        except ImportError:
+            from torchao.dtypes import Int4CPULayout
+            from torchao.quantization import Int4WeightOnlyConfig
+
+            return Int4WeightOnlyConfig(group_size=128, layout=Int4CPULayout(), version=1)
+
+    paths = {}
+    for name, make_config, per_weight in (("int8", Int8WeightOnlyConfig, 1), ("int4", int4_config, 0.5)):
+        label = f"torchao {torchao.__version__} {name}"
+        try:
+            layers = [torch.nn.Linear(m.in_features, m.out_features, bias=False) for m in dense]
+            for q, m in zip(layers, dense):
+                q.weight.data.copy_(m.weight)
+            layers = torch.nn.Sequential(*layers).to(torch.bfloat16)
+            quantize_(layers, make_config())
+            layers[0](
+                torch.zeros(1, layers[0].in_features, dtype=torch.bfloat16)
+            )  # fails here if it cannot run
+            paths[label] = ([(m, m.in_features) for m in layers], torch.bfloat16, per_weight)
+        except Exception as e:  # noqa: BLE001 - report any torchao failure and go on
+            print(f"{label}: cannot run here: {type(e).__name__}: {str(e)[:200]}")
+    return paths
 
 
 def time_pass(fns: list, xs: dict[int, torch.Tensor], reps: int = 3) -> float:
@@ -103,6 +147,7 @@ def main() -> None:
         paths["int8 weight-only kernel"] = ([(m, m.in_features) for m in q8], torch.float32, 1)
         q4 = [Int4WeightOnlyLinear.from_linear(m) for m in dense]
         paths["int4 weight-only kernel"] = ([(m, m.in_features) for m in q4], torch.float32, 0.5)
+        paths.update(torchao_paths(dense))
 
         widths = {i for _, i in shapes}
         print(f"{'path':28s} {'rows':>5s} {'ms/pass':>9s} {'GB/s':>7s}")
