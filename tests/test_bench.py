@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from conftest import TINY
 
 from bamba import BambaConfig, BambaForCausalLM
@@ -33,3 +34,9 @@ def test_bench_reports_both_implementations(tmp_path, capsys):
         assert r["bamba_peak_rss"] > 0 and r["transformers_peak_rss"] > 0 and 0 < r["limit_fraction"] < 1
     table = capsys.readouterr().out
     assert "tuned allocator" in table and "decode_b8" in table
+
+
+def test_bench_rejects_unknown_variants(tmp_path):
+    with pytest.raises(ValueError, match="variant 'int3': expected one of fp32, bf16, int8, int4, int8dq"):
+        bench(checkpoint=str(tmp_path / "never-created"), variants=("fp32", "int3"))
+    assert not (tmp_path / "never-created").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import subprocess
 import sys
 
@@ -40,6 +41,30 @@ def test_generate_streams_text(folder, capsys):
     a, b = capsys.readouterr().out.split("\n")[:2]
     assert a == b and a.startswith("to be")  # same seed, same text; the prompt is echoed first
     assert greedy.startswith("to be") and greedy.endswith("\n")
+
+
+@pytest.mark.parametrize(
+    "short, method",
+    [
+        ("int8", "int8_weight_only"),
+        ("int4", "int4_weight_only"),
+        ("int8dq", "int8_dynamic_activation_int8_weight"),
+    ],
+)
+def test_generate_quantize_names(folder, capsys, monkeypatch, short, method):
+    """Each --quantize name quantizes the loaded model with its method, then generates."""
+    module = importlib.import_module("bamba.quantize")  # `bamba.quantize` is also the function
+    seen = []
+
+    def spy(model, m, *args, **kwargs):
+        seen.append(m)
+        return real(model, m, *args, **kwargs)
+
+    real = module.quantize
+    monkeypatch.setattr(module, "quantize", spy)
+    args = ["generate", "--model", folder, "--max-new-tokens", "5", "--temperature", "0", "--quantize", short]
+    assert main([*args, "to be"]) == 0
+    assert seen == [method] and capsys.readouterr().out.startswith("to be")
 
 
 def test_generate_verbose_reports_speed(folder, capsys):

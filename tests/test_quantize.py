@@ -1,4 +1,4 @@
-"""Weight-only quantization: packed kernels against their references, accuracy bounds, save/load."""
+"""Quantization: packed kernels against their references, accuracy bounds, save/load."""
 
 from __future__ import annotations
 
@@ -13,20 +13,26 @@ from bamba.quantize import (
     INT4_KERNEL_MAX_ROWS,
     INT8_KERNEL_MAX_ROWS,
     Int4WeightOnlyLinear,
+    Int8DynamicActivationInt8WeightLinear,
     Int8WeightOnlyLinear,
     dequantize_int4,
     dequantize_int8,
     linear_int4,
     linear_int4_reference,
     linear_int8,
+    linear_int8_dynamic,
+    linear_int8_dynamic_reference,
     linear_int8_reference,
     pack_int4,
     perplexity,
     quantize,
     quantize_int4,
     quantize_int8,
+    quantize_rows_int8,
     unpack_int4,
 )
+
+DQ = "int8_dynamic_activation_int8_weight"
 
 # int4-friendly shapes: out features multiples of 64, in features multiples of 128 (in_proj: padded to 576 rows)
 CFG = dict(
@@ -62,6 +68,34 @@ def test_int8_linear_matches_reference(rows):
     assert (dequantize_int8(q, s) - w).abs().le(s.float()[:, None] * 0.51 + 1e-6).all()
 
 
+@pytest.mark.parametrize("rows", [1, 7, 64])
+def test_int8_dynamic_linear_matches_reference(rows):
+    """`_int_mm` sums int8 products exactly in int32; the reference sums the same rounded values in fp32."""
+    torch.manual_seed(2)
+    w, x, bias = torch.randn(96, 200) * 0.05, torch.randn(2, rows, 200), torch.randn(96)
+    q, s = quantize_int8(w)
+    ref = linear_int8_dynamic_reference(x, q, s, bias)
+    out = linear_int8_dynamic(x, q, s, bias)
+    assert out.shape == (2, rows, 96) and out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, atol=1e-5 * ref.abs().max().item(), rtol=1e-5)
+    # against the unquantized product: the rounding of activations and weights, a few % at most
+    exact = x @ w.t() + bias
+    assert (out - exact).abs().max() < 0.03 * exact.abs().max()
+    # bf16 inputs come back in bf16, computed from the same rounded values
+    torch.testing.assert_close(
+        linear_int8_dynamic(x.bfloat16(), q, s), linear_int8_dynamic_reference(x.bfloat16(), q, s)
+    )
+
+
+def test_quantize_rows_int8():
+    x = torch.tensor([[0.0, 0.0, 0.0], [1.0, -2.0, 0.5], [-1e-3, 3e-3, 2e-3]])
+    q, scale = quantize_rows_int8(x)
+    assert q.dtype == torch.int8 and scale.shape == (3, 1)
+    assert torch.equal(q[0], torch.zeros(3, dtype=torch.int8))  # an all-zero row stays zero
+    assert q.abs().amax(-1)[1:].eq(127).all()  # each row's largest value maps to +-127
+    assert (q.float() * scale - x).abs().le(scale * 0.5 + 1e-9).all()
+
+
 # rows per sequence; 2 sequences (a 3-D input): 2, 10, the kernel's limit, then 2 rows over it
 @pytest.mark.parametrize("rows", [1, 5, INT4_KERNEL_MAX_ROWS // 2, INT4_KERNEL_MAX_ROWS // 2 + 1])
 def test_int4_linear_matches_reference(rows):
@@ -87,10 +121,11 @@ def test_int4_layout_roundtrip_and_is_the_cpu_kernels():
     assert torch.equal(kernel, packed)
 
 
-@pytest.mark.parametrize("method, bound", [("int8_weight_only", 0.03), ("int4_weight_only", 0.4)])
+@pytest.mark.parametrize("method, bound", [("int8_weight_only", 0.03), ("int4_weight_only", 0.4), (DQ, 0.05)])
 def test_quantized_tiny_model_logits_close_to_fp32(method, bound):
     """Relative RMS error of the logits (random weights are the hard case for 4 bits: measured ~0.018
-    for int8 and ~0.31 for int4), in the multi-token and in the decode (kernel) path."""
+    for int8, ~0.31 for int4, ~0.03 for int8 with dynamic activations), in the multi-token and in the
+    decode (kernel) path."""
     model, ids = tiny(), torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = model(ids).logits
@@ -103,7 +138,12 @@ def test_quantized_tiny_model_logits_close_to_fp32(method, bound):
         rel_last = (last - ref[:, -1]).pow(2).mean().sqrt() / ref[:, -1].pow(2).mean().sqrt()
         assert rel_last < bound, rel_last
     kinds = {type(m) for m in q.modules()}
-    assert (Int8WeightOnlyLinear if method.startswith("int8") else Int4WeightOnlyLinear) in kinds
+    expected = {
+        "int8_weight_only": Int8WeightOnlyLinear,
+        "int4_weight_only": Int4WeightOnlyLinear,
+        DQ: Int8DynamicActivationInt8WeightLinear,
+    }
+    assert expected[method] in kinds
     assert not any(
         isinstance(m, torch.nn.Linear) and n.endswith(("in_proj", "out_proj", "down_proj"))
         for n, m in q.named_modules()
@@ -113,7 +153,7 @@ def test_quantized_tiny_model_logits_close_to_fp32(method, bound):
             assert p.is_floating_point() and p.dtype == torch.float32, name
 
 
-@pytest.mark.parametrize("method", ["int8_weight_only", "int4_weight_only"])
+@pytest.mark.parametrize("method", ["int8_weight_only", "int4_weight_only", DQ])
 def test_quantized_save_load_generate(tmp_path, method):
     q = quantize(tiny(), method)
     q.save_pretrained(tmp_path)

@@ -11,7 +11,8 @@ than the last-level cache). From them:
 
 - prefill fraction = tokens/s * matmul FLOPs per token / sgemm FLOP/s, where the FLOPs per token are
   2 * (weights of every Linear but the lm_head) + causal attention (4 * mean context * heads * head_dim
-  per attention layer); the SSD scan's own FLOPs are left out, so the fraction is a lower bound;
+  per attention layer); the SSD scan's own FLOPs are left out, so the fraction is a lower bound. For
+  int8dq (int8 activations and weights) the peak is the int8 GEMM's op/s (`torch._int_mm`), measured too;
 - decode fraction = steps/s * bytes read per step / bandwidth, where a step reads every weight but the
   embedding table (lm_head included), reads and writes each row's SSM state (fp32) and conv window, and
   reads each row's keys and values.
@@ -51,7 +52,11 @@ TARGETS = {
     ("int8", "decode", 1, 128): 5.0,
     ("int4", "decode", 1, 128): 6.0,
 }
-QUANT = {"int8": "int8_weight_only", "int4": "int4_weight_only"}
+QUANT = {
+    "int8": "int8_weight_only",
+    "int4": "int4_weight_only",
+    "int8dq": "int8_dynamic_activation_int8_weight",
+}
 
 
 # ----- checkpoints --------------------------------------------------------------------------------------
@@ -76,7 +81,7 @@ def ensure_checkpoint(folder: str, preset_name: str = PRESET, seed: int = 0) -> 
 
 
 def ensure_quantized_checkpoint(folder: str, variant: str) -> str:
-    """`folder` quantized with `variant` ("int8" / "int4"), saved once beside it and reused."""
+    """`folder` quantized with `variant` (a key of QUANT), saved once beside it and reused."""
     from .model import BambaForCausalLM
 
     out = f"{folder.rstrip('/')}-{variant}"
@@ -264,7 +269,8 @@ def _linear_flops_per_token(cfg: Any, context: int) -> float:
 
 
 def machine_limits(threads: int) -> dict[str, float]:
-    """fp32 matmul FLOP/s and memory read bandwidth (bytes/s), best of a few runs each."""
+    """fp32 matmul FLOP/s, int8 matmul (int32 sums) op/s, and memory read bandwidth (bytes/s), best of a
+    few runs each."""
     import torch
 
     torch.set_num_threads(threads)
@@ -273,11 +279,15 @@ def machine_limits(threads: int) -> dict[str, float]:
     a @ b
     best = min(_timed(lambda: a @ b) for _ in range(5))
     flops = 2 * n**3 / best
+    qa, qb = a.clamp(-1, 1).mul(127).to(torch.int8), b.clamp(-1, 1).mul(127).to(torch.int8)
+    torch._int_mm(qa, qb)
+    best = min(_timed(lambda: torch._int_mm(qa, qb)) for _ in range(5))
+    int8_ops = 2 * n**3 / best
     buf = torch.ones(384 * 2**20)  # 1.5 GiB: far beyond any last-level cache
     buf.sum()
     best = min(_timed(buf.sum) for _ in range(5))
     bandwidth = buf.numel() * 4 / best
-    return {"sgemm_flops": flops, "mem_bandwidth": bandwidth}
+    return {"sgemm_flops": flops, "int8_gemm_ops": int8_ops, "mem_bandwidth": bandwidth}
 
 
 def _timed(fn: Any) -> float:
@@ -330,7 +340,7 @@ def bench(
     checkpoint: str | None = None,
     threads: int = 2,
     quick: bool = False,
-    variants: tuple[str, ...] = ("fp32", "bf16", "int8", "int4"),
+    variants: tuple[str, ...] = ("fp32", "bf16", "int8", "int4", "int8dq"),
     long_prompt: bool = False,
     transformers: bool = True,
     json_path: str | None = None,
@@ -342,6 +352,9 @@ def bench(
     `bamba.runtime.tune_cpu_allocator`, as the `bamba` command line does for itself)."""
     if allocator not in ("default", "tuned"):
         raise ValueError(f"allocator={allocator!r}: expected 'default' or 'tuned'")
+    for v in variants:
+        if v not in ("fp32", "bf16", *QUANT):
+            raise ValueError(f"variant {v!r}: expected one of fp32, bf16, {', '.join(QUANT)}")
     from .config import BambaConfig
 
     folder = ensure_checkpoint(checkpoint or os.path.join(DEFAULT_DIR, PRESET))
@@ -414,7 +427,8 @@ def _rows(runs: list[dict], cfg: Any, limits: dict[str, float]) -> list[dict]:
                 target_key = (s["variant"], "decode", b, s["prompt"])
             else:
                 l = int(key.removeprefix("prefill_"))
-                row["limit_fraction"] = r[key] * _linear_flops_per_token(cfg, l) / limits["sgemm_flops"]
+                peak = limits["int8_gemm_ops" if s["variant"] == "int8dq" else "sgemm_flops"]
+                row["limit_fraction"] = r[key] * _linear_flops_per_token(cfg, l) / peak
                 target_key = (s["variant"], "prefill", l)
             row["ratio"] = row["bamba"] / row["transformers_fp32"] if hf else None
             row["target"] = TARGETS.get(target_key)
@@ -432,7 +446,8 @@ def format_table(report: dict) -> str:
     lines = [
         f"checkpoint {report['checkpoint']}, {report['threads']} threads, {report.get('allocator', 'default')} "
         "allocator; machine: sgemm "
-        f"{lim['sgemm_flops'] / 1e9:.0f} GFLOP/s, memory read {lim['mem_bandwidth'] / 1e9:.1f} GB/s",
+        f"{lim['sgemm_flops'] / 1e9:.0f} GFLOP/s, int8 GEMM {lim['int8_gemm_ops'] / 1e9:.0f} Gop/s, memory read "
+        f"{lim['mem_bandwidth'] / 1e9:.1f} GB/s",
         f"{'variant':7s} {'measure':14s} {'prompt':>6s} {'bamba':>9s} {'hf fp32':>9s} {'ratio':>6s} "
         f"{'target':>6s} {'limit%':>6s} {'RSS bamba':>10s} {'RSS hf':>8s}",
     ]
@@ -456,7 +471,11 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="fewer decode steps, no 4096-token prompts")
-    p.add_argument("--variants", default="fp32,bf16,int8,int4", help="comma list of fp32,bf16,int8,int4")
+    p.add_argument(
+        "--variants",
+        default="fp32,bf16,int8,int4,int8dq",
+        help="comma list of fp32, bf16, int8, int4 (weight-only), int8dq (int8 weights and activations)",
+    )
     p.add_argument("--long", action="store_true", help="also prefill a 32768-token prompt (chunked)")
     p.add_argument("--no-transformers", action="store_true", help="measure this project only")
     p.add_argument("--json", default=None, help="also write the full report here")

@@ -202,7 +202,8 @@ def load_pretrained(
     """Load `cls` (BambaForCausalLM or BambaModel) from a checkpoint folder or hub repo id.
 
     dtype: None or "auto" keeps the stored dtype (zero-copy); otherwise tensors are converted one at a
-    time. quantization: "int8_weight_only" / "int4_weight_only", applied after loading (see bamba.quantize).
+    time. quantization: "int8_weight_only" / "int4_weight_only" / "int8_dynamic_activation_int8_weight",
+    applied after loading (see bamba.quantize).
     pack: for CPU inference, store Linear weights in oneDNN's layout where that is measured to be faster
     (`bamba.linear.pack_for_cpu`; bf16 on CPUs with AVX512-BF16); the model can then not be trained.
     """

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .cache import HybridMambaAttentionDynamicCache
+from .quantize import SHORT_NAMES
 
 
 # ----- streamers ---------------------------------------------------------------------------------------
@@ -391,11 +392,16 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as stored)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cpu)")
-    p.add_argument("--quantize", choices=["int8", "int4"], default=None, help="weight-only quantization")
+    p.add_argument(
+        "--quantize",
+        choices=list(SHORT_NAMES),
+        default=None,
+        help="int8 / int4: weight-only; int8dq: int8 weights and int8 activations (see bamba.quantize)",
+    )
 
 
 def _quant_name(q: str | None) -> str | None:
-    return f"{q}_weight_only" if q else None
+    return SHORT_NAMES[q] if q else None
 
 
 def _cli_generate(args: argparse.Namespace) -> int:
