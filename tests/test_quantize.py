@@ -176,8 +176,10 @@ def test_from_pretrained_quantization_argument(tmp_path):
     assert isinstance(q.model.layers[0].feed_forward.up_proj, Int8WeightOnlyLinear)
     with pytest.raises(ValueError, match="int4_weight_only"):
         quantize(q, "int4_weight_only")
-    with pytest.raises(ValueError, match="expected one of"):
+    with pytest.raises(ValueError, match="expected one of .* or \\('int8', 'int4', 'int8dq'\\)"):
         quantize(tiny(), "int3")
+    short = quantize(tiny(), "int8dq")  # the command line's short names work here too
+    assert short.quantization_config["format"] == "int8_dynamic_activation_int8_weight"
 
 
 def test_perplexity_matches_the_loss():

@@ -359,9 +359,11 @@ def _set(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def quantize(model: nn.Module, method: str = "int8_weight_only", group_size: int = 128) -> nn.Module:
-    """Quantize `model`'s Linear layers in place (weight-only) and record `model.quantization_config`."""
+    """Quantize `model`'s Linear layers in place and record `model.quantization_config`. `method` is one
+    of METHODS or its short name (SHORT_NAMES: "int8", "int4", "int8dq")."""
+    method = SHORT_NAMES.get(method, method)
     if method not in METHODS:
-        raise ValueError(f"quantization={method!r}: expected one of {METHODS}")
+        raise ValueError(f"quantization={method!r}: expected one of {METHODS} or {tuple(SHORT_NAMES)}")
     done = getattr(model, "quantization_config", None)
     if done is not None:
         if done.get("format") != method or done.get("group_size", group_size) != group_size:
