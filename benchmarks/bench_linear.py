@@ -7,6 +7,8 @@ the weight bytes read per second are printed next to the baseline measured in th
 - fp32: F.linear (the baseline) | oneDNN matmul on the dense weight (`Linear`'s path for 4-256 rows);
 - bf16: F.linear | oneDNN on the packed weight (`PackedLinear`);
 - int8 / int4: the quantized modules (packed aten kernels up to their row limits, then dequantize + GEMM);
+- int8dq: the module (rows quantized to int8, `torch._int_mm`, rescaled) and the bare `_int_mm` on
+  int8 inputs, which shows what the per-call quantization and rescaling cost;
 - where `torchao` is installed (it is not a dependency: `pip install torchao`), its weight-only configs on
   the same layers in bf16, as `quantize_` applies them: `Int8WeightOnlyConfig()` and int4 with group size
   128 through its CPU format (`PrototypeInt4WeightOnlyConfig` in torchao >= 0.16, earlier
@@ -26,7 +28,7 @@ import torch.nn.functional as F
 
 from bamba.config import preset
 from bamba.linear import PackedLinear, onednn_available, onednn_linear
-from bamba.quantize import Int4WeightOnlyLinear, Int8WeightOnlyLinear
+from bamba.quantize import Int4WeightOnlyLinear, Int8DynamicActivationInt8WeightLinear, Int8WeightOnlyLinear
 
 
 def linear_shapes(cfg) -> list[tuple[int, int]]:
@@ -145,6 +147,13 @@ def main() -> None:
         del bf16
         q8 = [Int8WeightOnlyLinear.from_linear(m) for m in dense]
         paths["int8 weight-only kernel"] = ([(m, m.in_features) for m in q8], torch.float32, 1)
+        dq = [Int8DynamicActivationInt8WeightLinear.from_linear(m) for m in dense]
+        paths["int8dq module"] = ([(m, m.in_features) for m in dq], torch.float32, 1)
+        paths["int8dq bare _int_mm"] = (
+            [(lambda x, w=m.weight: torch._int_mm(x, w.t()), m.in_features) for m in dq],
+            torch.int8,
+            1,
+        )
         q4 = [Int4WeightOnlyLinear.from_linear(m) for m in dense]
         paths["int4 weight-only kernel"] = ([(m, m.in_features) for m in q4], torch.float32, 0.5)
         paths.update(torchao_paths(dense))
@@ -153,7 +162,7 @@ def main() -> None:
         print(f"{'path':28s} {'rows':>5s} {'ms/pass':>9s} {'GB/s':>7s}")
         for rows in (int(r) for r in args.rows.split(",")):
             for name, (fns, dtype, per_weight) in paths.items():
-                xs = {k: torch.randn(rows, k).to(dtype) for k in widths}
+                xs = {k: torch.randn(rows, k).mul(40).to(dtype) for k in widths}
                 t = time_pass(fns, xs)
                 print(f"{name:28s} {rows:5d} {t * 1e3:9.2f} {n_weights * per_weight / t / 1e9:7.1f}")
 

@@ -110,8 +110,8 @@ def linear_int8(x: Tensor, q: Tensor, scales: Tensor, bias: Tensor | None = None
 def quantize_rows_int8(x: Tensor) -> tuple[Tensor, Tensor]:
     """x (m, k) float -> (q int8 (m, k), scale fp32 (m, 1)), symmetric per row: x ~ q * scale."""
     x = x.float()
-    scale = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / 127.0  # (m, 1)
-    return torch.round(x / scale).to(torch.int8), scale
+    scale = x.abs().amax(dim=-1, keepdim=True).clamp_(min=1e-12).div_(127.0)  # (m, 1)
+    return x.div(scale).round_().to(torch.int8), scale
 
 
 def linear_int8_dynamic_reference(x: Tensor, q: Tensor, scales: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -130,8 +130,8 @@ def linear_int8_dynamic(x: Tensor, q: Tensor, scales: Tensor, bias: Tensor | Non
     if x.device.type != "cpu":
         return linear_int8_dynamic_reference(x, q, scales, bias)
     xq, xs = quantize_rows_int8(x.reshape(-1, x.shape[-1]))  # (m, in) int8, (m, 1)
-    y = torch._int_mm(xq, q.t()).float()  # (m, out) int32 -> fp32
-    y = y.mul_(xs).mul_(scales.float()).view(*x.shape[:-1], q.shape[0]).to(x.dtype)
+    y = torch.mul(torch._int_mm(xq, q.t()), xs).mul_(scales)  # (m, out): int32 sums, scaled in fp32
+    y = y.view(*x.shape[:-1], q.shape[0]).to(x.dtype)
     return y + bias if bias is not None else y
 
 
