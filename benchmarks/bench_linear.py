@@ -82,9 +82,8 @@ def torchao_paths(dense: list[torch.nn.Linear]) -> dict[str, tuple[list, torch.d
                 q.weight.data.copy_(m.weight)
             layers = torch.nn.Sequential(*layers).to(torch.bfloat16)
             quantize_(layers, make_config())
-            layers[0](
-                torch.zeros(1, layers[0].in_features, dtype=torch.bfloat16)
-            )  # fails here if it cannot run
+            probe = torch.zeros(1, layers[0].in_features, dtype=torch.bfloat16)
+            layers[0](probe)  # raises here if this torchao cannot run the config on the CPU
             paths[label] = ([(m, m.in_features) for m in layers], torch.bfloat16, per_weight)
         except Exception as e:  # noqa: BLE001 - report any torchao failure and go on
             print(f"{label}: cannot run here: {type(e).__name__}: {str(e)[:200]}")
@@ -162,7 +161,10 @@ def main() -> None:
         print(f"{'path':28s} {'rows':>5s} {'ms/pass':>9s} {'GB/s':>7s}")
         for rows in (int(r) for r in args.rows.split(",")):
             for name, (fns, dtype, per_weight) in paths.items():
-                xs = {k: torch.randn(rows, k).mul(40).to(dtype) for k in widths}
+                if dtype == torch.int8:  # the bare _int_mm's inputs: already quantized rows
+                    xs = {k: torch.randint(-127, 128, (rows, k), dtype=dtype) for k in widths}
+                else:
+                    xs = {k: torch.randn(rows, k).to(dtype) for k in widths}
                 t = time_pass(fns, xs)
                 print(f"{name:28s} {rows:5d} {t * 1e3:9.2f} {n_weights * per_weight / t / 1e9:7.1f}")
 

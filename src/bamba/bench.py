@@ -40,6 +40,8 @@ import sys
 import time
 from typing import Any
 
+from .quantize import SHORT_NAMES
+
 DEFAULT_DIR = ".bench"
 PRESET = "bench-small"
 # Target ratios of issue 5 (ours / transformers fp32), keyed like the result rows.
@@ -52,11 +54,7 @@ TARGETS = {
     ("int8", "decode", 1, 128): 5.0,
     ("int4", "decode", 1, 128): 6.0,
 }
-QUANT = {
-    "int8": "int8_weight_only",
-    "int4": "int4_weight_only",
-    "int8dq": "int8_dynamic_activation_int8_weight",
-}
+QUANT = SHORT_NAMES  # variant -> quantization method: int8, int4 (weight-only), int8dq
 
 
 # ----- checkpoints --------------------------------------------------------------------------------------
