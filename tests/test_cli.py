@@ -99,10 +99,15 @@ def test_generate_text_stats(folder):
     assert isinstance(text, str)
 
 
-def test_info(folder, capsys):
+def test_info(folder, capsys, tmp_path):
     assert main(["info", folder]) == 0
     out = capsys.readouterr().out
-    assert "MAM" in out and "parameters" in out
+    assert "MAM" in out and "parameters" in out and "quantized" not in out
+    BambaForCausalLM.from_pretrained(folder, quantization="int8dq").save_pretrained(tmp_path)
+    assert main(["info", str(tmp_path)]) == 0
+    n = len(BambaForCausalLM.from_pretrained(str(tmp_path)).quantization_config["modules"])
+    assert n == 3 * 3 + 2 * 2 + 4 + 1  # 3 MLPs, 2 Mamba in/out projections, attention q/k/v/o, lm_head
+    assert f"quantized    int8_dynamic_activation_int8_weight: {n} Linear layers" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import resolve_folder, weight_files
+from .checkpoint import _read_quant_meta, resolve_folder, weight_files
 from .config import BambaConfig
 
 
@@ -56,6 +56,7 @@ def model_info(model: str | None = None) -> dict[str, Any]:
         "mamba_state_bytes_per_sequence_fp32": state_per_row,
         "kv_cache_bytes_per_token_fp32": kv_per_token,
         "max_position_embeddings": c.max_position_embeddings,
+        "quantization": _read_quant_meta(folder),  # quantization_config.json of a saved quantized model
     }
 
 
@@ -81,6 +82,9 @@ def _cli(args: argparse.Namespace) -> int:
     print(f"mamba        {info['mamba']}")
     print(f"attention    {info['attention']}")
     print(f"weights      {_gib(info['weights_fp32_bytes'])} fp32, {_gib(info['weights_bf16_bytes'])} bf16")
+    if quant := info["quantization"]:
+        group = f", group {quant['group_size']}" if quant.get("group_size") else ""
+        print(f"quantized    {quant.get('format')}{group}: {len(quant.get('modules', []))} Linear layers")
     print(
         f"cache        {_gib(info['mamba_state_bytes_per_sequence_fp32'])} Mamba state per sequence + "
         f"{info['kv_cache_bytes_per_token_fp32'] / 1024:.1f} KiB KV per token (fp32)"
