@@ -8,7 +8,8 @@ the weight bytes read per second are printed next to the baseline measured in th
 - bf16: F.linear | oneDNN on the packed weight (`PackedLinear`);
 - int8 / int4: the quantized modules (packed aten kernels up to their row limits, then dequantize + GEMM);
 - int8dq: the module (rows quantized to int8, `torch._int_mm`, rescaled) and the bare `_int_mm` on
-  int8 inputs, which shows what the per-call quantization and rescaling cost;
+  the rows it takes (uint8 where `int_mm_takes_uint8()`), which shows what the per-call quantization
+  and rescaling cost;
 - where `torchao` is installed (it is not a dependency: `pip install torchao`), its weight-only configs on
   the same layers in bf16, as `quantize_` applies them: `Int8WeightOnlyConfig()` and int4 with group size
   128 through its CPU format (`PrototypeInt4WeightOnlyConfig` in torchao >= 0.16, earlier
@@ -28,7 +29,12 @@ import torch.nn.functional as F
 
 from bamba.config import preset
 from bamba.linear import PackedLinear, onednn_available, onednn_linear
-from bamba.quantize import Int4WeightOnlyLinear, Int8DynamicActivationInt8WeightLinear, Int8WeightOnlyLinear
+from bamba.quantize import (
+    Int4WeightOnlyLinear,
+    Int8DynamicActivationInt8WeightLinear,
+    Int8WeightOnlyLinear,
+    int_mm_takes_uint8,
+)
 
 
 def linear_shapes(cfg) -> list[tuple[int, int]]:
@@ -148,9 +154,10 @@ def main() -> None:
         paths["int8 weight-only kernel"] = ([(m, m.in_features) for m in q8], torch.float32, 1)
         dq = [Int8DynamicActivationInt8WeightLinear.from_linear(m) for m in dense]
         paths["int8dq module"] = ([(m, m.in_features) for m in dq], torch.float32, 1)
-        paths["int8dq bare _int_mm"] = (
+        rows_dtype = torch.uint8 if int_mm_takes_uint8() else torch.int8  # what the module feeds _int_mm
+        paths[f"int8dq bare _int_mm {str(rows_dtype)[6:]}"] = (
             [(lambda x, w=m.weight: torch._int_mm(x, w.t()), m.in_features) for m in dq],
-            torch.int8,
+            rows_dtype,
             1,
         )
         q4 = [Int4WeightOnlyLinear.from_linear(m) for m in dense]
@@ -161,8 +168,9 @@ def main() -> None:
         print(f"{'path':28s} {'rows':>5s} {'ms/pass':>9s} {'GB/s':>7s}")
         for rows in (int(r) for r in args.rows.split(",")):
             for name, (fns, dtype, per_weight) in paths.items():
-                if dtype == torch.int8:  # the bare _int_mm's inputs: already quantized rows
-                    xs = {k: torch.randint(-127, 128, (rows, k), dtype=dtype) for k in widths}
+                if dtype in (torch.int8, torch.uint8):  # the bare _int_mm's inputs: quantized rows
+                    low = -127 if dtype == torch.int8 else 1
+                    xs = {k: torch.randint(low, low + 255, (rows, k), dtype=dtype) for k in widths}
                 else:
                     xs = {k: torch.randn(rows, k).to(dtype) for k in widths}
                 t = time_pass(fns, xs)

@@ -17,6 +17,7 @@ from bamba.quantize import (
     Int8WeightOnlyLinear,
     dequantize_int4,
     dequantize_int8,
+    int_mm_takes_uint8,
     linear_int4,
     linear_int4_reference,
     linear_int8,
@@ -29,6 +30,7 @@ from bamba.quantize import (
     quantize_int4,
     quantize_int8,
     quantize_rows_int8,
+    shifted_row_sums,
     unpack_int4,
 )
 
@@ -87,6 +89,37 @@ def test_int8_dynamic_linear_matches_reference(rows):
     )
 
 
+@pytest.mark.parametrize("rows", [1, 8])
+def test_int8_dynamic_uint8_rows_give_the_same_sums(rows):
+    """uint8 rows (xq + 128) with 128 * row sums taken back: bit-identical to the int8 x int8 path."""
+    if not int_mm_takes_uint8():
+        pytest.skip("this PyTorch's CPU _int_mm takes no uint8 input (or not x86): the int8 path is used")
+    torch.manual_seed(3)
+    w, x = torch.randn(80, 160) * 0.05, torch.randn(rows, 160)
+    x[0, 0] = x[0].abs().max() * 1.5  # a row whose largest value maps to q = 127 (uint8 255)
+    x[-1, 1] = -x[-1].abs().max() * 1.5  # and one to q = -127 (uint8 1)
+    q, s = quantize_int8(w)
+    sums = shifted_row_sums(q)
+    assert sums is not None and torch.equal(sums, 128 * q.int().sum(1))
+    torch.testing.assert_close(
+        linear_int8_dynamic(x, q, s, shifted_sums=sums), linear_int8_dynamic(x, q, s), atol=0, rtol=0
+    )
+
+
+def test_int8_dynamic_module_refreshes_its_sums_on_load():
+    """The module's cached row sums follow the weight through load_state_dict (even an in-place copy)."""
+    torch.manual_seed(4)
+    a, b = torch.nn.Linear(64, 32, bias=False), torch.nn.Linear(64, 32, bias=False)
+    mod = Int8DynamicActivationInt8WeightLinear.from_linear(a)
+    x = torch.randn(1, 64)
+    torch.testing.assert_close(mod(x), linear_int8_dynamic_reference(x, mod.weight, mod.scales))
+    ptr = mod.weight.data_ptr()
+    mod.load_state_dict(Int8DynamicActivationInt8WeightLinear.from_linear(b).state_dict())  # copies in place
+    assert mod.weight.data_ptr() == ptr
+    qb, sb = quantize_int8(b.weight.detach())
+    torch.testing.assert_close(mod(x), linear_int8_dynamic_reference(x, qb, sb))
+
+
 def test_quantize_rows_int8():
     x = torch.tensor([[0.0, 0.0, 0.0], [1.0, -2.0, 0.5], [-1e-3, 3e-3, 2e-3]])
     q, scale = quantize_rows_int8(x)
@@ -94,6 +127,12 @@ def test_quantize_rows_int8():
     assert torch.equal(q[0], torch.zeros(3, dtype=torch.int8))  # an all-zero row stays zero
     assert q.abs().amax(-1)[1:].eq(127).all()  # each row's largest value maps to +-127
     assert (q.float() * scale - x).abs().le(scale * 0.5 + 1e-9).all()
+    shifted, scale2 = quantize_rows_int8(x, shift=True)
+    assert (
+        shifted.dtype == torch.uint8
+        and torch.equal(shifted.int() - 128, q.int())
+        and torch.equal(scale2, scale)
+    )
 
 
 # rows per sequence; 2 sequences (a 3-D input): 2, 10, the kernel's limit, then 2 rows over it
