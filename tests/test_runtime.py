@@ -16,9 +16,10 @@ def step():  # three 16 MB temporaries alive at once, as in a chain of ops on a 
     a = torch.empty(4 << 20).fill_(1.0)
     b = a * 2
     return (b + a).sum()
-step()  # the first step faults its pages in; count the faults of 20 more
+for _ in range(20):  # warm-up: the heap grows to hold the temporaries (measured: 6 blocks' pages)
+    step()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(20):
+for _ in range(80):  # steady state: count the page faults of 80 more steps
     step()
 print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
@@ -36,7 +37,8 @@ def test_tuned_allocator_reuses_large_blocks():
     if applied != "True":
         pytest.skip("the C library is not glibc")
     pages = (16 << 20) // 4096  # faults to touch one 16 MB block
-    # Tuned: the heap grows at most once more, then its blocks are reused (measured: 0 to 3 blocks' pages).
-    # glibc's default gives the blocks back after steps and faults them in again: measured 60 blocks'
-    # pages in most runs, 7 in a few (its thresholds adapt), never fewer than 6.
-    assert tuned <= 4 * pages, tuned
+    # Tuned: after the warm-up the freed blocks are reused, so 80 steps fault in almost nothing (measured:
+    # 0 or 1 block's pages). Faulting the three temporaries in again at every step, as glibc's defaults
+    # do in most runs, costs 240 blocks' pages (measured 239); in some runs glibc's adaptive thresholds
+    # reach the same steady state on their own, so this checks the tuned process, not the difference.
+    assert tuned <= 2 * pages, tuned
