@@ -101,6 +101,8 @@ def test_int8_dynamic_uint8_rows_give_the_same_sums(rows):
     q, s = quantize_int8(w)
     sums = shifted_row_sums(q)
     assert sums is not None and torch.equal(sums, 128 * q.int().sum(1))
+    tall = torch.randint(-127, 128, (40000, 128), dtype=torch.int8)  # summed in two blocks of rows
+    assert torch.equal(shifted_row_sums(tall), 128 * tall.int().sum(1))
     torch.testing.assert_close(
         linear_int8_dynamic(x, q, s, shifted_sums=sums), linear_int8_dynamic(x, q, s), atol=0, rtol=0
     )

@@ -172,7 +172,11 @@ def shifted_row_sums(q: Tensor) -> Tensor | None:
     `int_mm_takes_uint8()`, at most SHIFTED_MAX_IN inputs); else None."""
     if q.device.type != "cpu" or q.shape[1] > SHIFTED_MAX_IN or not int_mm_takes_uint8():
         return None
-    return q.sum(1, dtype=torch.int32).mul_(128)
+    sums = torch.empty(q.shape[0], dtype=torch.int32)
+    step = max(1, (1 << 22) // q.shape[1])  # rows per block: the int32 temporary stays <= 16 MB
+    for i in range(0, q.shape[0], step):
+        torch.sum(q[i : i + step], dim=1, dtype=torch.int32, out=sums[i : i + step])
+    return sums.mul_(128)
 
 
 # ----- int4: per group of input columns ---------------------------------------------------------------------
