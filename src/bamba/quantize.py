@@ -50,8 +50,11 @@ the dequantize path. Each fast path has a plain reference beside it (`linear_int
 int8 with dynamic activations (bench-small's decode-step layers, 2 threads, ms per pass): 1 row 16.2
 against 23.5 for `_weight_int8pack_mm`; 8 rows 29.7 against 59.4; and on 20 layers, 32 rows 10.4, 128
 rows 23.8, 512 rows 85 against 30, 74 and 245 for an fp32 GEMM that needs no dequantization. So it
-takes `_int_mm` at every row count on the CPU; other devices take its reference
-(`linear_int8_dynamic_reference`: the activations rounded the same way, then F.linear).
+takes `_int_mm` at every row count on the CPU. Where `_int_mm` takes uint8 rows (x86; VNNI multiplies
+u8 x s8 natively), the rows go in shifted by 128 and the shift is subtracted exactly: 1 row 14.6, 8 rows
+30.1 (bare `_int_mm` at 1 row: 10.2 ms u8 x s8, i.e. the memory's speed, against 13.6 s8 x s8). Other
+devices take its reference (`linear_int8_dynamic_reference`: the activations rounded the same way,
+then F.linear).
 
 torchao was measured on the same layers and not taken (`benchmarks/bench_linear.py`, 2 threads, 1 row,
 torchao 0.18 on torch 2.13): its CPU int4 weight-only format (group 128) calls the same
