@@ -123,8 +123,9 @@ def quantize_rows_int8(x: Tensor, shift: bool = False) -> tuple[Tensor, Tensor]:
 @functools.cache
 def int_mm_takes_uint8() -> bool:
     """Does this PyTorch's CPU `torch._int_mm` take uint8 activations (u8 x s8 products, the form x86's
-    VNNI instructions compute natively)? PyTorch added it after 2.9; it is used on x86 only, where it
-    was measured: one decode step of bench-small, 2 threads, 10.3 ms against 13.6 for int8 x int8."""
+    VNNI instructions compute natively)? Recent versions do (2.13 does); older ones raise. Used on x86
+    only, where it was measured: one decode step of bench-small, 2 threads, 10.3 ms against 13.6 for
+    int8 x int8."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return False
     try:
