@@ -54,17 +54,18 @@ def test_generate_streams_text(folder, capsys):
 def test_generate_quantize_names(folder, capsys, monkeypatch, short, method):
     """Each --quantize name quantizes the loaded model with its method, then generates."""
     module = importlib.import_module("bamba.quantize")  # `bamba.quantize` is also the function
-    seen = []
+    formats = []
 
-    def spy(model, m, *args, **kwargs):
-        seen.append(m)
-        return real(model, m, *args, **kwargs)
+    def spy(model, *args, **kwargs):
+        out = real(model, *args, **kwargs)
+        formats.append(out.quantization_config["format"])
+        return out
 
     real = module.quantize
     monkeypatch.setattr(module, "quantize", spy)
     args = ["generate", "--model", folder, "--max-new-tokens", "5", "--temperature", "0", "--quantize", short]
     assert main([*args, "to be"]) == 0
-    assert seen == [method] and capsys.readouterr().out.startswith("to be")
+    assert formats == [method] and capsys.readouterr().out.startswith("to be")
 
 
 def test_generate_verbose_reports_speed(folder, capsys):

@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from conftest import TINY
 
 from bamba import BambaConfig, BambaForCausalLM
 from bamba.quantize import (
@@ -37,19 +38,15 @@ from bamba.quantize import (
 DQ = "int8_dynamic_activation_int8_weight"
 
 # int4-friendly shapes: out features multiples of 64, in features multiples of 128 (in_proj: padded to 576 rows)
-CFG = dict(
-    vocab_size=256,
-    hidden_size=128,
-    intermediate_size=256,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    attn_layer_indices=[1],
-    mamba_n_heads=4,
-    mamba_d_head=64,
-    mamba_d_state=16,
-    mamba_chunk_size=16,
-)
+CFG = {
+    **TINY,
+    "vocab_size": 256,
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "mamba_d_head": 64,
+    "mamba_d_state": 16,
+    "mamba_chunk_size": 16,
+}
 
 
 def tiny(seed: int = 0) -> BambaForCausalLM:

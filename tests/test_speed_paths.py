@@ -62,12 +62,17 @@ def test_decode_steps_match_one_full_forward():
     torch.manual_seed(4)
     model = BambaForCausalLM(BambaConfig(**CFG)).eval()
     ids = torch.randint(0, 97, (3, 20))
+    mixers = [layer.mamba for layer in model.model.layers if layer.block_type == "mamba"]
+    calls = []
+    for mixer in mixers:  # count the calls of the in-place decode path
+        mixer.step = lambda x, cache, step=mixer.step: calls.append(1) or step(x, cache)
     with torch.no_grad():
         ref = model(ids).logits
         cache = HybridMambaAttentionDynamicCache(model.config)
         steps = [model(ids[:, :12], past_key_values=cache, use_cache=True).logits]
         for t in range(12, 20):  # the in-place decode path (BambaMixer.step)
             steps.append(model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
+    assert len(calls) == 8 * len(mixers)  # every decoded token went through BambaMixer.step
     torch.testing.assert_close(torch.cat(steps, dim=1), ref, atol=1e-4, rtol=1e-4)
 
 
@@ -80,8 +85,17 @@ def test_long_prompt_prefills_in_pieces_like_one_forward():
         ref_cache = HybridMambaAttentionDynamicCache(model.config)
         ref = model(ids, past_key_values=ref_cache, use_cache=True).logits
         model.model.prefill_chunk_size = 16  # 50 tokens: pieces of 16, 16, 16, 2
+        lengths = []
+
+        def record(module, args, kwargs):  # the length of each BambaModel call's input
+            x = kwargs.get("inputs_embeds")
+            lengths.append((x if x is not None else kwargs["input_ids"]).shape[1])
+
+        hook = model.model.register_forward_pre_hook(record, with_kwargs=True)
         cache = HybridMambaAttentionDynamicCache(model.config)
         out = model(ids, past_key_values=cache, use_cache=True).logits
+        hook.remove()
+        assert lengths == [50, 16, 16, 16, 2]  # the whole prompt, then its pieces through the cache
         torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
         nxt = torch.randint(0, 97, (2, 1))
         torch.testing.assert_close(

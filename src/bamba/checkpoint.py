@@ -217,7 +217,7 @@ def load_pretrained(
     device = torch.device(device) if device is not None else torch.device("cpu")
     with torch.device("meta"):
         model = cls(config, init=False)
-    quant_meta = _read_quant_meta(folder)
+    quant_meta = read_quantization_config(folder)
     if quant_meta is not None:
         from .quantize import prepare_quantized
 
@@ -290,7 +290,8 @@ def _map_key(name: str, prefix: str) -> str | None:
     return name.removeprefix("model.")
 
 
-def _read_quant_meta(folder: str) -> dict | None:
+def read_quantization_config(folder: str) -> dict | None:
+    """The folder's quantization_config.json (written when a quantized model is saved), or None."""
     path = os.path.join(folder, "quantization_config.json")
     if not os.path.isfile(path):
         return None

@@ -400,10 +400,6 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _quant_name(q: str | None) -> str | None:
-    return SHORT_NAMES[q] if q else None
-
-
 def _cli_generate(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     first = True
@@ -424,7 +420,7 @@ def _cli_generate(args: argparse.Namespace) -> int:
         seed=args.seed,
         dtype=args.dtype,
         device=args.device,
-        quantize=_quant_name(args.quantize),
+        quantize=args.quantize,
         stream=stream,
         stats=stats,
     )
@@ -524,6 +520,6 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
             seed=a.seed,
             dtype=a.dtype,
             device=a.device,
-            quantize=_quant_name(a.quantize),
+            quantize=a.quantize,
         )
     )

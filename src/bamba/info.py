@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import _read_quant_meta, resolve_folder, weight_files
+from .checkpoint import read_quantization_config, resolve_folder, weight_files
 from .config import BambaConfig
 
 
@@ -56,7 +56,9 @@ def model_info(model: str | None = None) -> dict[str, Any]:
         "mamba_state_bytes_per_sequence_fp32": state_per_row,
         "kv_cache_bytes_per_token_fp32": kv_per_token,
         "max_position_embeddings": c.max_position_embeddings,
-        "quantization": _read_quant_meta(folder),  # quantization_config.json of a saved quantized model
+        "quantization": read_quantization_config(
+            folder
+        ),  # quantization_config.json of a saved quantized model
     }
 
 

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 ONEDNN_ROWS = (4, 256)  # fp32 inputs with this many rows (inclusive) use oneDNN's matmul (x86 only)
-_X86 = platform.machine().lower() in ("x86_64", "amd64")  # where that was measured faster
+X86 = platform.machine().lower() in ("x86_64", "amd64")  # where that was measured faster
 UPCAST_MIN_ROWS = 9  # bf16 inputs with at least this many rows use `linear_upcast` where bf16 GEMM is slow
 PACKED_BF16_MAX_ROWS = 128  # above this, a packed bf16 weight is unpacked for `linear_upcast` (prefill)
 
@@ -86,7 +86,7 @@ class Linear(nn.Linear):
                 and ONEDNN_ROWS[0] <= rows <= ONEDNN_ROWS[1]
                 and not _needs_grad(x, w)
                 and onednn_available()
-                and _X86
+                and X86
             ):
                 return onednn_linear(x, w, self.bias)
         return F.linear(x, w, self.bias)
@@ -188,6 +188,17 @@ def packing_pays(dtype: torch.dtype) -> bool:
     return _best_time(run, onednn_linear, packed) < _best_time(run, F.linear, ws) / 1.15
 
 
+def is_tied_lm_head(model: nn.Module, name: str) -> bool:
+    """Is `name` the lm_head of a model whose config ties it to the input embeddings?"""
+    return name == "lm_head" and getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+
+
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put `module` at the dotted path `name` of `model` (e.g. "model.layers.0.mamba.in_proj")."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
 def pack_for_cpu(
     model: nn.Module,
     dtypes: tuple[torch.dtype, ...] | None = None,
@@ -197,17 +208,15 @@ def pack_for_cpu(
     `packing_pays`) for `PackedLinear`, in place, for inference. A lm_head tied to the embeddings is
     left as it is (packing would copy it). `on_packed(name)` runs after each layer (the loader releases
     the layer's memory-mapped pages there, so only one layer is held twice). Returns the packed names."""
-    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
     if not onednn_available():
         return []
     packed = []
     for name, mod in list(model.named_modules()):
-        if type(mod) is not Linear or mod.weight.device.type != "cpu" or (tied and name == "lm_head"):
+        if type(mod) is not Linear or mod.weight.device.type != "cpu" or is_tied_lm_head(model, name):
             continue
         dtype = mod.weight.dtype
         if (dtype in dtypes) if dtypes is not None else packing_pays(dtype):
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, PackedLinear(mod))
+            replace_module(model, name, PackedLinear(mod))
             packed.append(name)
             if on_packed is not None:
                 on_packed(name)

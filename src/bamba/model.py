@@ -278,7 +278,7 @@ class BambaMixer(nn.Module):
         y, new_ssm_state = ssd_chunked(
             xs.view(b, l, self.num_heads, self.head_dim),
             dt,
-            -torch.exp(self.A_log.float()),  # A (h,)
+            self._A(),
             B.view(b, l, self.n_groups, self.d_state),
             C.view(b, l, self.n_groups, self.d_state),
             self.chunk_size,
@@ -309,13 +309,17 @@ class BambaMixer(nn.Module):
             cache.ssm_states[self.layer_idx],
             xs.view(b, self.num_heads, self.head_dim),
             self._dt(dt),
-            -torch.exp(self.A_log.float()),
+            self._A(),
             B.view(b, self.n_groups, self.d_state),
             C.view(b, self.n_groups, self.d_state),
             self.D,
         )  # (b, h, p) fp32
         y = self.norm(y.view(b, 1, self.intermediate_size), z[:, None])  # fp32
         return self.out_proj(y.to(x.dtype))
+
+    def _A(self) -> Tensor:
+        """A = -exp(A_log) (h,), fp32: each head's (negative) decay rate."""
+        return -torch.exp(self.A_log.float())
 
     def _dt(self, dt: Tensor) -> Tensor:
         """softplus(dt + dt_bias), clamped to time_step_limit; fp32."""

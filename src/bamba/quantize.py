@@ -66,12 +66,13 @@ from __future__ import annotations
 
 import functools
 import math
-import platform
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .linear import X86, is_tied_lm_head, replace_module
 
 METHODS = ("int8_weight_only", "int4_weight_only", "int8_dynamic_activation_int8_weight")
 SHORT_NAMES = {"int8": METHODS[0], "int4": METHODS[1], "int8dq": METHODS[2]}  # command-line names
@@ -126,7 +127,7 @@ def int_mm_takes_uint8() -> bool:
     VNNI instructions compute natively)? Recent versions do (2.13 does); older ones raise. Used on x86
     only, where it was measured: one decode step of bench-small, 2 threads, 10.3 ms against 13.6 for
     int8 x int8."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
+    if not X86:
         return False
     try:
         a, b = torch.full((1, 32), 200, dtype=torch.uint8), torch.full((32, 16), -3, dtype=torch.int8)
@@ -405,20 +406,14 @@ INT8_MODULES = {METHODS[0]: Int8WeightOnlyLinear, METHODS[2]: Int8DynamicActivat
 # ----- whole models ---------------------------------------------------------------------------------------
 def _targets(model: nn.Module, method: str, group_size: int) -> list[str]:
     """Names of the Linear layers `method` quantizes (a tied lm_head stays: it is the embedding)."""
-    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
     names = []
     for name, mod in model.named_modules():
-        if not isinstance(mod, nn.Linear) or (tied and name == "lm_head"):
+        if not isinstance(mod, nn.Linear) or is_tied_lm_head(model, name):
             continue
         if method == "int4_weight_only" and mod.in_features % group_size:
             continue
         names.append(name)
     return names
-
-
-def _set(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 def quantize(model: nn.Module, method: str = "int8_weight_only", group_size: int = 128) -> nn.Module:
@@ -437,9 +432,9 @@ def quantize(model: nn.Module, method: str = "int8_weight_only", group_size: int
         for name in names:
             linear = model.get_submodule(name)
             if method == "int4_weight_only":
-                _set(model, name, Int4WeightOnlyLinear.from_linear(linear, group_size))
+                replace_module(model, name, Int4WeightOnlyLinear.from_linear(linear, group_size))
             else:
-                _set(model, name, INT8_MODULES[method].from_linear(linear))
+                replace_module(model, name, INT8_MODULES[method].from_linear(linear))
     model.quantization_config = {
         "quant_method": "bamba",
         "format": method,
@@ -474,7 +469,7 @@ def prepare_quantized(model: nn.Module, meta: dict) -> nn.Module:
             mod = Int4WeightOnlyLinear(linear.in_features, linear.out_features, bias, group_size, dev, dtype)
         else:
             mod = INT8_MODULES[method](linear.in_features, linear.out_features, bias, dev, dtype)
-        _set(model, name, mod)
+        replace_module(model, name, mod)
     model.quantization_config = dict(meta)
     return model
 
