@@ -389,3 +389,50 @@ def test_two_processes_match_one_process_on_the_same_global_batch(corpus, tmp_pa
     ]
     torch.testing.assert_close(evals[1], evals[0], atol=1e-5, rtol=1e-5)
     assert_same_weights(tmp_path / "single" / "final", tmp_path / "dist" / "final", atol=1e-5)
+
+
+def test_resume_survives_a_torn_log_and_applies_new_optimizer_settings(corpus, tmp_path, monkeypatch, capsys):
+    """A kill can cut the log's last record short and leave a half-written checkpoint folder; the next run
+    drops both. Settings given anew on resume (betas, weight decay, the schedule) take effect, and are named."""
+    out = tmp_path / "run"
+    run(corpus, out, max_steps=2, save_every=1)
+    with open(out / "log.jsonl", "a") as f:
+        f.write('{"step": 3, "lo')  # killed mid-write
+    stale = out / ".checkpoint-last.tmp-killed"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"partial")
+    seen = []
+    original = bamba.train._load_optimizer
+
+    def spy(model, optimizer, state, fsdp):
+        original(model, optimizer, state, fsdp)
+        seen.append(optimizer)
+
+    monkeypatch.setattr(bamba.train, "_load_optimizer", spy)
+    capsys.readouterr()
+    run(corpus, out, max_steps=3, save_every=1, betas=(0.5, 0.6), weight_decay=0.0)
+    err = capsys.readouterr().err
+    assert "resuming with other settings" in err and "betas (0.9, 0.95) -> (0.5, 0.6)" in err
+    assert "max_steps 2 -> 3" in err and "weight_decay 0.1 -> 0.0" in err
+    assert all(g["betas"] == (0.5, 0.6) and g["weight_decay"] == 0.0 for g in seen[0].param_groups)
+    assert [r["step"] for r in iter_log(out / "log.jsonl") if "loss" in r] == [1, 2, 3]
+    assert not stale.exists()
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("checkpoint-last", "final"):
+        assert (out / name).stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's 0700
+
+
+def test_a_corrupt_trainer_state_names_the_file(corpus, tmp_path):
+    run(corpus, tmp_path, max_steps=1, save_every=1)
+    state = tmp_path / "checkpoint-last" / "trainer_state.pt"
+    state.write_bytes(b"not a checkpoint")
+    with pytest.raises(
+        ValueError, match="cannot resume: .*trainer_state.pt is unreadable or corrupt.*--no-resume"
+    ):
+        run(corpus, tmp_path, max_steps=2)
+    torch.save({"step": 1}, state)
+    with pytest.raises(
+        ValueError, match="trainer_state.pt lacks tokens_seen, max_steps, schedule, optimizer, rng"
+    ):
+        run(corpus, tmp_path, max_steps=2)

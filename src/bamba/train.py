@@ -216,14 +216,44 @@ def _write_trainer_state(state: dict[str, Any], folder: str) -> None:
         json.dump(summary, f, indent=2)
 
 
+STATE_KEYS = ("step", "tokens_seen", "max_steps", "schedule", "optimizer", "rng")
+
+
+def read_trainer_state(ckpt: str) -> dict[str, Any]:
+    """The trainer state saved in checkpoint folder `ckpt`, read without running pickled code."""
+    path = os.path.join(ckpt, STATE_FILE)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise ValueError(
+            f"train: cannot resume: {path} is unreadable or corrupt ({type(e).__name__}: {first}); "
+            "use another out_dir, or resume=False (--no-resume) to start over"
+        ) from e
+    missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise ValueError(
+            f"train: cannot resume: {path} lacks {', '.join(missing)}; "
+            "use another out_dir, or resume=False (--no-resume) to start over"
+        )
+    return state
+
+
 def save_folder_atomically(out_dir: str, name: str, write: Callable[[str], None]) -> str:
     """Run `write(tmp_folder)`, then rename the folder to out_dir/name. The previous out_dir/name is moved
     aside first and deleted last, so a complete checkpoint exists at every moment (see `find_checkpoint`)."""
     final = os.path.join(out_dir, name)
     old = os.path.join(out_dir, f".{name}.old")
+    for entry in os.listdir(out_dir):  # left by a run killed while saving (this process is the only writer)
+        if entry.startswith(f".{name}.tmp-"):
+            shutil.rmtree(os.path.join(out_dir, entry), ignore_errors=True)
     tmp = tempfile.mkdtemp(dir=out_dir, prefix=f".{name}.tmp-")
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the final folder reads like any other
         write(tmp)
+        _fsync_folder(tmp)
         if os.path.isdir(old):
             if not os.path.isdir(final):  # a crash between the two renames: `old` is the only complete one
                 os.rename(old, final)
@@ -237,6 +267,25 @@ def save_folder_atomically(out_dir: str, name: str, write: Callable[[str], None]
         raise
     shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _fsync_folder(folder: str) -> None:
+    """Flush the folder's files and the folder itself to disk, so that a rename never publishes data that
+    a power loss could still take back."""
+    for entry in os.listdir(folder):
+        path = os.path.join(folder, entry)
+        if os.path.isfile(path):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    with contextlib.suppress(OSError):  # directories cannot be opened for fsync on some platforms
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def find_checkpoint(out_dir: str) -> str | None:
@@ -481,7 +530,7 @@ def train(
         ckpt = find_checkpoint(out_dir) if resume else None
         state: dict[str, Any] | None = None
         if ckpt is not None:
-            state = torch.load(os.path.join(ckpt, STATE_FILE), map_location="cpu", weights_only=False)
+            state = read_trainer_state(ckpt)
             changed = [f"{k}: {state.get(k)} -> {v}" for k, v in layout.items() if state.get(k) != v]
             if changed:
                 raise ValueError(
@@ -494,8 +543,20 @@ def train(
         wrapped = _wrap(model, world, dev, fsdp)
         optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=1e-8)
         step, tokens_seen = 0, 0
+        changed_settings: dict[str, str] = {}  # what this call sets differently from the resumed run
         if state is not None:
+            fresh = [{k: g[k] for k in ("weight_decay", "betas", "eps")} for g in optimizer.param_groups]
             _load_optimizer(wrapped, optimizer, state["optimizer"], fsdp)
+            for group, settings in zip(optimizer.param_groups, fresh):
+                for k, v in settings.items():
+                    if group[k] != v:
+                        changed_settings[k] = f"{k} {group[k]} -> {v}"
+                group.update(settings)  # this call's settings win, as they do for the lr schedule
+            schedule = {"lr": lr, "warmup_steps": warmup_steps, "min_lr_ratio": min_lr_ratio}
+            before = {**state["schedule"], "max_steps": state["max_steps"]}
+            for k, v in {**schedule, "max_steps": max_steps}.items():
+                if before.get(k) != v:
+                    changed_settings[k] = f"{k} {before.get(k)} -> {v}"
             step, tokens_seen = state["step"], state["tokens_seen"]
             torch.set_rng_state(state["rng"]["torch"])
             random.setstate(state["rng"]["python"])
@@ -515,6 +576,13 @@ def train(
                 f"in {len(td.rows)} rows of <= {row_tokens} | eval {len(td.eval_rows)} rows | {rows_per_step} "
                 f"rows/step over {world} process(es)" + (f" | resuming {ckpt} at step {step}" if ckpt else "")
             )
+            if changed_settings:
+                bar.note("")
+                print(
+                    f"train: resuming with other settings: {'; '.join(changed_settings.values())}",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
         def log(record: dict[str, Any]) -> None:
             if main:
@@ -740,10 +808,24 @@ def _trim_log(path: str, step: int) -> None:
     if step == 0:
         os.remove(path)
         return
+    keep = []
     with open(path) as f:
-        keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-    with open(path, "w") as f:
+        lines = f.readlines()
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:  # a record cut short when the run was killed: it is rewritten
+                continue
+            raise ValueError(f"train: {path} line {i + 1} is not JSON ({e}); fix or remove the log") from e
+        if record.get("step", 0) <= step:
+            keep.append(line if line.endswith("\n") else line + "\n")
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
         f.writelines(keep)
+    os.replace(tmp, path)
 
 
 def iter_log(path: str) -> Iterator[dict[str, Any]]:
