@@ -154,6 +154,17 @@ def test_collator_errors():
         collator([{"input_ids": [1]}, {"input_ids": []}, {"input_ids": [2], "labels": [2]}])
     with pytest.raises(ValueError, match="return_tensors"):
         collator([{"input_ids": [1]}], return_tensors="tf")
+    with pytest.raises(ValueError, match="example 0's input_ids must be one sequence of token ids \\(1-D\\)"):
+        collator([{"input_ids": torch.tensor([[5, 6, 7]])}])
+
+
+def test_collator_return_tensors_as_in_transformers():
+    features = [{"input_ids": [1, 2]}, {"input_ids": [3]}]
+    as_np = DataCollatorWithFlattening(return_tensors="np")(features)
+    assert isinstance(as_np["input_ids"], np.ndarray)
+    assert_same_batch(as_np, hf_collator(return_tensors="np")(features))
+    default = DataCollatorWithFlattening()(features, return_tensors=None)  # None: the collator's own
+    assert isinstance(default["input_ids"], torch.Tensor)
 
 
 # ---------------------------------------------------------------- pack_examples
@@ -268,3 +279,19 @@ def test_iter_text_files_missing_and_unsupported(tmp_path):
     csv.write_text("a,b")
     with pytest.raises(ValueError, match=r"table\.csv.*'\.csv'"):
         iter_text_files([str(csv)])
+
+
+def test_iter_text_files_encodings(tmp_path):
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes("\ufeff".encode() + b'{"text": "first"}\n{"text": "second"}\n')
+    txt = tmp_path / "bom.txt"
+    txt.write_bytes("\ufeff".encode() + b"hello\n\nworld")
+    assert list(iter_text_files([bom, txt])) == ["first", "second", "hello", "world"]  # the mark dropped
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\u00e9".encode("latin-1"))
+    with pytest.raises(ValueError, match="latin1.txt: not UTF-8 text"):
+        list(iter_text_files([latin1]))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:2: not UTF-8 text"):
+        list(iter_text_files([bad]))

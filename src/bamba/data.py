@@ -26,9 +26,12 @@ _INT64_KEYS = frozenset({"input_ids", "labels", "position_ids"})
 _PY_INT_KEYS = frozenset({"max_length_q", "max_length_k"})
 
 
-def _as_list(values: Any) -> list[int]:
-    """A Python list of ints from a list, tuple, tensor or numpy array."""
-    return values.tolist() if hasattr(values, "tolist") else list(values)
+def _as_list(values: Any, what: str) -> list[int]:
+    """A Python list of ints from a 1-D list, tuple, tensor or numpy array; `what` names it in errors."""
+    out = values.tolist() if hasattr(values, "tolist") else list(values)
+    if any(isinstance(v, (list, tuple)) for v in out):
+        raise ValueError(f"{what} must be one sequence of token ids (1-D), found nested values: {out!r:.60}")
+    return out
 
 
 class DataCollatorWithFlattening:
@@ -54,7 +57,9 @@ class DataCollatorWithFlattening:
         return_flash_attn_kwargs: bool = False,
         return_seq_idx: bool = False,
         position_ids_start: int = 0,
+        return_tensors: str = "pt",
     ):
+        self.return_tensors = return_tensors
         self.return_position_ids = return_position_ids
         self.separator_id = separator_id
         self.return_flash_attn_kwargs = return_flash_attn_kwargs
@@ -62,8 +67,13 @@ class DataCollatorWithFlattening:
         self.position_ids_start = position_ids_start
 
     def __call__(
-        self, features: list[dict[str, Any]], return_tensors: str = "pt", separator_id: int | None = None
+        self,
+        features: list[dict[str, Any]],
+        return_tensors: str | None = None,
+        separator_id: int | None = None,
     ) -> dict[str, Any]:
+        if return_tensors is None:
+            return_tensors = self.return_tensors
         if return_tensors not in ("pt", "np"):
             raise ValueError(f"return_tensors must be 'pt' or 'np', got {return_tensors!r}")
         if separator_id is None:
@@ -86,8 +96,8 @@ class DataCollatorWithFlattening:
                     f"example {i} {'lacks' if has_labels else 'has'} 'labels' but example {first_index} "
                     f"{'has' if has_labels else 'lacks'} them; give labels to all examples or to none"
                 )
-            ids = _as_list(feature["input_ids"])
-            target = _as_list(feature["labels"]) if has_labels else ids
+            ids = _as_list(feature["input_ids"], f"example {i}'s input_ids")
+            target = _as_list(feature["labels"], f"example {i}'s labels") if has_labels else ids
             n = len(ids)
             input_ids += ids
             labels += [separator_id] + target[1:]  # the first token has no previous token to predict it
@@ -133,8 +143,8 @@ def pack_examples(examples: Iterable[Sequence[int]], max_tokens: int) -> Iterato
         raise ValueError(f"pack_examples: max_tokens must be >= 1, got {max_tokens}")
     row: list[list[int]] = []
     row_tokens = 0
-    for example in examples:
-        ids = _as_list(example)
+    for i, example in enumerate(examples):
+        ids = _as_list(example, f"pack_examples: example {i}")
         for start in range(0, len(ids), max_tokens):
             piece = ids[start : start + max_tokens]
             if row_tokens + len(piece) > max_tokens:
@@ -158,7 +168,7 @@ def pad_batch(
         raise ValueError(f"pad_batch: padding_side must be 'right' or 'left', got {padding_side!r}")
     if not examples:
         raise ValueError("pad_batch: got no examples")
-    rows = [_as_list(e) for e in examples]
+    rows = [_as_list(e, f"pad_batch: example {i}") for i, e in enumerate(examples)]
     b, t = len(rows), max(len(r) for r in rows)
     input_ids = torch.full((b, t), pad_token_id, dtype=torch.long)  # (B, T)
     attention_mask = torch.zeros((b, t), dtype=torch.long)  # (B, T)
@@ -208,8 +218,16 @@ def _iter_documents(files: list[Path]) -> Iterator[str]:
             yield from _iter_jsonl(path)
 
 
+def _read_utf8(path: Path) -> str:
+    """The file's text (a UTF-8 byte-order mark dropped; universal newlines: \r\n and \r read as \n)."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); convert it to UTF-8") from e
+
+
 def _iter_txt(path: Path) -> Iterator[str]:
-    text = path.read_text(encoding="utf-8")  # universal newlines: \r\n and \r read as \n
+    text = _read_utf8(path)
     for doc in _PARAGRAPH_BREAK.split(text):
         doc = doc.strip()
         if doc:
@@ -217,26 +235,34 @@ def _iter_txt(path: Path) -> Iterator[str]:
 
 
 def _iter_jsonl(path: Path) -> Iterator[str]:
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
+    with path.open("rb") as f:  # streamed line by line: a .jsonl file can be large
+        for line_no, raw in enumerate(f, start=1):
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_no}: invalid JSON ({e.msg})") from e
-            text = record.get("text") if isinstance(record, dict) else None
-            if not isinstance(text, str):
-                if not isinstance(record, dict):
-                    found = f"a JSON {_json_type(record)}"
-                elif "text" not in record:
-                    found = "no 'text' field"
-                else:
-                    found = f"a 'text' field of JSON type {_json_type(text)}"
-                raise ValueError(
-                    f"{path}:{line_no}: expected a JSON object with a string 'text' field, found {found}"
-                )
-            yield text
+                line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")  # a byte-order mark dropped
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{line_no}: not UTF-8 text ({e.reason}); convert it to UTF-8") from e
+            if line.strip():
+                yield _jsonl_text(path, line_no, line)
+
+
+def _jsonl_text(path: Path, line_no: int, line: str) -> str:
+    """The 'text' field of one JSONL record."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{line_no}: invalid JSON ({e.msg})") from e
+    text = record.get("text") if isinstance(record, dict) else None
+    if not isinstance(text, str):
+        if not isinstance(record, dict):
+            found = f"a JSON {_json_type(record)}"
+        elif "text" not in record:
+            found = "no 'text' field"
+        else:
+            found = f"a 'text' field of JSON type {_json_type(text)}"
+        raise ValueError(
+            f"{path}:{line_no}: expected a JSON object with a string 'text' field, found {found}"
+        )
+    return text
 
 
 def _json_type(value: Any) -> str:
