@@ -186,6 +186,10 @@ def test_train_tokenizer_rejects_bad_arguments(corpus, tmp_path):
         train_tokenizer([corpus], vocab_size=400, out_dir=str(tmp_path), special_tokens=("<a>", "<b>"))
     with pytest.raises(FileNotFoundError, match="nope.txt"):
         train_tokenizer([str(tmp_path / "nope.txt")], vocab_size=400, out_dir=str(tmp_path))
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\u00e9 au lait\n".encode("latin-1"))
+    with pytest.raises(ValueError, match="latin1.txt: not UTF-8 text \\(near byte 3"):
+        train_tokenizer([str(latin1)], vocab_size=400, out_dir=str(tmp_path))
 
 
 # ---- parity with transformers -------------------------------------------------------------------------------------
@@ -315,6 +319,22 @@ def test_chat_template_jinja_file(llama3, tmp_path):
         ours.apply_chat_template([{"role": "tool", "content": "x"}])
 
 
+def test_saving_keeps_a_chat_template_jinja_file_current(llama3, tmp_path):
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes(open(f"{llama3}/{name}", "rb").read())
+    (tmp_path / "chat_template.jinja").write_text("OLD {{ messages[0]['content'] }}", encoding="utf-8")
+    tok = Tokenizer.from_pretrained(tmp_path)
+    tok.chat_template = "NEW {{ messages[0]['content'] }}"
+    tok.save_pretrained(tmp_path)  # the file loading prefers must not bring the old template back
+    assert (
+        Tokenizer.from_pretrained(tmp_path).apply_chat_template([{"role": "user", "content": "hi"}])
+        == "NEW hi"
+    )
+    tok.chat_template = None
+    tok.save_pretrained(tmp_path)
+    assert not (tmp_path / "chat_template.jinja").exists()
+
+
 def test_missing_chat_template_raises(llama3):
     ours = Tokenizer.from_pretrained(llama3)
     with pytest.raises(ValueError, match="no chat template"):
@@ -401,3 +421,20 @@ def test_missing_tokenizer_json_names_folder_and_file(tmp_path):
 def test_missing_local_folder_is_not_sent_to_the_hub(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such checkpoint folder"):
         Tokenizer.from_pretrained(str(tmp_path / "does" / "not" / "exist"))
+
+
+def test_malformed_files_are_named(trained, tmp_path):
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes(open(f"{trained}/{name}", "rb").read())
+    (tmp_path / "tokenizer_config.json").write_text("[1, 2]", encoding="utf-8")
+    with pytest.raises(ValueError, match="tokenizer_config.json: expected a JSON object, found a JSON list"):
+        Tokenizer.from_pretrained(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text("{oops", encoding="utf-8")
+    with pytest.raises(ValueError, match="tokenizer_config.json: not valid JSON"):
+        Tokenizer.from_pretrained(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text("{}", encoding="utf-8")
+    (tmp_path / "tokenizer.json").write_text(
+        '{"version": "1.0", "model": {"type": "BPE", "vocab', encoding="utf-8"
+    )
+    with pytest.raises(ValueError, match="tokenizer.json: not a valid tokenizer.json"):
+        Tokenizer.from_pretrained(tmp_path)

@@ -16,6 +16,7 @@ tokenizer.json, which is what the tests compare against:
 
 from __future__ import annotations
 
+import codecs
 import functools
 import json
 import os
@@ -50,6 +51,17 @@ DEFAULT_CHAT_TEMPLATE = (
     "{{ '<|' + message['role'] + '|>\n' + message['content'] + eos_token + '\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
 )
+
+
+def _read_json_object(path: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object, found a JSON {type(value).__name__}")
+    return value
 
 
 def _resolve(path: str | os.PathLike, filename: str, required: bool, **hub_kwargs: Any) -> str | None:
@@ -193,19 +205,20 @@ class Tokenizer:
         tokenizer_file = _resolve(path_or_repo_id, TOKENIZER_FILE, True, **hub_kwargs)
         config: dict[str, Any] = {}
         if config_file := _resolve(path_or_repo_id, CONFIG_FILE, False, **hub_kwargs):
-            with open(config_file, encoding="utf-8") as f:
-                config = json.load(f)
+            config = _read_json_object(config_file)
         # Like transformers: the legacy special_tokens_map.json only counts when the config has no
         # added_tokens_decoder, and then it overrides the config's entries.
         if "added_tokens_decoder" not in config:
             if map_file := _resolve(path_or_repo_id, SPECIAL_TOKENS_MAP_FILE, False, **hub_kwargs):
-                with open(map_file, encoding="utf-8") as f:
-                    config.update(json.load(f))
+                config.update(_read_json_object(map_file))
         chat_template = None
         if template_file := _resolve(path_or_repo_id, CHAT_TEMPLATE_FILE, False, **hub_kwargs):
             with open(template_file, encoding="utf-8") as f:
                 chat_template = f.read()
-        backend = BackendTokenizer.from_file(tokenizer_file)
+        try:
+            backend = BackendTokenizer.from_file(tokenizer_file)
+        except Exception as e:  # the tokenizers library raises a bare Exception
+            raise ValueError(f"{tokenizer_file}: not a valid tokenizer.json ({e})") from None
         return cls(backend, config, chat_template=chat_template, name_or_path=os.fspath(path_or_repo_id))
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
@@ -230,6 +243,13 @@ class Tokenizer:
         with open(os.path.join(folder, SPECIAL_TOKENS_MAP_FILE), "w", encoding="utf-8") as f:
             json.dump(special_map, f, indent=2, ensure_ascii=False)
             f.write("\n")
+        template_file = os.path.join(folder, CHAT_TEMPLATE_FILE)
+        if os.path.exists(template_file):  # loading prefers this file: keep it the template just saved
+            if self.chat_template is None:
+                os.remove(template_file)
+            else:
+                with open(template_file, "w", encoding="utf-8") as f:
+                    f.write(self.chat_template)
 
     # ---- special tokens -------------------------------------------------------------------------------------
 
@@ -451,6 +471,7 @@ def train_tokenizer(
     for file in files:
         if not os.path.isfile(file):
             raise FileNotFoundError(f"training file {file!r} does not exist")
+        _check_utf8(file)
     pad, bos, eos = special_tokens[:3]
     backend = BackendTokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -481,3 +502,21 @@ def train_tokenizer(
     tokenizer = Tokenizer(backend, config, chat_template=chat_template, name_or_path=out_dir)
     tokenizer.save_pretrained(out_dir)
     return tokenizer
+
+
+def _check_utf8(path: str) -> None:
+    """Raise ValueError naming `path` unless it is UTF-8 text (read in 1 MB blocks)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(1 << 20)
+            try:
+                decoder.decode(block, final=not block)
+            except UnicodeDecodeError as e:
+                raise ValueError(
+                    f"training file {path}: not UTF-8 text (near byte {offset + e.start}: {e.reason}); convert it"
+                ) from None
+            if not block:
+                return
+            offset += len(block)
