@@ -141,3 +141,35 @@ def test_mismatched_cu_seq_lens_are_refused():
         model(ids, cu_seq_lens_q=torch.tensor([0, 4, 10]), cu_seq_lens_k=torch.tensor([0, 5, 10]))
     with pytest.raises(ValueError, match="cu_seq_lens must rise from 0 to batch\\*length=10"):
         model(ids, cu_seq_lens_q=torch.tensor([0, 4, 9]))
+    with pytest.raises(ValueError, match="cu_seq_lens must rise from 0 to batch\\*length=10, found \\[\\]"):
+        model(ids, cu_seq_lens_q=torch.tensor([], dtype=torch.long))
+
+
+def test_bad_packing_inputs_are_refused():
+    """A seq_idx id that comes back would join two sequences; conflicting boundaries, wrong shapes and
+    1-D input_ids are refused with the argument named."""
+    from conftest import TINY
+
+    from bamba import BambaConfig, BambaForCausalLM
+
+    model = BambaForCausalLM(BambaConfig(**TINY)).eval()
+    ids = torch.randint(1, 97, (1, 10))
+    with pytest.raises(ValueError, match="seq_idx must be non-decreasing"):
+        model(ids, seq_idx=torch.tensor([[0, 0, 0, 1, 1, 1, 0, 0, 0, 0]]))
+    with pytest.raises(ValueError, match="seq_idx must be an integer tensor of shape \\(1, 10\\)"):
+        model(ids, seq_idx=torch.zeros(1, 9, dtype=torch.long))
+    with pytest.raises(ValueError, match="seq_idx and cu_seq_lens give different sequence boundaries"):
+        model(ids, seq_idx=torch.tensor([[0] * 5 + [1] * 5]), cu_seq_lens_q=torch.tensor([0, 4, 10]))
+    with pytest.raises(
+        ValueError, match="position_ids must be \\(batch=1 or 1, length=10\\), found shape \\(1, 9\\)"
+    ):
+        model(ids, position_ids=torch.arange(9)[None])
+    with pytest.raises(ValueError, match="input_ids must be 2-D"):
+        model(ids[0])
+    # Lists are taken as tensors, and boundaries given twice that agree are fine.
+    with torch.no_grad():
+        a = model(ids, cu_seq_lens_q=[0, 4, 10], use_cache=False).logits
+        b = model(
+            ids, seq_idx=torch.tensor([[3] * 4 + [7] * 6]), cu_seq_lens_q=torch.tensor([0, 4, 10])
+        ).logits
+    torch.testing.assert_close(a, b)

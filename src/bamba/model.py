@@ -368,6 +368,9 @@ class BambaPreTrainedModel(nn.Module):
     """Shared: initialization as transformers does it, and the checkpoint I/O entry points."""
 
     config: BambaConfig
+    # generation_config.json of the folder the model was loaded from (its eos_token_id may list several
+    # stop tokens); `generate` takes its defaults from it, else from the config.
+    generation_config: dict[str, Any] | None = None
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -464,9 +467,20 @@ class BambaModel(BambaPreTrainedModel):
             check_token_ids(input_ids, cfg.vocab_size)
             inputs_embeds = self.embed_tokens(input_ids)
         x = inputs_embeds  # (b, l, d)
+        if x.dim() != 3 or x.shape[-1] != cfg.hidden_size:
+            raise ValueError(
+                f"inputs_embeds must be (batch, length, hidden_size={cfg.hidden_size}), found {tuple(x.shape)}"
+            )
         b, l, _ = x.shape
         if l == 0:
             raise ValueError("input has sequence length 0")
+        if position_ids is not None:
+            position_ids = torch.as_tensor(position_ids, device=x.device)
+            rows_ok = position_ids.dim() == 1 or (position_ids.dim() == 2 and position_ids.shape[0] in (1, b))
+            if not rows_ok or position_ids.shape[-1] != l:
+                raise ValueError(
+                    f"position_ids must be (batch={b} or 1, length={l}), found shape {tuple(position_ids.shape)}"
+                )
         past_key_values = past_key_values if past_key_values is not None else cache
         if use_cache is None:
             use_cache = cfg.use_cache and not self.training
@@ -668,6 +682,8 @@ def causal_lm_loss(
 def check_token_ids(input_ids: Tensor, vocab_size: int) -> None:
     if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
         raise ValueError(f"input_ids must be an integer tensor, found dtype {input_ids.dtype}")
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be 2-D (batch, length), found shape {tuple(input_ids.shape)}")
     if input_ids.numel() == 0:
         return
     lo, hi = int(input_ids.min()), int(input_ids.max())
@@ -689,37 +705,53 @@ def packed_seq_idx(
     From `cu_seq_lens` (cumulative lengths over the flattened b*l tokens), else `seq_idx`, else from
     `position_ids`: a new sequence starts wherever the position does not follow its predecessor.
     """
-    if cu_seq_lens is not None:
-        cu = cu_seq_lens.to(device=device, dtype=torch.long).flatten()
-        if cu[0] != 0 or cu[-1] != b * l or bool((cu[1:] < cu[:-1]).any()):
+    if seq_idx is not None:
+        seq_idx = torch.as_tensor(seq_idx, device=device)
+        if seq_idx.shape != (b, l) or seq_idx.is_floating_point() or seq_idx.is_complex():
             raise ValueError(
-                f"cu_seq_lens must rise from 0 to batch*length={b * l}, found {cu.tolist()[:8]}...{cu[-1].item()}"
+                f"seq_idx must be an integer tensor of shape {(b, l)}, found {seq_idx.dtype} {tuple(seq_idx.shape)}"
+            )
+        if bool((seq_idx[:, 1:] < seq_idx[:, :-1]).any()):
+            raise ValueError(
+                "seq_idx must be non-decreasing along each row (one id per packed sequence, in order); "
+                "an id that comes back would join two sequences"
+            )
+    if cu_seq_lens is not None:
+        cu = torch.as_tensor(cu_seq_lens, device=device).to(torch.long).flatten()
+        if cu.numel() < 2 or cu[0] != 0 or cu[-1] != b * l or bool((cu[1:] < cu[:-1]).any()):
+            raise ValueError(
+                f"cu_seq_lens must rise from 0 to batch*length={b * l}, found {cu.tolist()[:8]}"
+                + (f"...{cu[-1].item()}" if cu.numel() > 8 else "")
             )
         starts = torch.zeros(b * l, dtype=torch.long, device=device)
         starts[cu[1:-1]] = 1
-        seq_idx = starts.cumsum(0).view(b, l)
-    elif seq_idx is not None:
-        if seq_idx.shape != (b, l):
-            raise ValueError(f"seq_idx has shape {tuple(seq_idx.shape)}, expected {(b, l)}")
-        seq_idx = seq_idx.to(device)
-    elif position_ids is not None and l > 1:
+        from_cu = starts.cumsum(0).view(b, l)
+        if seq_idx is not None and not torch.equal(_changes(seq_idx), _changes(from_cu)):
+            raise ValueError("seq_idx and cu_seq_lens give different sequence boundaries; pass one of them")
+        seq_idx = from_cu
+    elif seq_idx is None:
+        if position_ids is None or l == 1:
+            return None
         pos = position_ids.to(device).expand(b, l)
         breaks = pos[:, 1:] != pos[:, :-1] + 1  # (b, l-1)
         if not bool(breaks.any()):
             return None
         seq_idx = F.pad(breaks.long(), (1, 0)).cumsum(-1)
-    else:
-        return None
-    if bool((seq_idx[:, 1:] == seq_idx[:, :-1]).all()):
+    if not bool(_changes(seq_idx).any()):
         return None
     return seq_idx
+
+
+def _changes(seq_idx: Tensor) -> Tensor:
+    """Where a new sequence starts within each row: (b, l) -> (b, l-1) bool."""
+    return seq_idx[:, 1:] != seq_idx[:, :-1]
 
 
 def positions_from_seq_idx(seq_idx: Tensor) -> Tensor:
     """Positions restarting at 0 at each new sequence. (b, l) -> (b, l)"""
     b, l = seq_idx.shape
     idx = torch.arange(l, device=seq_idx.device).expand(b, l)
-    starts = F.pad(seq_idx[:, 1:] != seq_idx[:, :-1], (1, 0), value=True)  # (b, l)
+    starts = F.pad(_changes(seq_idx), (1, 0), value=True)  # (b, l)
     start_pos = torch.where(starts, idx, torch.zeros_like(idx)).cummax(-1).values
     return idx - start_pos
 
