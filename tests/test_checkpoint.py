@@ -161,3 +161,82 @@ def test_hub_repo_id_from_cache_offline(saved, tmp_path, monkeypatch):
     assert tok.encode("ROMEO:") == Tokenizer.from_pretrained(demo_path()).encode("ROMEO:")
     with pytest.raises(FileNotFoundError, match="not in the Hugging Face cache while offline"):
         BambaForCausalLM.from_pretrained("ibm-ai-platform/not-cached", cache_dir=str(cache))
+
+
+def test_saving_over_a_checkpoint_keeps_it_until_the_new_one_is_written(saved, monkeypatch):
+    """A save that fails part way (a full disk) leaves the earlier checkpoint whole and loadable."""
+    import bamba.checkpoint as ckpt
+
+    model, folder = saved
+    before = sorted(os.listdir(folder))
+
+    def full_disk(tensors, metadata=None):
+        def write(f):
+            f.write(b"partial")
+            raise OSError("no space left on device (simulated)")
+
+        return write
+
+    monkeypatch.setattr(ckpt, "_safetensors_writer", full_disk)
+    with pytest.raises(OSError, match="no space left"):
+        model.save_pretrained(folder, max_shard_size="30KB")
+    monkeypatch.undo()
+    assert sorted(os.listdir(folder)) == before  # no temporary file left either
+    back = BambaForCausalLM.from_pretrained(folder)
+    ids = torch.randint(1, 97, (1, 5))
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, model(ids).logits, atol=0, rtol=0)
+
+
+def test_bad_headers_indexes_and_dtypes_are_named(saved):
+    _, folder = saved
+    path = folder / "model.safetensors"
+    st = SafetensorsFile(str(path))
+    tensors = {k: st.tensor(k).clone() for k in st.keys()}
+    del st
+
+    def write_header(header: dict | list) -> None:
+        blob = json.dumps(header).encode()
+        path.write_bytes(len(blob).to_bytes(8, "little") + blob + b"\0" * 64)
+
+    write_header({"a": {"dtype": "F32", "shape": [2], "data_offsets": [-8, 0]}})
+    with pytest.raises(CheckpointError, match="corrupt header entry for tensor 'a'"):
+        SafetensorsFile(str(path))
+    write_header(["not", "a", "dict"])
+    with pytest.raises(CheckpointError, match="corrupt safetensors header \\(a JSON list\\)"):
+        SafetensorsFile(str(path))
+    tensors["model.layers.2.mamba.D"] = torch.ones(4, dtype=torch.int32)
+    save_safetensors(tensors, str(path))
+    with pytest.raises(
+        CheckpointError, match=r"model\.layers\.2\.mamba\.D: expected floating point, found torch\.int32"
+    ):
+        BambaForCausalLM.from_pretrained(folder)
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": ["model.safetensors"]}))
+    with pytest.raises(
+        CheckpointError, match="index.json: not a valid safetensors index .*weight_map must map"
+    ):
+        BambaForCausalLM.from_pretrained(folder)
+
+
+def test_quantized_folders_load_as_base_models_and_plain_saves_replace_them(saved, tmp_path):
+    from bamba import quantize
+
+    model, folder = saved
+    q = quantize(BambaForCausalLM.from_pretrained(folder), "int8_weight_only")
+    q.save_pretrained(tmp_path / "q")
+    base = BambaModel.from_pretrained(tmp_path / "q")  # module names mapped like the tensors'
+    ids = torch.randint(1, 97, (1, 5))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            base(ids).last_hidden_state, q.model(ids).last_hidden_state, atol=0, rtol=0
+        )
+    model.save_pretrained(tmp_path / "q")  # a plain model saved over it: no stale quantization_config.json
+    assert not (tmp_path / "q" / "quantization_config.json").exists()
+    with torch.no_grad():
+        back = BambaForCausalLM.from_pretrained(tmp_path / "q")
+        torch.testing.assert_close(back(ids).logits, model(ids).logits, atol=0, rtol=0)
+    (tmp_path / "q" / "quantization_config.json").write_text("[1, 2]")
+    with pytest.raises(
+        CheckpointError, match="quantization_config.json: expected a JSON object with a 'modules' list"
+    ):
+        BambaForCausalLM.from_pretrained(tmp_path / "q")

@@ -177,3 +177,31 @@ def test_chat_loop_uses_the_template_and_keeps_history(folder, monkeypatch):
     assert out.count("\n") == 2
     assert "<|user|>\nto be" in seen[0] and seen[0].rstrip().endswith("<|assistant|>")
     assert seen[1].startswith(seen[0]) and "<|user|>\nor not" in seen[1]  # the history is kept
+
+
+def test_chat_keeps_the_latest_context_when_the_reply_budget_fills_the_window(folder, monkeypatch):
+    """max_new_tokens >= max_position_embeddings (64 here) leaves room for the latest token only; the
+    oldest tokens go first, never the newest, and the prompt is never empty."""
+    import bamba.generation as g
+    from bamba.generation import chat
+
+    prompts: list[list[int]] = []
+    real = g.generate
+
+    def recording_generate(model, ids, **kw):
+        prompts.append(ids[0].tolist())
+        return real(model, ids, **{**kw, "max_new_tokens": 2})
+
+    monkeypatch.setattr(g, "generate", recording_generate)
+    for budget in (60, 70, 100):
+        lines = iter(["to be or not to be, that is the question"])
+
+        def one_line(prompt: str, lines=lines) -> str:
+            line = next(lines, None)
+            if line is None:
+                raise EOFError
+            return line
+
+        chat(model=folder, max_new_tokens=budget, temperature=0, input_fn=one_line, output_fn=lambda s: None)
+    full = prompts[0]  # 60: room for 4 tokens
+    assert len(full) == 4 and prompts[1] == prompts[2] == full[-1:]

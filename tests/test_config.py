@@ -81,6 +81,16 @@ def test_bad_config_files(tmp_path):
     (tmp_path / "b.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(ValueError, match="model_type is 'llama'"):
         BambaConfig.from_json_file(tmp_path / "b.json")
+    # wrong JSON types: a string "false" would tie the embeddings; a string eps fails only in the forward
+    for field, value, expected in [
+        ("tie_word_embeddings", "false", "true or false"),
+        ("rms_norm_eps", "1e-5", "a number"),
+        ("pad_token_id", 0.5, "an integer or null"),
+        ("eos_token_id", ["2"], "an integer, a list of integers, or null"),
+    ]:
+        (tmp_path / "c.json").write_text(json.dumps({"model_type": "bamba", field: value}))
+        with pytest.raises(ValueError, match=f"c.json: BambaConfig.{field}=.* must be {expected}"):
+            BambaConfig.from_json_file(tmp_path / "c.json")
 
 
 def test_presets():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -148,3 +150,66 @@ def test_bad_generation_arguments(hf_folder):
         generate(model, torch.ones(1, 0, dtype=torch.long))
     with pytest.raises(ValueError, match="stop_strings needs a tokenizer"):
         generate(model, torch.ones(1, 3, dtype=torch.long), stop_strings=["x"])
+    for bad, match in [
+        (dict(top_k=-1), "top_k=-1 must be an integer >= 0"),
+        (dict(top_p=0.0), "top_p=0.0 must be in \\(0, 1\\]"),
+        (dict(min_p=1.5), "min_p=1.5 must be in \\[0, 1\\]"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            generate(model, torch.ones(1, 3, dtype=torch.long), do_sample=True, **bad)
+    with pytest.raises(ValueError, match="max_length=2 is shorter than the prompt \\(3 tokens\\)"):
+        generate(model, torch.ones(1, 3, dtype=torch.long), max_length=2)
+
+
+def test_generation_config_stop_tokens_and_budgets_as_transformers(hf_folder):
+    """generation_config.json's eos list stops generation (instruct checkpoints list end-of-turn there);
+    max_new_tokens wins over max_length; sampling defaults to top_k=50. Each against transformers."""
+    import json
+
+    ref, folder = hf_folder(seed=5)
+    ids = torch.randint(3, 97, (1, 4))
+    first = int(ref.generate(ids, max_new_tokens=1, do_sample=False)[0, -1])
+    gen_file = Path(folder) / "generation_config.json"
+    gen_file.write_text(json.dumps({**json.loads(gen_file.read_text()), "eos_token_id": [2, first]}))
+    import transformers
+
+    ref = transformers.BambaForCausalLM.from_pretrained(folder)
+    ours = BambaForCausalLM.from_pretrained(folder)
+    expected = ref.generate(ids, max_new_tokens=6, do_sample=False)
+    assert expected.shape == (1, 5)  # stopped at the listed token
+    assert torch.equal(generate(ours, ids, max_new_tokens=6), expected)
+    ours.save_pretrained(Path(folder) / "again")  # the list survives a save
+    assert json.loads((Path(folder) / "again" / "generation_config.json").read_text())["eos_token_id"] == [
+        2,
+        first,
+    ]
+
+    both = dict(max_new_tokens=3, max_length=12, eos_token_id=[])
+    assert generate(ours, ids, **both).shape == ref.generate(ids, do_sample=False, **both).shape == (1, 7)
+
+    sampled = dict(max_new_tokens=8, do_sample=True, eos_token_id=[])  # default top_k: 50 in both
+    torch.manual_seed(11)
+    theirs = ref.generate(ids, **sampled)
+    torch.manual_seed(11)
+    assert torch.equal(generate(ours, ids, **sampled), theirs)
+    torch.manual_seed(11)
+    assert not torch.equal(generate(ours, ids, top_k=None, **sampled), theirs)  # top_k does matter here
+
+
+def test_streamers_end_and_reset(hf_folder, byte_tokenizer):
+    """A streamer ends even when nothing is generated (an iterating consumer would wait forever), and a
+    reused TextStreamer skips each call's prompt."""
+    _, folder = hf_folder(seed=2)
+    model = BambaForCausalLM.from_pretrained(folder)
+    ids = torch.randint(3, 97, (1, 4))
+    it = TextIteratorStreamer(byte_tokenizer, skip_prompt=True)
+    generate(model, ids, max_new_tokens=0, streamer=it)
+    assert list(it) == []  # returns: end() was called
+    pieces: list[str] = []
+    s = TextStreamer(byte_tokenizer, skip_prompt=True, on_text=pieces.append)
+    for _ in range(2):
+        generate(model, ids, max_new_tokens=3, streamer=s, eos_token_id=[])
+    once = "".join(pieces)
+    pieces.clear()
+    generate(model, ids, max_new_tokens=3, streamer=s, eos_token_id=[])
+    assert once == 2 * "".join(pieces)  # no prompt text in the later calls

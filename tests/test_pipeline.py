@@ -40,6 +40,17 @@ def test_strings_match_transformers_pipeline(folder):
     )
 
 
+def test_max_length_counts_each_prompt_as_transformers(folder):
+    import transformers
+
+    ref = transformers.pipeline("text-generation", model=folder)
+    ours = pipeline("text-generation", model=folder)
+    prompts = ["ROMEO: what light", "ay"]
+    expected = [ref(p, max_length=12, do_sample=False) for p in prompts]
+    assert ours(prompts, max_length=12) == expected  # not the batch's padded width
+    assert ours(prompts[1], max_length=12) == expected[1]
+
+
 def test_chat_messages(folder):
     ours = pipeline("text-generation", model=folder, max_new_tokens=4)
     messages = [{"role": "user", "content": "ROMEO?"}]

@@ -24,6 +24,8 @@ from .config import BambaConfig
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
+QUANT_CONFIG_FILE = "quantization_config.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*"]
 # Keys found in some checkpoints that are derived buffers, not weights.
 _IGNORED_KEYS = re.compile(r".*rotary_emb\.inv_freq$")
@@ -100,6 +102,8 @@ class SafetensorsFile:
                 header = json.loads(f.read(n))
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+            if not isinstance(header, dict):
+                raise CheckpointError(f"{path}: corrupt safetensors header (a JSON {type(header).__name__})")
             self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 0 else None
         self.metadata = header.pop("__metadata__", None) or {}
         self.base = 8 + n
@@ -109,6 +113,8 @@ class SafetensorsFile:
                 dtype = _ST_DTYPES[e["dtype"]]
                 start, end = e["data_offsets"]
                 shape = [int(d) for d in e["shape"]]
+                if not all(type(v) is int and v >= 0 for v in (start, end, *shape)) or start > end:
+                    raise ValueError("offsets and sizes must be integers >= 0, start <= end")
             except (KeyError, TypeError, ValueError):
                 raise CheckpointError(f"{path}: corrupt header entry for tensor {name!r}: {e}") from None
             numel = 1
@@ -148,6 +154,8 @@ def weight_files(folder: str) -> list[str]:
         try:
             with open(index) as f:
                 weight_map = json.load(f)["weight_map"]
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise TypeError(f"weight_map must map tensor names to file names, found {weight_map!r:.80}")
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index}: not a valid safetensors index ({e!r})") from None
         shards = sorted(set(weight_map.values()))
@@ -217,13 +225,16 @@ def load_pretrained(
     device = torch.device(device) if device is not None else torch.device("cpu")
     with torch.device("meta"):
         model = cls(config, init=False)
+    prefix = "model." if hasattr(model, "lm_head") else ""
     quant_meta = read_quantization_config(folder)
     if quant_meta is not None:
         from .quantize import prepare_quantized
 
-        prepare_quantized(model, quant_meta)
+        # module names as saved (a BambaForCausalLM's) -> this class's, as for the tensors
+        keys = [_map_key(name + ".weight", prefix) for name in quant_meta["modules"]]
+        modules = [k.removesuffix(".weight") for k in keys if k is not None]
+        prepare_quantized(model, {**quant_meta, "modules": modules})
     expected = model.state_dict()
-    prefix = "model." if hasattr(model, "lm_head") else ""
     loaded: dict[str, torch.Tensor] = {}
     mapped: dict[str, tuple[SafetensorsFile, str]] = {}  # zero-copy tensors: where their pages are
     unexpected, wrong_shape = [], []
@@ -241,6 +252,12 @@ def load_pretrained(
                 f"{name}: expected {list(want.shape)}, found {list(t.shape)} in {os.path.basename(st.path)}"
             )
             continue
+        if t.is_floating_point() != want.is_floating_point():
+            wrong_shape.append(
+                f"{name}: expected {'floating point' if want.is_floating_point() else want.dtype}, found "
+                f"{t.dtype} in {os.path.basename(st.path)}"
+            )
+            continue
         target = want.dtype if not want.is_floating_point() else (dtype or t.dtype)
         if t.dtype != target or device.type != "cpu":
             t = t.to(device=device, dtype=target, copy=True)
@@ -256,12 +273,13 @@ def load_pretrained(
     if unexpected:
         problems.append(f"unexpected tensors: {unexpected}")
     if wrong_shape:
-        problems.append("wrong shapes: " + "; ".join(wrong_shape))
+        problems.append("wrong shapes or dtypes: " + "; ".join(wrong_shape))
     if problems:
         raise CheckpointError(f"{folder}: checkpoint does not match the config:\n  " + "\n  ".join(problems))
     model.load_state_dict(loaded, strict=False, assign=True)
     model.tie_weights()
     model.eval()
+    model.generation_config = read_generation_config(folder)
     if quantization is not None:
         from .quantize import quantize
 
@@ -290,13 +308,43 @@ def _map_key(name: str, prefix: str) -> str | None:
     return name.removeprefix("model.")
 
 
-def read_quantization_config(folder: str) -> dict | None:
-    """The folder's quantization_config.json (written when a quantized model is saved), or None."""
-    path = os.path.join(folder, "quantization_config.json")
+def _read_json_file(folder: str, name: str) -> Any:
+    """The JSON value of folder/name, or None when the file is absent."""
+    path = os.path.join(folder, name)
     if not os.path.isfile(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+def read_generation_config(folder: str) -> dict | None:
+    """The folder's generation_config.json as a dict, or None."""
+    gen = _read_json_file(folder, GENERATION_CONFIG_FILE)
+    eos = gen.get("eos_token_id") if isinstance(gen, dict) else None
+    if gen is not None and not (
+        isinstance(gen, dict)
+        and (eos is None or type(eos) is int or (isinstance(eos, list) and all(type(v) is int for v in eos)))
+    ):
+        raise CheckpointError(
+            f"{os.path.join(folder, GENERATION_CONFIG_FILE)}: expected a JSON object whose eos_token_id is "
+            "an integer or a list of them"
+        )
+    return gen
+
+
+def read_quantization_config(folder: str) -> dict | None:
+    """The folder's quantization_config.json (written when a quantized model is saved), or None."""
+    meta = _read_json_file(folder, QUANT_CONFIG_FILE)
+    modules = meta.get("modules") if isinstance(meta, dict) else None
+    if meta is not None and not (isinstance(modules, list) and all(isinstance(m, str) for m in modules)):
+        raise CheckpointError(
+            f"{os.path.join(folder, QUANT_CONFIG_FILE)}: expected a JSON object with a 'modules' list of "
+            "module names"
+        )
+    return meta
 
 
 # ----- saving -----------------------------------------------------------------------------------------------
@@ -313,6 +361,12 @@ def parse_size(size: int | str) -> int:
 
 def atomic_write(path: str, write: Any, mode: str = "w") -> None:
     """Write a file through a temporary file in the same folder and a rename: never half written."""
+    os.replace(_write_staged(path, write, mode), path)
+
+
+def _write_staged(path: str, write: Any, mode: str = "w") -> str:
+    """Call `write(f)` on a new temporary file beside `path`, flushed to disk; returns its path (the caller
+    renames it into place). Nothing is left behind if `write` fails."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
     umask = os.umask(0)
@@ -323,17 +377,22 @@ def atomic_write(path: str, write: Any, mode: str = "w") -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    return tmp
 
 
 def save_safetensors(
     tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str] | None = None
 ) -> None:
     """Write a safetensors file (atomically), streaming tensor by tensor."""
+    atomic_write(path, _safetensors_writer(tensors, metadata), mode="wb")
+
+
+def _safetensors_writer(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Any:
+    """A function that writes `tensors` as a safetensors file to an open binary file."""
     header: dict[str, Any] = {"__metadata__": metadata or {"format": "pt"}}
     offset = 0
     for name, t in tensors.items():
@@ -355,7 +414,7 @@ def save_safetensors(
             if data.numel():
                 f.write(memoryview(data.view(torch.uint8).reshape(-1).numpy()))
 
-    atomic_write(path, write, mode="wb")
+    return write
 
 
 def save_pretrained(
@@ -388,31 +447,46 @@ def save_pretrained(
             size = 0
         shards[-1][name] = t
         size += n
-    for old in os.listdir(folder):  # stale weights of an earlier save
-        if re.fullmatch(r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json", old):
+    # Every new file is written to a temporary name first; an earlier save in the folder stays whole
+    # until all of them are on disk, then the files are renamed into place (index and config last).
+    staged: list[tuple[str, str]] = []  # (temporary, final path)
+    try:
+        if len(shards) == 1:
+            names = [WEIGHTS_NAME]
+        else:
+            names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        for name, shard in zip(names, shards):
+            path = os.path.join(folder, name)
+            staged.append((_write_staged(path, _safetensors_writer(shard), "wb"), path))
+        if len(shards) > 1:
+            weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
+            total = sum(t.numel() * t.element_size() for t in state.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            path = os.path.join(folder, INDEX_NAME)
+            staged.append((_write_staged(path, lambda f: json.dump(index, f, indent=2)), path))
+    except BaseException:
+        for tmp, _ in staged:
+            os.remove(tmp)
+        raise
+    for old in os.listdir(folder):  # weights of an earlier save that this one does not replace
+        stale = re.fullmatch(r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json", old)
+        if stale and old not in names and not (old == INDEX_NAME and len(shards) > 1):
             os.remove(os.path.join(folder, old))
-    if len(shards) == 1:
-        save_safetensors(shards[0], os.path.join(folder, WEIGHTS_NAME))
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_safetensors(shard, os.path.join(folder, name))
-            weight_map.update({k: name for k in shard})
-        total = sum(t.numel() * t.element_size() for t in state.values())
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        atomic_write(os.path.join(folder, INDEX_NAME), lambda f: json.dump(index, f, indent=2))
+    for tmp, path in staged:
+        os.replace(tmp, path)
     any_float = next((t for t in state.values() if t.is_floating_point()), None)
     cfg = json.loads(config.to_json_string())
     if any_float is not None:
         cfg["dtype"] = str(any_float.dtype).removeprefix("torch.")
     atomic_write(os.path.join(folder, "config.json"), lambda f: f.write(json.dumps(cfg, indent=2) + "\n"))
     gen = {k: getattr(config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    gen.update(getattr(model, "generation_config", None) or {})  # as loaded: kept on a round trip
     atomic_write(
-        os.path.join(folder, "generation_config.json"), lambda f: f.write(json.dumps(gen, indent=2) + "\n")
+        os.path.join(folder, GENERATION_CONFIG_FILE), lambda f: f.write(json.dumps(gen, indent=2) + "\n")
     )
     quant = getattr(model, "quantization_config", None)
+    quant_path = os.path.join(folder, QUANT_CONFIG_FILE)
     if quant is not None:
-        atomic_write(
-            os.path.join(folder, "quantization_config.json"), lambda f: json.dump(quant, f, indent=2)
-        )
+        atomic_write(quant_path, lambda f: json.dump(quant, f, indent=2))
+    elif os.path.exists(quant_path):  # an earlier save was quantized: this one is not
+        os.remove(quant_path)

@@ -66,6 +66,7 @@ class BambaConfig:
             self.time_step_limit = tuple(float(v) for v in self.time_step_limit)
         if self.attn_layer_indices is not None:
             self.attn_layer_indices = sorted(int(i) for i in self.attn_layer_indices)
+        _check_types(self)
         _check_positive(self, "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers")
         _check_positive(self, "num_attention_heads", "num_key_value_heads", "mamba_n_heads", "mamba_n_groups")
         _check_positive(self, "mamba_d_state", "mamba_d_conv", "mamba_expand", "mamba_chunk_size")
@@ -192,7 +193,10 @@ class BambaConfig:
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         kwargs = {k: v for k, v in data.items() if k in names}
         extra = {k: v for k, v in data.items() if k not in names and k != "model_type"}
-        return cls(**kwargs, extra=extra)
+        try:
+            return cls(**kwargs, extra=extra)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{source}: {e}") from None
 
     def to_json_string(self) -> str:
         return json.dumps(self.to_dict(), indent=2) + "\n"
@@ -227,6 +231,53 @@ class BambaConfig:
         values.update(changes)
         values["extra"] = dict(self.extra)
         return BambaConfig(**values)
+
+
+_BOOL_FIELDS = (
+    "tie_word_embeddings",
+    "use_cache",
+    "mamba_conv_bias",
+    "mamba_proj_bias",
+    "attention_bias",
+    "mlp_bias",
+)
+_FLOAT_FIELDS = (
+    "initializer_range",
+    "rms_norm_eps",
+    "attention_dropout",
+    "time_step_min",
+    "time_step_max",
+    "z_loss_coefficient",
+    "rope_theta",
+    "partial_rotary_factor",
+)
+_OPTIONAL_INT_FIELDS = ("pad_token_id", "bos_token_id", "num_logits_to_keep")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_types(cfg: BambaConfig) -> None:
+    """JSON types of the fields (a string "false" would otherwise count as true)."""
+
+    def bad(name: str, expected: str) -> ValueError:
+        return ValueError(f"BambaConfig.{name}={getattr(cfg, name)!r} is invalid: must be {expected}")
+
+    for name in _BOOL_FIELDS:
+        if not isinstance(getattr(cfg, name), bool):
+            raise bad(name, "true or false")
+    for name in _FLOAT_FIELDS:
+        value = getattr(cfg, name)
+        if not (_is_int(value) or isinstance(value, float)):
+            raise bad(name, "a number")
+    for name in _OPTIONAL_INT_FIELDS:
+        value = getattr(cfg, name)
+        if value is not None and not _is_int(value):
+            raise bad(name, "an integer or null")
+    eos = cfg.eos_token_id
+    if not (eos is None or _is_int(eos) or (isinstance(eos, (list, tuple)) and all(_is_int(v) for v in eos))):
+        raise bad("eos_token_id", "an integer, a list of integers, or null")
 
 
 def _check_positive(cfg: BambaConfig, *names: str) -> None:

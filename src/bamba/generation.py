@@ -64,6 +64,7 @@ class TextStreamer:
         if self._stream is not None and (piece := self._stream.flush()):
             self.on_text(piece)
         self._stream = None
+        self._prompt_pending = self.skip_prompt  # the next generate starts with its prompt again
 
 
 class TextIteratorStreamer(TextStreamer):
@@ -122,6 +123,20 @@ def process_logits(
     return logits
 
 
+def default_eos_ids(model: Any) -> list[int]:
+    """The stop tokens `generate` uses by default: generation_config.json's eos_token_id, else the config's."""
+    gen = getattr(model, "generation_config", None) or {}
+    return _as_list(gen["eos_token_id"] if gen.get("eos_token_id") is not None else model.config.eos_token_id)
+
+
+def eos_ids_with(model: Any, tokenizer: Any) -> list[int]:
+    """The model's stop tokens plus the tokenizer's eos (what the pipeline and the command line stop on)."""
+    ids = default_eos_ids(model)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
 def _as_list(value: int | Sequence[int] | None) -> list[int]:
     if value is None:
         return []
@@ -134,11 +149,11 @@ def generate(
     model: Any,
     input_ids: Tensor,
     attention_mask: Tensor | None = None,
-    max_new_tokens: int = 20,
+    max_new_tokens: int | None = None,
     min_new_tokens: int = 0,
     do_sample: bool = False,
     temperature: float = 1.0,
-    top_k: int | None = None,
+    top_k: int | None = 50,
     top_p: float | None = None,
     min_p: float | None = None,
     repetition_penalty: float = 1.0,
@@ -155,10 +170,11 @@ def generate(
 ) -> Tensor:
     """Continue each prompt; returns (b * num_return_sequences, prompt + new) ids, like transformers.
 
-    input_ids: (b, t), left-padded when `attention_mask` (b, t) has zeros. Greedy unless `do_sample`.
-    Generation of a row stops at any of `eos_token_id` (default: the config's) or when its new text
-    contains one of `stop_strings` (needs `tokenizer`). `streamer.put` receives the prompt, then each
-    new token (batch size 1 only).
+    input_ids: (b, t), left-padded when `attention_mask` (b, t) has zeros. Greedy unless `do_sample`
+    (then top_k=50 unless given, as transformers). New tokens: `max_new_tokens`, else `max_length` minus
+    the prompt, else 20. Generation of a row stops at any of `eos_token_id` (default: the checkpoint's
+    generation_config.json, else the config's) or when its new text contains one of `stop_strings` (needs
+    `tokenizer`). `streamer.put` receives the prompt, then each new token (batch size 1 only).
     """
     cfg = model.config
     if input_ids.dim() == 1:
@@ -167,8 +183,12 @@ def generate(
         raise ValueError(
             f"input_ids must be (batch, length) with length >= 1, found shape {tuple(input_ids.shape)}"
         )
-    if max_length is not None:
-        max_new_tokens = max_length - input_ids.shape[1]
+    if max_new_tokens is None:
+        if max_length is not None and max_length < input_ids.shape[1]:
+            raise ValueError(
+                f"max_length={max_length} is shorter than the prompt ({input_ids.shape[1]} tokens)"
+            )
+        max_new_tokens = max_length - input_ids.shape[1] if max_length is not None else 20
     if max_new_tokens < 0 or min_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens} and min_new_tokens={min_new_tokens} must be >= 0")
     if input_ids.shape[1] > cfg.max_position_embeddings:
@@ -178,15 +198,19 @@ def generate(
         )
     if do_sample and temperature <= 0:
         raise ValueError(f"temperature={temperature} must be > 0 when sampling")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 0):
+        raise ValueError(f"top_k={top_k!r} must be an integer >= 0 (0 or None: no top-k)")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p!r} must be in (0, 1]")
+    if min_p is not None and not 0 <= min_p <= 1:
+        raise ValueError(f"min_p={min_p!r} must be in [0, 1]")
     stops = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings or [])
     if stops and tokenizer is None:
         raise ValueError("stop_strings needs a tokenizer")
-    eos = _as_list(eos_token_id if eos_token_id is not None else cfg.eos_token_id)
-    pad = (
-        pad_token_id
-        if pad_token_id is not None
-        else (cfg.pad_token_id if cfg.pad_token_id is not None else (eos or [0])[0])
-    )
+    eos = _as_list(eos_token_id) if eos_token_id is not None else default_eos_ids(model)
+    if pad_token_id is None:
+        pad_token_id = (getattr(model, "generation_config", None) or {}).get("pad_token_id", cfg.pad_token_id)
+    pad = pad_token_id if pad_token_id is not None else (eos or [0])[0]
     device = model.device
     input_ids = input_ids.to(device)
     if attention_mask is not None:
@@ -201,59 +225,62 @@ def generate(
         generator = torch.Generator(device=device).manual_seed(seed)
     if streamer is not None:
         streamer.put(input_ids.cpu())
+    try:
+        b, t = input_ids.shape
+        out = torch.full((b, t + max_new_tokens), pad, dtype=torch.long, device=device)
+        out[:, :t] = input_ids
+        if max_new_tokens == 0:
+            return out
+        active = torch.arange(b, device=device)  # rows of `out` still generating, in cache order
+        cache = HybridMambaAttentionDynamicCache(cfg)
+        mask = attention_mask
+        eos_t = torch.tensor(eos, device=device) if eos else None
 
-    b, t = input_ids.shape
-    out = torch.full((b, t + max_new_tokens), pad, dtype=torch.long, device=device)
-    out[:, :t] = input_ids
-    if max_new_tokens == 0:
-        return out
-    active = torch.arange(b, device=device)  # rows of `out` still generating, in cache order
-    cache = HybridMambaAttentionDynamicCache(cfg)
-    mask = attention_mask
-    eos_t = torch.tensor(eos, device=device) if eos else None
-
-    logits = _prefill(model, input_ids, mask, cache, prefill_chunk_size)  # (b, vocab)
-    n_new = 0
-    for step in range(max_new_tokens):
-        scores = logits.float()
-        if step < min_new_tokens and eos:
-            scores[:, eos] = float("-inf")
-        if do_sample or repetition_penalty != 1.0:
-            scores = process_logits(
-                scores,
-                out[active, : t + step],
-                temperature if do_sample else 1.0,
-                top_k if do_sample else None,
-                top_p if do_sample else None,
-                min_p if do_sample else None,
-                repetition_penalty,
-            )
-        if do_sample:
-            nxt = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(-1)  # (active,)
-        else:
-            nxt = scores.argmax(-1)
-        out[active, t + step] = nxt
-        n_new = step + 1
-        if streamer is not None:
-            streamer.put(nxt.cpu())
-        done = torch.isin(nxt, eos_t) if eos_t is not None else torch.zeros_like(nxt, dtype=torch.bool)
-        if stops:
-            done = done | _hit_stop(tokenizer, out[active, t : t + step + 1], stops)
-        if step + 1 == max_new_tokens:
-            break
-        if bool(done.any()):
-            keep = ~done
-            if not bool(keep.any()):
+        logits = _prefill(model, input_ids, mask, cache, prefill_chunk_size)  # (b, vocab)
+        n_new = 0
+        for step in range(max_new_tokens):
+            scores = logits.float()
+            if step < min_new_tokens and eos:
+                scores[:, eos] = float("-inf")
+            if do_sample or repetition_penalty != 1.0:
+                scores = process_logits(
+                    scores,
+                    out[active, : t + step],
+                    temperature if do_sample else 1.0,
+                    top_k if do_sample else None,
+                    top_p if do_sample else None,
+                    min_p if do_sample else None,
+                    repetition_penalty,
+                )
+            if do_sample:
+                nxt = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(-1)  # (active,)
+            else:
+                nxt = scores.argmax(-1)
+            out[active, t + step] = nxt
+            n_new = step + 1
+            if streamer is not None:
+                streamer.put(nxt.cpu())
+            done = torch.isin(nxt, eos_t) if eos_t is not None else torch.zeros_like(nxt, dtype=torch.bool)
+            if stops:
+                done = done | _hit_stop(tokenizer, out[active, t : t + step + 1], stops)
+            if step + 1 == max_new_tokens:
                 break
-            active, nxt = active[keep], nxt[keep]
-            cache.select_batch(keep)
+            if bool(done.any()):
+                keep = ~done
+                if not bool(keep.any()):
+                    break
+                active, nxt = active[keep], nxt[keep]
+                cache.select_batch(keep)
+                if mask is not None:
+                    mask = mask[keep]
             if mask is not None:
-                mask = mask[keep]
-        if mask is not None:
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-        logits = model(nxt[:, None], attention_mask=mask, past_key_values=cache, use_cache=True).logits[:, -1]
-    if streamer is not None:
-        streamer.end()
+                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            logits = model(nxt[:, None], attention_mask=mask, past_key_values=cache, use_cache=True).logits[
+                :, -1
+            ]
+    finally:
+        if streamer is not None:
+            streamer.end()  # also when nothing was generated, or on an error: an iterating consumer returns
     return out[:, : t + n_new]
 
 
@@ -363,7 +390,7 @@ def generate_text(
         ids,
         max_new_tokens=max_new_tokens,
         **cli_sampling(temperature, top_p, top_k, seed),
-        eos_token_id=tok.eos_token_id,
+        eos_token_id=eos_ids_with(lm, tok),
         pad_token_id=tok.pad_token_id,
         streamer=TimedStreamer(tok, skip_prompt=True, on_text=on_text, skip_special_tokens=True),
     )
@@ -476,14 +503,13 @@ def chat(
             transcript += line + "\n"
             ids = tok.encode(transcript)
         pieces: list[str] = []
+        keep = max(1, lm.config.max_position_embeddings - max_new_tokens)  # the latest context
         generate(
             lm,
-            torch.tensor(
-                [ids[-(lm.config.max_position_embeddings - max_new_tokens) :]]
-            ),  # the latest context
+            torch.tensor([ids[-keep:]]),
             max_new_tokens=max_new_tokens,
             **cli_sampling(temperature, top_p, None, seed),
-            eos_token_id=tok.eos_token_id,
+            eos_token_id=eos_ids_with(lm, tok),
             pad_token_id=tok.pad_token_id,
             stop_strings=None if has_template else ["\n\n"],
             tokenizer=tok,

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from .generation import generate
+from .generation import eos_ids_with, generate
 from .model import BambaForCausalLM
 from .tokenizer import Tokenizer
 
@@ -29,7 +29,7 @@ class TextGenerationPipeline:
     def __init__(self, model: BambaForCausalLM, tokenizer: Tokenizer, **generate_defaults: Any) -> None:
         self.model = model
         self.tokenizer = tokenizer
-        self.generate_defaults = {"max_new_tokens": 50, **generate_defaults}
+        self.generate_defaults = generate_defaults
 
     def __call__(
         self, inputs: str | list[str] | Chat | list[Chat], return_full_text: bool = True, **kwargs: Any
@@ -38,6 +38,11 @@ class TextGenerationPipeline:
         batch = [inputs] if single else list(inputs)
         if not batch:
             raise ValueError("the pipeline got an empty list of inputs")
+        budget = {**self.generate_defaults, **kwargs}
+        if budget.get("max_new_tokens") is None and budget.get("max_length") is not None and len(batch) > 1:
+            # max_length counts each prompt's own tokens (as transformers' pipeline, which runs them one by
+            # one), not the padded width of a batch
+            return [self(item, return_full_text, **kwargs) for item in batch]
         prompts = []
         for item in batch:
             if _is_chat(item):
@@ -66,12 +71,13 @@ class TextGenerationPipeline:
             ids[i, width - len(e) :] = torch.tensor(e)
             mask[i, width - len(e) :] = 1
         options = {
-            "eos_token_id": self.tokenizer.eos_token_id,
+            "eos_token_id": eos_ids_with(self.model, self.tokenizer),
             "pad_token_id": pad,
             "tokenizer": self.tokenizer,
-            **self.generate_defaults,
-            **kwargs,
+            **budget,
         }
+        if options.get("max_new_tokens") is None and options.get("max_length") is None:
+            options["max_new_tokens"] = 50
         n = options.get("num_return_sequences", 1)
         out = generate(self.model, ids, attention_mask=mask, **options)
         results = []
