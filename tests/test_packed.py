@@ -166,6 +166,8 @@ def test_bad_packing_inputs_are_refused():
         model(ids, position_ids=torch.arange(9)[None])
     with pytest.raises(ValueError, match="input_ids must be 2-D"):
         model(ids[0])
+    with pytest.raises(ValueError, match="labels contain 200, outside the vocabulary \\[0, 97\\)"):
+        model(ids, labels=torch.full_like(ids, 200))
     # Lists are taken as tensors, and boundaries given twice that agree are fine.
     with torch.no_grad():
         a = model(ids, cu_seq_lens_q=[0, 4, 10], use_cache=False).logits

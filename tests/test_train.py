@@ -319,6 +319,10 @@ def test_bad_inputs_have_clear_messages(corpus, tmp_path):
         run(corpus, tmp_path / "o5", config="no-such-preset")
     with pytest.raises(ValueError, match="grad_accum=0 must be >= 1"):
         run(corpus, tmp_path / "o6", grad_accum=0)
+    with pytest.raises(ValueError, match="max_examples=-1 must be >= 1"):
+        run(corpus, tmp_path / "o6", max_examples=-1)
+    with pytest.raises(ValueError, match="clip=-1.0 must be >= 0"):
+        run(corpus, tmp_path / "o6", clip=-1.0)
     # resuming with other batch settings would silently read other data: refused
     run(corpus, tmp_path / "o7", max_steps=2, save_every=1)
     with pytest.raises(ValueError, match="cannot resume.*rows_per_step: 1 -> 2"):

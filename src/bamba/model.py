@@ -663,6 +663,12 @@ def causal_lm_loss(
         raise ValueError(
             f"labels have shape {tuple(labels.shape)}, logits {tuple(logits.shape)}: expected labels (b, l)"
         )
+    vocab = logits.shape[-1]
+    outside = (labels != -100) & ((labels < 0) | (labels >= vocab))
+    if bool(outside.any()):
+        raise ValueError(
+            f"labels contain {labels[outside][0].item()}, outside the vocabulary [0, {vocab}) (-100: ignored)"
+        )
     lf = logits.float()
     shifted = F.pad(labels, (0, 1), value=-100)[..., 1:]  # (b, l): target of position t is labels[t + 1]
     reduction = "sum" if num_items_in_batch is not None else "mean"

@@ -480,8 +480,11 @@ def train(
     for name, value in (("row_tokens", row_tokens), ("batch_rows", batch_rows), ("grad_accum", grad_accum)):
         if value < 1:
             raise ValueError(f"train: {name}={value} must be >= 1")
-    if max_steps is not None and max_steps < 1:
-        raise ValueError(f"train: max_steps={max_steps} must be >= 1")
+    for name, value in (("max_steps", max_steps), ("max_examples", max_examples)):
+        if value is not None and value < 1:
+            raise ValueError(f"train: {name}={value} must be >= 1 (or None)")
+    if clip < 0:
+        raise ValueError(f"train: clip={clip} must be >= 0 (0: no clipping)")
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"train: dtype={dtype!r}; expected 'float32' or 'bfloat16'")
     if not data:
