@@ -47,7 +47,10 @@ def linear_shapes(cfg) -> list[tuple[int, int]]:
                 (cfg.hidden_size, cfg.mamba_intermediate_size),
             ]
         else:
-            q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+            q, kv = (
+                cfg.num_attention_heads * cfg.attention_head_dim,
+                cfg.num_key_value_heads * cfg.attention_head_dim,
+            )
             shapes += [
                 (q, cfg.hidden_size),
                 (kv, cfg.hidden_size),

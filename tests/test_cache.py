@@ -124,3 +124,10 @@ def test_cache_without_attention_layers_tracks_length():
     with torch.no_grad():
         model(torch.randint(1, 97, (2, 5)), past_key_values=cache)
     assert cache.get_seq_length() == 5 and all(k is None for k in cache.key_cache)
+
+
+def test_cache_to_moves_devices_only():
+    cache = HybridMambaAttentionDynamicCache(BambaConfig(**TINY))
+    with pytest.raises(TypeError, match="moves between devices only; its SSM states stay fp32"):
+        cache.to(torch.bfloat16)
+    assert cache.to("cpu") is cache

@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from bamba import BambaConfig, preset
 
@@ -107,3 +108,21 @@ def test_presets():
     assert small.layers_block_type.count("attention") == 3
     with pytest.raises(ValueError, match="unknown preset"):
         preset("nope")
+
+
+def test_explicit_head_dim_is_honoured_as_in_transformers(tmp_path):
+    """transformers' attention uses config.head_dim when a config.json sets it (q_proj: heads * head_dim)."""
+    from conftest import hf_model
+
+    from bamba import BambaForCausalLM
+
+    ref = hf_model(0, head_dim=16)
+    ref.save_pretrained(tmp_path)
+    ours = BambaForCausalLM.from_pretrained(str(tmp_path))
+    assert ours.config.head_dim == 16 and ours.config.attention_head_dim == 16
+    ids = torch.randint(1, 97, (1, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, ref(ids).logits, atol=1e-5, rtol=1e-5)
+    assert "head_dim" not in BambaConfig().to_dict()  # derived: not written, as transformers does
+    with pytest.raises(ValueError, match="head_dim=0 is invalid"):
+        BambaConfig(head_dim=0)

@@ -131,6 +131,21 @@ def test_packed_model_matches_and_saves(dtype, tmp_path, one_thread):
 
 
 @needs_onednn
+def test_a_packed_model_cast_afterwards_keeps_one_dtype(one_thread):
+    """Casting after packing keeps the packed bf16 weights; outputs then follow the activations' dtype
+    (before, attention layers failed on mixed dtypes and Mamba-only models returned bf16 logits)."""
+    torch.manual_seed(4)
+    model = BambaForCausalLM(BambaConfig(**{**TINY, "mamba_proj_bias": True})).to(torch.bfloat16).eval()
+    pack_for_cpu(model, dtypes=(torch.bfloat16,))
+    ids = torch.randint(1, 97, (2, 6))
+    with torch.inference_mode():
+        bf16 = model(ids).logits
+        cast = model.float()(ids).logits
+    assert cast.dtype == torch.float32
+    torch.testing.assert_close(cast, bf16.float(), atol=0.1, rtol=0.05)
+
+
+@needs_onednn
 def test_from_pretrained_pack_follows_the_measurement(tmp_path, one_thread):
     torch.manual_seed(5)
     BambaForCausalLM(BambaConfig(**TINY)).save_pretrained(tmp_path / "m")

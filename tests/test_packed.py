@@ -168,6 +168,13 @@ def test_bad_packing_inputs_are_refused():
         model(ids[0])
     with pytest.raises(ValueError, match="labels contain 200, outside the vocabulary \\[0, 97\\)"):
         model(ids, labels=torch.full_like(ids, 200))
+    # 1-D position_ids are one row for every batch row (they once met the heads' dimension in rotary)
+    ids4 = torch.randint(1, 97, (2, 4))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(ids4, position_ids=torch.arange(4), use_cache=False).logits,
+            model(ids4, position_ids=torch.arange(4)[None].expand(2, 4), use_cache=False).logits,
+        )
     # Lists are taken as tensors, and boundaries given twice that agree are fine.
     with torch.no_grad():
         a = model(ids, cu_seq_lens_q=[0, 4, 10], use_cache=False).logits

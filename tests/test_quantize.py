@@ -236,3 +236,16 @@ def test_top_level_bamba_quantize_is_the_function():
     model = bamba.quantize(tiny(), "int4_weight_only", group_size=128)
     assert isinstance(model.model.layers[0].mamba.in_proj, Int4WeightOnlyLinear)
     assert model.model.layers[0].mamba.A_log.dtype == torch.float32  # never quantized
+
+
+@pytest.mark.parametrize("method", ["int8_weight_only", "int4_weight_only", DQ])
+def test_bf16_quantized_model_generates_a_batch_with_an_untied_lm_head(method):
+    """logits_to_keep slices the hidden states: the packed kernels must get dense rows (int4 raised
+    'expect A to be contiguous' on a bf16 batch)."""
+    q = quantize(tiny().to(torch.bfloat16), method)
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        full = q(ids).logits[:, -1]
+        last = q(ids, logits_to_keep=1).logits[:, -1]
+    torch.testing.assert_close(last, full, atol=0, rtol=0)
+    assert q.generate(ids, max_new_tokens=3).shape == (2, 12)

@@ -250,7 +250,7 @@ def _state_bytes(cfg: Any, b: int, context: int) -> int:
     n_mamba = cfg.num_hidden_layers - n_attn
     ssm = cfg.mamba_n_heads * cfg.mamba_d_head * cfg.mamba_d_state * 4 * 2
     conv = cfg.mamba_conv_dim * (cfg.mamba_d_conv - 1) * 4 * 2
-    kv = 2 * cfg.num_key_value_heads * cfg.head_dim * context * 4
+    kv = 2 * cfg.num_key_value_heads * cfg.attention_head_dim * context * 4
     return b * (n_mamba * (ssm + conv) + n_attn * kv)
 
 
@@ -259,10 +259,10 @@ def _linear_flops_per_token(cfg: Any, context: int) -> float:
     d, f = cfg.hidden_size, cfg.intermediate_size
     n_attn = sum(kind == "attention" for kind in cfg.layers_block_type)
     n_mamba = cfg.num_hidden_layers - n_attn
-    attn_proj = d * cfg.head_dim * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
+    attn_proj = d * cfg.attention_head_dim * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
     mamba_proj = d * cfg.mamba_in_proj_size + cfg.mamba_intermediate_size * d
     params = cfg.num_hidden_layers * 3 * d * f + n_attn * attn_proj + n_mamba * mamba_proj
-    attn = n_attn * 4 * (context / 2) * cfg.num_attention_heads * cfg.head_dim
+    attn = n_attn * 4 * (context / 2) * cfg.num_attention_heads * cfg.attention_head_dim
     return 2.0 * params + attn
 
 

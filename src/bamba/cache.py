@@ -129,5 +129,10 @@ class HybridMambaAttentionDynamicCache:
         self._map(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def to(self, device: torch.device | str) -> HybridMambaAttentionDynamicCache:
-        self._map(lambda t: t.to(device))
+        """Move every tensor to `device` (devices only: the SSM states stay fp32)."""
+        if isinstance(device, torch.dtype):
+            raise TypeError(
+                f"cache.to({device}): the cache moves between devices only; its SSM states stay fp32"
+            )
+        self._map(lambda t: t.to(device=device))
         return self

@@ -238,6 +238,7 @@ def load_pretrained(
     loaded: dict[str, torch.Tensor] = {}
     mapped: dict[str, tuple[SafetensorsFile, str]] = {}  # zero-copy tensors: where their pages are
     unexpected, wrong_shape = [], []
+    mismatched: set[str] = set()  # present with the wrong shape or dtype (not also "missing")
     for name, st in _iter_tensors(weight_files(folder)):
         key = _map_key(name, prefix)
         if key is None or _IGNORED_KEYS.match(name):
@@ -251,12 +252,14 @@ def load_pretrained(
             wrong_shape.append(
                 f"{name}: expected {list(want.shape)}, found {list(t.shape)} in {os.path.basename(st.path)}"
             )
+            mismatched.add(key)
             continue
         if t.is_floating_point() != want.is_floating_point():
             wrong_shape.append(
                 f"{name}: expected {'floating point' if want.is_floating_point() else want.dtype}, found "
                 f"{t.dtype} in {os.path.basename(st.path)}"
             )
+            mismatched.add(key)
             continue
         target = want.dtype if not want.is_floating_point() else (dtype or t.dtype)
         if t.dtype != target or device.type != "cpu":
@@ -266,7 +269,7 @@ def load_pretrained(
             mapped[key] = (st, name)
         loaded[key] = t
     tied = {"lm_head.weight"} if config.tie_word_embeddings and prefix else set()
-    missing = [k for k in expected if k not in loaded and k not in tied]
+    missing = [k for k in expected if k not in loaded and k not in tied and k not in mismatched]
     problems = []
     if missing:
         problems.append(f"missing tensors: {missing}")

@@ -26,6 +26,9 @@ class BambaConfig:
     num_hidden_layers: int = 32
     num_attention_heads: int = 32
     num_key_value_heads: int | None = 8
+    # Attention head size; None (the default, and what transformers' BambaConfig writes): hidden_size /
+    # num_attention_heads. A config.json that sets it is honoured, as transformers' attention does.
+    head_dim: int | None = None
     hidden_act: str = "silu"
     initializer_range: float = 0.02
     rms_norm_eps: float = 1e-5
@@ -90,12 +93,12 @@ class BambaConfig:
         return self.mamba_intermediate_size + self.mamba_conv_dim + self.mamba_n_heads
 
     @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+    def attention_head_dim(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_attention_heads
 
     @property
     def rotary_dim(self) -> int:
-        return int(self.head_dim * self.partial_rotary_factor)
+        return int(self.attention_head_dim * self.partial_rotary_factor)
 
     @property
     def layers_block_type(self) -> list[str]:
@@ -107,8 +110,12 @@ class BambaConfig:
         def bad(name: str, rule: str) -> ValueError:
             return ValueError(f"BambaConfig.{name}={getattr(self, name)!r} is invalid: {rule}")
 
-        if self.hidden_size % self.num_attention_heads:
-            raise bad("num_attention_heads", f"must divide hidden_size ({self.hidden_size})")
+        if self.head_dim is not None and self.head_dim <= 0:
+            raise bad("head_dim", "must be a positive integer (or null: hidden_size / num_attention_heads)")
+        if self.head_dim is None and self.hidden_size % self.num_attention_heads:
+            raise bad(
+                "num_attention_heads", f"must divide hidden_size ({self.hidden_size}) unless head_dim is set"
+            )
         if self.num_attention_heads % self.num_key_value_heads:
             raise bad("num_key_value_heads", f"must divide num_attention_heads ({self.num_attention_heads})")
         if self.mamba_intermediate_size % self.mamba_n_heads:
@@ -155,6 +162,8 @@ class BambaConfig:
         out: dict[str, Any] = dict(self.extra)
         for f in dataclasses.fields(self):
             if f.name in ("extra", "rope_theta", "partial_rotary_factor"):
+                continue
+            if f.name == "head_dim" and self.head_dim is None:  # derived: written as transformers does
                 continue
             out[f.name] = getattr(self, f.name)
         if self.time_step_limit is not None:  # inf is written as transformers writes it
@@ -251,7 +260,7 @@ _FLOAT_FIELDS = (
     "rope_theta",
     "partial_rotary_factor",
 )
-_OPTIONAL_INT_FIELDS = ("pad_token_id", "bos_token_id", "num_logits_to_keep")
+_OPTIONAL_INT_FIELDS = ("pad_token_id", "bos_token_id", "num_logits_to_keep", "head_dim")
 
 
 def _is_int(value: Any) -> bool:

@@ -38,7 +38,9 @@ def model_info(model: str | None = None) -> dict[str, Any]:
         for kind in c.layers_block_type
         if kind == "mamba"
     )
-    kv_per_token = 2 * c.num_key_value_heads * c.head_dim * 4 * c.layers_block_type.count("attention")
+    kv_per_token = (
+        2 * c.num_key_value_heads * c.attention_head_dim * 4 * c.layers_block_type.count("attention")
+    )
     return {
         "folder": folder,
         "parameters": n_params,
@@ -50,7 +52,7 @@ def model_info(model: str | None = None) -> dict[str, Any]:
         "hidden_size": c.hidden_size,
         "vocab_size": c.vocab_size,
         "mamba": f"{c.mamba_n_heads} heads x {c.mamba_d_head}, d_state {c.mamba_d_state}, {c.mamba_n_groups} group(s)",
-        "attention": f"{c.num_attention_heads} heads / {c.num_key_value_heads} kv heads x {c.head_dim}",
+        "attention": f"{c.num_attention_heads} heads / {c.num_key_value_heads} kv heads x {c.attention_head_dim}",
         "weights_fp32_bytes": n_params * 4,
         "weights_bf16_bytes": n_params * 2,
         "mamba_state_bytes_per_sequence_fp32": state_per_row,

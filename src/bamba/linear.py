@@ -111,7 +111,8 @@ class PackedLinear(nn.Module):
     `state_dict()` still holds a dense `weight` (unpacked on the fly) and loading a state_dict repacks,
     so a packed model saves and loads like any other (saving unpacks each weight: a dense copy). It has
     no autograd: a forward that would need gradients raises, as does an input on another device. Casts
-    and moves (`.to()`, `.half()`) leave the packed weight as it is: pack a model once it is in place.
+    and moves (`.to()`, `.half()`) leave the packed weight as it is (outputs follow the input's dtype,
+    computed with the packed weight): pack a model once it is in place.
     """
 
     def __init__(self, linear: nn.Linear) -> None:
@@ -134,7 +135,10 @@ class PackedLinear(nn.Module):
         rows = x.numel() // x.shape[-1]
         if self.weight_dtype == torch.bfloat16 and rows > PACKED_BF16_MAX_ROWS and not bf16_gemm_is_fast():
             return linear_upcast(x, self.weight, self.bias)  # long prompts: unpack, fp32 GEMM
-        return onednn_linear(x.to(self.weight_dtype), self.packed, self.bias)
+        bias = self.bias
+        if bias is not None and bias.dtype != self.weight_dtype:  # the model was cast after packing
+            bias = bias.to(self.weight_dtype)
+        return onednn_linear(x.to(self.weight_dtype), self.packed, bias).to(x.dtype)
 
     @property
     def weight(self) -> Tensor:

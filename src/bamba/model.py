@@ -136,7 +136,7 @@ class BambaAttention(nn.Module):
         self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = config.head_dim
+        self.head_dim = config.attention_head_dim
         d, bias = config.hidden_size, config.attention_bias
         self.q_proj = Linear(d, self.num_heads * self.head_dim, bias=bias)
         self.k_proj = Linear(d, self.num_kv_heads * self.head_dim, bias=bias)
@@ -481,6 +481,7 @@ class BambaModel(BambaPreTrainedModel):
                 raise ValueError(
                     f"position_ids must be (batch={b} or 1, length={l}), found shape {tuple(position_ids.shape)}"
                 )
+            position_ids = position_ids.view(-1, l)  # (b|1, l)
         past_key_values = past_key_values if past_key_values is not None else cache
         if use_cache is None:
             use_cache = cfg.use_cache and not self.training

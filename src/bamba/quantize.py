@@ -105,7 +105,7 @@ def linear_int8(x: Tensor, q: Tensor, scales: Tensor, bias: Tensor | None = None
     rows = x.numel() // x.shape[-1]
     if x.device.type != "cpu" or rows > INT8_KERNEL_MAX_ROWS:
         return linear_int8_reference(x, q, scales, bias)
-    x2 = x.reshape(rows, x.shape[-1]).to(torch.bfloat16)
+    x2 = x.reshape(rows, x.shape[-1]).to(torch.bfloat16).contiguous()
     y = torch.ops.aten._weight_int8pack_mm(x2, q, scales.to(torch.bfloat16))  # (rows, out) bf16
     y = y.view(*x.shape[:-1], q.shape[0]).to(x.dtype)
     return y + bias if bias is not None else y
@@ -246,7 +246,7 @@ def linear_int4(
     rows = x.numel() // x.shape[-1]
     if x.device.type != "cpu" or rows > INT4_KERNEL_MAX_ROWS or not int4_kernel_layout_matches():
         return linear_int4_reference(x, packed, sz, group_size, bias, out)
-    x2 = x.reshape(rows, x.shape[-1]).to(torch.bfloat16)
+    x2 = x.reshape(rows, x.shape[-1]).to(torch.bfloat16).contiguous()  # the kernel needs dense rows
     y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, group_size, sz.to(torch.bfloat16))
     if out is not None and out < y.shape[1]:
         y = y[:, :out]  # drop the padding rows
