@@ -40,3 +40,15 @@ def test_bench_rejects_unknown_variants(tmp_path):
     with pytest.raises(ValueError, match="variant 'int3': expected one of fp32, bf16, int8, int4, int8dq"):
         bench(checkpoint=str(tmp_path / "never-created"), variants=("fp32", "int3"))
     assert not (tmp_path / "never-created").exists()
+
+
+def test_bench_without_transformers_says_so_before_creating_anything(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "transformers" else real(name, *a)
+    )
+    with pytest.raises(ValueError, match="transformers, which is not installed.*--no-transformers"):
+        bench(checkpoint=str(tmp_path / "never-created"))
+    assert not (tmp_path / "never-created").exists()

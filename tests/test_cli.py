@@ -174,7 +174,7 @@ def test_chat_loop_uses_the_template_and_keeps_history(folder, monkeypatch):
 
     chat(model=folder, max_new_tokens=3, temperature=0, input_fn=fake_input, output_fn=out.append)
     assert prompts == ["> ", "> ", "> "]  # two turns, then EOF ends the loop
-    assert out.count("\n") == 2
+    assert out.count("\n") == 3  # after each reply, and after the last "> " at EOF
     assert "<|user|>\nto be" in seen[0] and seen[0].rstrip().endswith("<|assistant|>")
     assert seen[1].startswith(seen[0]) and "<|user|>\nor not" in seen[1]  # the history is kept
 
@@ -205,3 +205,32 @@ def test_chat_keeps_the_latest_context_when_the_reply_budget_fills_the_window(fo
         chat(model=folder, max_new_tokens=budget, temperature=0, input_fn=one_line, output_fn=lambda s: None)
     full = prompts[0]  # 60: room for 4 tokens
     assert len(full) == 4 and prompts[1] == prompts[2] == full[-1:]
+
+
+def test_chat_passes_top_k_and_seeds_the_conversation_once(folder, monkeypatch):
+    import bamba.generation as g
+    from bamba.generation import chat
+
+    calls: list[dict] = []
+    real = g.generate
+
+    def recording_generate(model, ids, **kw):
+        calls.append(kw)
+        return real(model, ids, **kw)
+
+    monkeypatch.setattr(g, "generate", recording_generate)
+    lines = iter(["to be", "to be"])
+
+    def two_lines(prompt: str) -> str:
+        line = next(lines, None)
+        if line is None:
+            raise EOFError
+        return line
+
+    chat(model=folder, max_new_tokens=2, top_k=3, seed=5, input_fn=two_lines, output_fn=lambda s: None)
+    assert [c["top_k"] for c in calls] == [3, 3]
+    assert calls[0]["generator"] is calls[1]["generator"] and calls[0]["seed"] is None
+    with pytest.raises(ValueError, match="--max-new-tokens -1 must be >= 0"):
+        chat(model=folder, max_new_tokens=-1, input_fn=two_lines)  # before loading or reading a line
+    with pytest.raises(ValueError, match="--top-k -1 must be >= 0"):
+        chat(model=folder, top_k=-1, input_fn=two_lines)

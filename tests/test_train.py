@@ -350,6 +350,14 @@ def test_cli_trains_and_continues(corpus, tmp_path, capsys):
     )
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert metrics["step"] == 2
+    # the same command again: nothing left to train, the final model is not rewritten, the JSON stays valid
+    final = tmp_path / "a" / "final" / "model.safetensors"
+    before = final.stat().st_mtime_ns
+    assert cli_main([*base, "--config", str(config), "--max-steps", "2", "--row-tokens", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "already at step 2 of max_steps=2: nothing to train" in out
+    again = json.loads(out.strip().splitlines()[-1])  # NaN would not parse as JSON
+    assert again["step"] == 2 and again["loss"] is None and final.stat().st_mtime_ns == before
     # --init-from: the weights (and config) of a checkpoint, a fresh optimizer, a new out dir
     cont = [*base[:-1], str(tmp_path / "b"), "--init-from", str(tmp_path / "a" / "final"), "--max-steps", "1"]
     assert cli_main([*cont, "--row-tokens", "32", "--no-progress", "--eval-data", corpus["data"]]) == 0

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import json
 import os
 import resource
@@ -353,6 +354,11 @@ def bench(
     for v in variants:
         if v not in ("fp32", "bf16", *QUANT):
             raise ValueError(f"variant {v!r}: expected one of fp32, bf16, {', '.join(QUANT)}")
+    if transformers and importlib.util.find_spec("transformers") is None:
+        raise ValueError(
+            "bench compares with transformers, which is not installed: pip install transformers (or "
+            'pip install -e ".[test]"), or pass --no-transformers to measure this project alone'
+        )
     from .config import BambaConfig
 
     folder = ensure_checkpoint(checkpoint or os.path.join(DEFAULT_DIR, PRESET))

@@ -71,7 +71,7 @@ def resolve_folder(path_or_repo_id: str | os.PathLike, revision: str | None = No
     except LocalEntryNotFoundError as e:
         raise FileNotFoundError(
             f"{path}: not a local folder, and not in the Hugging Face cache while offline (or the hub is "
-            f"unreachable); download it first (huggingface-cli download {path}) or pass a folder. ({e})"
+            f"unreachable); download it first (hf download {path}) or pass a folder. ({e})"
         ) from None
     except RepositoryNotFoundError:
         raise FileNotFoundError(f"{path}: not a local folder, and no such repository on the hub") from None

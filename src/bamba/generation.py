@@ -336,6 +336,8 @@ def cli_sampling(
     temperature: float, top_p: float | None, top_k: int | None, seed: int | None
 ) -> dict[str, Any]:
     """generate() options for the CLI's sampling flags: temperature 0 means greedy."""
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"--top-k {top_k} must be >= 0 (0: no top-k)")
     if temperature < 0:
         raise ValueError(f"--temperature {temperature} must be >= 0 (0: greedy)")
     if top_p is not None and not 0 < top_p <= 1:
@@ -367,6 +369,8 @@ def generate_text(
     """
     if not prompt.strip():
         raise ValueError("the prompt is empty")
+    _check_budget(max_new_tokens)
+    sampling = cli_sampling(temperature, top_p, top_k, seed)  # checked before the model loads
     t_load = time.perf_counter()
     lm, tok = load_for_cli(model, dtype, device, quantize)
     ids = torch.tensor([tok.encode(prompt)])
@@ -389,7 +393,7 @@ def generate_text(
         lm,
         ids,
         max_new_tokens=max_new_tokens,
-        **cli_sampling(temperature, top_p, top_k, seed),
+        **sampling,
         eos_token_id=eos_ids_with(lm, tok),
         pad_token_id=tok.pad_token_id,
         streamer=TimedStreamer(tok, skip_prompt=True, on_text=on_text, skip_special_tokens=True),
@@ -408,15 +412,20 @@ def generate_text(
     return "".join(pieces)
 
 
+def _check_budget(max_new_tokens: int) -> None:
+    if max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens {max_new_tokens} must be >= 0")
+
+
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model", default=None, help="checkpoint folder or hub repo id (default: the embedded demo model)"
     )
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=200, help="default: 200")
+    p.add_argument("--temperature", type=float, default=0.8, help="default: 0.8; 0 for greedy decoding")
+    p.add_argument("--top-p", type=float, default=0.95, help="default: 0.95")
+    p.add_argument("--top-k", type=int, default=None, help="default: none")
+    p.add_argument("--seed", type=int, default=None, help="a fixed seed makes sampling repeatable")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as stored)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cpu)")
     p.add_argument(
@@ -481,10 +490,16 @@ def chat(
     quantize: str | None = None,
     input_fn: Callable[[str], str] = input,
     output_fn: Callable[[str], None] = lambda s: print(s, end="", flush=True),
+    top_k: int | None = None,
 ) -> None:
     """An interactive loop. With a chat template, turns are kept as messages; without one, each line
-    continues the running transcript. An empty line or EOF (Ctrl-D) ends it."""
+    continues the running transcript. An empty line or EOF (Ctrl-D) ends it. A seed seeds the whole
+    conversation once (each turn continues the same random stream)."""
+    _check_budget(max_new_tokens)
+    sampling = cli_sampling(temperature, top_p, top_k, None)  # checked before the model loads
     lm, tok = load_for_cli(model, dtype, device, quantize)
+    if seed is not None:
+        sampling["generator"] = torch.Generator(device=lm.device).manual_seed(seed)
     has_template = getattr(tok, "chat_template", None) is not None
     messages: list[dict[str, str]] = []
     transcript = ""
@@ -492,6 +507,7 @@ def chat(
         try:
             line = input_fn("> ")
         except EOFError:
+            output_fn("\n")  # leave the terminal on a new line after "> "
             break
         if not line.strip():
             break
@@ -508,7 +524,7 @@ def chat(
             lm,
             torch.tensor([ids[-keep:]]),
             max_new_tokens=max_new_tokens,
-            **cli_sampling(temperature, top_p, None, seed),
+            **sampling,
             eos_token_id=eos_ids_with(lm, tok),
             pad_token_id=tok.pad_token_id,
             stop_strings=None if has_template else ["\n\n"],
@@ -543,6 +559,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
             max_new_tokens=a.max_new_tokens,
             temperature=a.temperature,
             top_p=a.top_p,
+            top_k=a.top_k,
             seed=a.seed,
             dtype=a.dtype,
             device=a.device,

@@ -20,6 +20,8 @@ def model_info(model: str | None = None) -> dict[str, Any]:
     from .model import BambaForCausalLM
 
     folder = resolve_folder(model) if model else demo_path()
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise FileNotFoundError(f"{folder}: missing config.json")
     config = BambaConfig.from_json_file(os.path.join(folder, "config.json"))
     with torch.device("meta"):
         lm = BambaForCausalLM(config, init=False)

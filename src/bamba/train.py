@@ -644,7 +644,9 @@ def train(
         # ----- the loop
         last_loss = float("nan")
         eval_record: dict[str, Any] = {}
-        t_start, tokens_start = time.perf_counter(), tokens_seen
+        t_start, tokens_start, start_step = time.perf_counter(), tokens_seen, step
+        if step >= max_steps:
+            bar.note(f"train: {ckpt} is already at step {step} of max_steps={max_steps}: nothing to train")
         while step < max_steps:
             t0 = time.perf_counter()
             micro = [
@@ -705,8 +707,9 @@ def train(
         # ----- the end: eval, the last checkpoint, the final model
         elapsed = time.perf_counter() - t_start
         eval_record = run_eval() or eval_record
-        save(CHECKPOINT_NAME)
-        save(FINAL_NAME, with_state=False)
+        if step > start_step or not os.path.isdir(os.path.join(out_dir, FINAL_NAME)):
+            save(CHECKPOINT_NAME)
+            save(FINAL_NAME, with_state=False)
         bar.note(f"train: step {step}, saved {os.path.join(out_dir, FINAL_NAME)}")
         if world > 1:
             dist.barrier()  # every rank returns once the files are written
@@ -894,8 +897,15 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
             torch.set_num_threads(args.threads)
         kwargs["betas"] = tuple(kwargs["betas"])
         metrics = train(**kwargs)
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(json.dumps(metrics))
+        if int(os.environ.get("RANK", "0")) == 0:  # valid JSON: no NaN (a loss no step produced) -> null
+            print(
+                json.dumps(
+                    {
+                        k: None if isinstance(v, float) and not math.isfinite(v) else v
+                        for k, v in metrics.items()
+                    }
+                )
+            )
         return 0
 
     p.set_defaults(func=run)
