@@ -115,7 +115,7 @@ def _forward(impl: str, model: Any, ids: Any, cache: Any, past: int, keep: int =
 
     if impl == "transformers":
         b, l = ids.shape
-        pos = torch.arange(past, past + l)[None].expand(b, l)
+        pos = torch.arange(past, past + l, device=ids.device)[None].expand(b, l)
         return model(input_ids=ids, cache=cache, use_cache=True, position_ids=pos, logits_to_keep=keep).logits
     return model(ids, past_key_values=cache, use_cache=True, logits_to_keep=keep).logits
 
