@@ -71,17 +71,19 @@ def load_child(impl: str, folder: str) -> dict:
     weights = sum(
         os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder) if f.endswith(".safetensors")
     )
-    _reset_peak()
-    base = _status("VmRSS")
     if impl == "bamba":
         from bamba import BambaForCausalLM
-
-        model = BambaForCausalLM.from_pretrained(folder)
     else:
         import transformers
 
         transformers.logging.set_verbosity_error()
-        model = transformers.BambaForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        BambaForCausalLM = transformers.BambaForCausalLM
+    _reset_peak()
+    base = _status("VmRSS")  # after the imports: what loading and the forward add
+    if impl == "bamba":
+        model = BambaForCausalLM.from_pretrained(folder)
+    else:
+        model = BambaForCausalLM.from_pretrained(folder, dtype=torch.float32)
     loaded = _status("VmHWM") - base
     with torch.no_grad():
         model(torch.randint(0, 1000, (1, 16)))

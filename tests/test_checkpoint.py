@@ -243,3 +243,48 @@ def test_quantized_folders_load_as_base_models_and_plain_saves_replace_them(save
         CheckpointError, match="quantization_config.json: expected a JSON object with a 'modules' list"
     ):
         BambaForCausalLM.from_pretrained(tmp_path / "q")
+
+
+@pytest.mark.parametrize("before, after", [("1GB", "30KB"), ("30KB", "1GB"), ("30KB", "30KB")])
+def test_a_crash_while_publishing_a_save_never_mixes_two_saves(saved, tmp_path, monkeypatch, before, after):
+    """Killed at any rename of a save over an earlier one, the folder loads the earlier save or the new one
+    whole, or fails to load; it never loads a mix, and no temporary file is left."""
+    import bamba.checkpoint as ckpt
+
+    old_model, _ = saved
+    torch.manual_seed(1)
+    new_model = BambaForCausalLM(BambaConfig(**TINY)).eval()
+    ids = torch.randint(1, 97, (1, 5))
+    with torch.no_grad():
+        want = {"old": old_model(ids).logits, "new": new_model(ids).logits}
+    real_replace = os.replace
+    for crash_at in range(1, 12):
+        folder = tmp_path / f"f{crash_at}"
+        old_model.save_pretrained(folder, max_shard_size=before)
+        calls = []
+
+        def crashing_replace(src, dst, calls=calls, crash_at=crash_at):
+            calls.append(dst)
+            if len(calls) == crash_at:
+                raise KeyboardInterrupt("killed (simulated)")
+            real_replace(src, dst)
+
+        monkeypatch.setattr(ckpt.os, "replace", crashing_replace)
+        try:
+            new_model.save_pretrained(folder, max_shard_size=after)
+            crashed = False
+        except KeyboardInterrupt:
+            crashed = True
+        monkeypatch.setattr(ckpt.os, "replace", real_replace)
+        assert not [f for f in os.listdir(folder) if f.startswith(".tmp-")]
+        try:
+            back = BambaForCausalLM.from_pretrained(folder)
+        except (CheckpointError, FileNotFoundError):
+            assert crashed
+            continue
+        with torch.no_grad():
+            got = back(ids).logits
+        assert any(torch.equal(got, w) for w in want.values()), (crash_at, calls)
+        if not crashed:
+            assert torch.equal(got, want["new"])
+            break

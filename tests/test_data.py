@@ -287,6 +287,9 @@ def test_iter_text_files_encodings(tmp_path):
     txt = tmp_path / "bom.txt"
     txt.write_bytes("\ufeff".encode() + b"hello\n\nworld")
     assert list(iter_text_files([bom, txt])) == ["first", "second", "hello", "world"]  # the mark dropped
+    cr = tmp_path / "cr.jsonl"
+    cr.write_bytes(b'{"text": "a"}\r{"text": "b"}\r\n{"text": "c"}')
+    assert list(iter_text_files([cr])) == ["a", "b", "c"]  # any line ending, as text mode reads them
     latin1 = tmp_path / "latin1.txt"
     latin1.write_bytes("caf\u00e9".encode("latin-1"))
     with pytest.raises(ValueError, match="latin1.txt: not UTF-8 text"):

@@ -202,9 +202,18 @@ def test_streamers_end_and_reset(hf_folder, byte_tokenizer):
     _, folder = hf_folder(seed=2)
     model = BambaForCausalLM.from_pretrained(folder)
     ids = torch.randint(3, 97, (1, 4))
-    it = TextIteratorStreamer(byte_tokenizer, skip_prompt=True)
+    it = TextIteratorStreamer(
+        byte_tokenizer, skip_prompt=True, timeout=10
+    )  # a missing end() fails, not hangs
     generate(model, ids, max_new_tokens=0, streamer=it)
     assert list(it) == []  # returns: end() was called
+    for bad in (dict(input_ids=ids.expand(2, 4)), dict(input_ids=ids, do_sample=True, top_p=2.0)):
+        it = TextIteratorStreamer(
+            byte_tokenizer, skip_prompt=True, timeout=10
+        )  # a missing end() fails, not hangs
+        with pytest.raises(ValueError):
+            generate(model, streamer=it, **bad)
+        assert list(it) == []  # an error ends it too
     pieces: list[str] = []
     s = TextStreamer(byte_tokenizer, skip_prompt=True, on_text=pieces.append)
     for _ in range(2):

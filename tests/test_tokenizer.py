@@ -333,6 +333,7 @@ def test_saving_keeps_a_chat_template_jinja_file_current(llama3, tmp_path):
     tok.chat_template = None
     tok.save_pretrained(tmp_path)
     assert not (tmp_path / "chat_template.jinja").exists()
+    assert Tokenizer.from_pretrained(tmp_path).chat_template is None  # nor in tokenizer_config.json
 
 
 def test_missing_chat_template_raises(llama3):

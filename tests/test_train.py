@@ -448,3 +448,26 @@ def test_a_corrupt_trainer_state_names_the_file(corpus, tmp_path):
         ValueError, match="trainer_state.pt lacks tokens_seen, max_steps, schedule, optimizer, rng"
     ):
         run(corpus, tmp_path, max_steps=2)
+
+
+def test_final_is_never_older_than_checkpoint_last(corpus, tmp_path, monkeypatch):
+    """A run killed between writing final and checkpoint-last at its end, then run again, ends with a final
+    holding the same weights as checkpoint-last (before, the re-run could keep an earlier run's final)."""
+    out = tmp_path / "run"
+    run(corpus, out, max_steps=2)
+    real = bamba.train.save_folder_atomically
+    names = []
+
+    def killed_after_final(out_dir, name, write):
+        names.append(name)
+        if names[-2:] == ["final", "checkpoint-last"]:
+            raise Crash(name)
+        return real(out_dir, name, write)
+
+    monkeypatch.setattr(bamba.train, "save_folder_atomically", killed_after_final)
+    with pytest.raises(Crash):
+        run(corpus, out, max_steps=4)
+    monkeypatch.undo()
+    assert run(corpus, out, max_steps=4)["step"] == 4
+    assert_same_weights(out / "final", out / "checkpoint-last")
+    assert json.loads((out / "checkpoint-last" / "trainer_state.json").read_text())["step"] == 4

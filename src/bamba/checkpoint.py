@@ -25,6 +25,7 @@ from .config import BambaConfig
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 QUANT_CONFIG_FILE = "quantization_config.json"
+_WEIGHT_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json")
 GENERATION_CONFIG_FILE = "generation_config.json"
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*"]
 # Keys found in some checkpoints that are derived buffers, not weights.
@@ -364,7 +365,12 @@ def parse_size(size: int | str) -> int:
 
 def atomic_write(path: str, write: Any, mode: str = "w") -> None:
     """Write a file through a temporary file in the same folder and a rename: never half written."""
-    os.replace(_write_staged(path, write, mode), path)
+    tmp = _write_staged(path, write, mode)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        os.remove(tmp)
+        raise
 
 
 def _write_staged(path: str, write: Any, mode: str = "w") -> str:
@@ -452,12 +458,15 @@ def save_pretrained(
         size += n
     # Every new file is written to a temporary name first; an earlier save in the folder stays whole
     # until all of them are on disk, then the files are renamed into place (index and config last).
-    staged: list[tuple[str, str]] = []  # (temporary, final path)
+    names = (
+        [WEIGHTS_NAME]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
+    new_files = set(names) | ({INDEX_NAME} if len(shards) > 1 else set())
+    old_files = [f for f in os.listdir(folder) if _WEIGHT_FILE.fullmatch(f)]
+    staged: list[tuple[str, str]] = []  # (temporary, final path); the index comes last
     try:
-        if len(shards) == 1:
-            names = [WEIGHTS_NAME]
-        else:
-            names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
         for name, shard in zip(names, shards):
             path = os.path.join(folder, name)
             staged.append((_write_staged(path, _safetensors_writer(shard), "wb"), path))
@@ -467,16 +476,22 @@ def save_pretrained(
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             path = os.path.join(folder, INDEX_NAME)
             staged.append((_write_staged(path, lambda f: json.dump(index, f, indent=2)), path))
+        # Publish. Loading prefers an index over model.safetensors, so until the new index (or, going to
+        # one file, the removal of the old index) the folder still loads the earlier save whole. Only where
+        # new shards overwrite old ones of the same names is the old index removed first: a crash in
+        # between then fails to load instead of mixing the two saves.
+        if any(f in names and f != WEIGHTS_NAME for f in old_files) and INDEX_NAME in old_files:
+            os.remove(os.path.join(folder, INDEX_NAME))
+        for tmp, path in staged:
+            os.replace(tmp, path)
     except BaseException:
         for tmp, _ in staged:
-            os.remove(tmp)
+            if os.path.exists(tmp):
+                os.remove(tmp)
         raise
-    for old in os.listdir(folder):  # weights of an earlier save that this one does not replace
-        stale = re.fullmatch(r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json", old)
-        if stale and old not in names and not (old == INDEX_NAME and len(shards) > 1):
-            os.remove(os.path.join(folder, old))
-    for tmp, path in staged:
-        os.replace(tmp, path)
+    stale = [f for f in old_files if f not in new_files and os.path.exists(os.path.join(folder, f))]
+    for old in sorted(stale, key=lambda f: f != INDEX_NAME):  # the old index before the shards it names
+        os.remove(os.path.join(folder, old))
     any_float = next((t for t in state.values() if t.is_floating_point()), None)
     cfg = json.loads(config.to_json_string())
     if any_float is not None:

@@ -235,14 +235,19 @@ def _iter_txt(path: Path) -> Iterator[str]:
 
 
 def _iter_jsonl(path: Path) -> Iterator[str]:
-    with path.open("rb") as f:  # streamed line by line: a .jsonl file can be large
-        for line_no, raw in enumerate(f, start=1):
+    line_no = 0
+    with path.open("rb") as f:  # streamed: a .jsonl file can be large
+        for raw in f:
             try:
-                line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")  # a byte-order mark dropped
+                text = raw.decode("utf-8-sig" if line_no == 0 else "utf-8")  # a byte-order mark dropped
             except UnicodeDecodeError as e:
-                raise ValueError(f"{path}:{line_no}: not UTF-8 text ({e.reason}); convert it to UTF-8") from e
-            if line.strip():
-                yield _jsonl_text(path, line_no, line)
+                raise ValueError(
+                    f"{path}:{line_no + 1}: not UTF-8 text ({e.reason}); convert it to UTF-8"
+                ) from e
+            for line in text.splitlines():  # \r\n and lone \r end lines too
+                line_no += 1
+                if line.strip():
+                    yield _jsonl_text(path, line_no, line)
 
 
 def _jsonl_text(path: Path, line_no: int, line: str) -> str:

@@ -8,6 +8,7 @@ costing compute; their output is filled with the pad token, as transformers does
 from __future__ import annotations
 
 import argparse
+import contextlib
 import queue
 import sys
 import time
@@ -137,6 +138,16 @@ def eos_ids_with(model: Any, tokenizer: Any) -> list[int]:
     return ids
 
 
+@contextlib.contextmanager
+def _ended(streamer: TextStreamer | None) -> Iterator[None]:
+    """Run the block, then end `streamer` (if any) however the block exits."""
+    try:
+        yield
+    finally:
+        if streamer is not None:
+            streamer.end()
+
+
 def _as_list(value: int | Sequence[int] | None) -> list[int]:
     if value is None:
         return []
@@ -176,56 +187,60 @@ def generate(
     generation_config.json, else the config's) or when its new text contains one of `stop_strings` (needs
     `tokenizer`). `streamer.put` receives the prompt, then each new token (batch size 1 only).
     """
-    cfg = model.config
-    if input_ids.dim() == 1:
-        input_ids = input_ids[None]
-    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-        raise ValueError(
-            f"input_ids must be (batch, length) with length >= 1, found shape {tuple(input_ids.shape)}"
-        )
-    if max_new_tokens is None:
-        if max_length is not None and max_length < input_ids.shape[1]:
+    with _ended(streamer):  # also on an error or with nothing to generate: an iterating consumer returns
+        cfg = model.config
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise ValueError(
-                f"max_length={max_length} is shorter than the prompt ({input_ids.shape[1]} tokens)"
+                f"input_ids must be (batch, length) with length >= 1, found shape {tuple(input_ids.shape)}"
             )
-        max_new_tokens = max_length - input_ids.shape[1] if max_length is not None else 20
-    if max_new_tokens < 0 or min_new_tokens < 0:
-        raise ValueError(f"max_new_tokens={max_new_tokens} and min_new_tokens={min_new_tokens} must be >= 0")
-    if input_ids.shape[1] > cfg.max_position_embeddings:
-        raise ValueError(
-            f"the prompt has {input_ids.shape[1]} tokens, longer than the model's context "
-            f"(max_position_embeddings={cfg.max_position_embeddings})"
-        )
-    if do_sample and temperature <= 0:
-        raise ValueError(f"temperature={temperature} must be > 0 when sampling")
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 0):
-        raise ValueError(f"top_k={top_k!r} must be an integer >= 0 (0 or None: no top-k)")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p={top_p!r} must be in (0, 1]")
-    if min_p is not None and not 0 <= min_p <= 1:
-        raise ValueError(f"min_p={min_p!r} must be in [0, 1]")
-    stops = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings or [])
-    if stops and tokenizer is None:
-        raise ValueError("stop_strings needs a tokenizer")
-    eos = _as_list(eos_token_id) if eos_token_id is not None else default_eos_ids(model)
-    if pad_token_id is None:
-        pad_token_id = (getattr(model, "generation_config", None) or {}).get("pad_token_id", cfg.pad_token_id)
-    pad = pad_token_id if pad_token_id is not None else (eos or [0])[0]
-    device = model.device
-    input_ids = input_ids.to(device)
-    if attention_mask is not None:
-        attention_mask = attention_mask.to(device).long()
-    if num_return_sequences > 1:
-        input_ids = input_ids.repeat_interleave(num_return_sequences, dim=0)
+        if max_new_tokens is None:
+            if max_length is not None and max_length < input_ids.shape[1]:
+                raise ValueError(
+                    f"max_length={max_length} is shorter than the prompt ({input_ids.shape[1]} tokens)"
+                )
+            max_new_tokens = max_length - input_ids.shape[1] if max_length is not None else 20
+        if max_new_tokens < 0 or min_new_tokens < 0:
+            raise ValueError(
+                f"max_new_tokens={max_new_tokens} and min_new_tokens={min_new_tokens} must be >= 0"
+            )
+        if input_ids.shape[1] > cfg.max_position_embeddings:
+            raise ValueError(
+                f"the prompt has {input_ids.shape[1]} tokens, longer than the model's context "
+                f"(max_position_embeddings={cfg.max_position_embeddings})"
+            )
+        if do_sample and temperature <= 0:
+            raise ValueError(f"temperature={temperature} must be > 0 when sampling")
+        if top_k is not None and (not isinstance(top_k, int) or top_k < 0):
+            raise ValueError(f"top_k={top_k!r} must be an integer >= 0 (0 or None: no top-k)")
+        if top_p is not None and not 0 < top_p <= 1:
+            raise ValueError(f"top_p={top_p!r} must be in (0, 1]")
+        if min_p is not None and not 0 <= min_p <= 1:
+            raise ValueError(f"min_p={min_p!r} must be in [0, 1]")
+        stops = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings or [])
+        if stops and tokenizer is None:
+            raise ValueError("stop_strings needs a tokenizer")
+        eos = _as_list(eos_token_id) if eos_token_id is not None else default_eos_ids(model)
+        if pad_token_id is None:
+            pad_token_id = (getattr(model, "generation_config", None) or {}).get(
+                "pad_token_id", cfg.pad_token_id
+            )
+        pad = pad_token_id if pad_token_id is not None else (eos or [0])[0]
+        device = model.device
+        input_ids = input_ids.to(device)
         if attention_mask is not None:
-            attention_mask = attention_mask.repeat_interleave(num_return_sequences, dim=0)
-    if attention_mask is not None and bool(attention_mask.all()):
-        attention_mask = None
-    if generator is None and seed is not None:
-        generator = torch.Generator(device=device).manual_seed(seed)
-    if streamer is not None:
-        streamer.put(input_ids.cpu())
-    try:
+            attention_mask = attention_mask.to(device).long()
+        if num_return_sequences > 1:
+            input_ids = input_ids.repeat_interleave(num_return_sequences, dim=0)
+            if attention_mask is not None:
+                attention_mask = attention_mask.repeat_interleave(num_return_sequences, dim=0)
+        if attention_mask is not None and bool(attention_mask.all()):
+            attention_mask = None
+        if generator is None and seed is not None:
+            generator = torch.Generator(device=device).manual_seed(seed)
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
         b, t = input_ids.shape
         out = torch.full((b, t + max_new_tokens), pad, dtype=torch.long, device=device)
         out[:, :t] = input_ids
@@ -278,10 +293,7 @@ def generate(
             logits = model(nxt[:, None], attention_mask=mask, past_key_values=cache, use_cache=True).logits[
                 :, -1
             ]
-    finally:
-        if streamer is not None:
-            streamer.end()  # also when nothing was generated, or on an error: an iterating consumer returns
-    return out[:, : t + n_new]
+        return out[:, : t + n_new]
 
 
 def _prefill(

@@ -234,6 +234,8 @@ class Tokenizer:
         config["clean_up_tokenization_spaces"] = self.clean_up_tokenization_spaces
         if self.chat_template is not None:
             config["chat_template"] = self.chat_template
+        else:
+            config.pop("chat_template", None)  # removed since loading: not written back
         with open(os.path.join(folder, CONFIG_FILE), "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2, ensure_ascii=False)
             f.write("\n")

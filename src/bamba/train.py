@@ -707,9 +707,12 @@ def train(
         # ----- the end: eval, the last checkpoint, the final model
         elapsed = time.perf_counter() - t_start
         eval_record = run_eval() or eval_record
-        if step > start_step or not os.path.isdir(os.path.join(out_dir, FINAL_NAME)):
-            save(CHECKPOINT_NAME)
+        # final first: a checkpoint-last at max_steps then implies a final of the same step. Rank 0 decides
+        # (the other ranks may not see its files) and all ranks follow: saving is collective under FSDP.
+        final_missing = main and not os.path.isdir(os.path.join(out_dir, FINAL_NAME))
+        if step > start_step or _all_sum([float(final_missing)], world, dev)[0] > 0:
             save(FINAL_NAME, with_state=False)
+            save(CHECKPOINT_NAME)
         bar.note(f"train: step {step}, saved {os.path.join(out_dir, FINAL_NAME)}")
         if world > 1:
             dist.barrier()  # every rank returns once the files are written
@@ -777,11 +780,15 @@ def _wrap(model: nn.Module, world: int, dev: torch.device, fsdp: bool) -> nn.Mod
     if fsdp:
         if not dist.is_initialized():
             raise ValueError("train: fsdp=True needs a distributed launch (torchrun --nproc-per-node N)")
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
+        # The mesh of the training device: left to itself, FSDP2 picks CUDA wherever a GPU exists, even for
+        # processes training on the CPU (which then fail to select GPUs the machine does not have).
+        mesh = init_device_mesh(dev.type, (world,))
         for layer in model.model.layers:
-            fully_shard(layer)
-        fully_shard(model)
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
         return model
     if world > 1:
         return nn.parallel.DistributedDataParallel(
