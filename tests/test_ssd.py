@@ -44,12 +44,14 @@ def random_seq_idx(seed, b, l):
     chunk=st.sampled_from([1, 4, 7, 16, 64]),
     init=st.booleans(),
     packed=st.booleans(),
+    per_step=st.sampled_from([1, 2, 3, 64]),
 )
-def test_chunked_scan_equals_sequential(seed, b, l, g, r, chunk, init, packed):
+def test_chunked_scan_equals_sequential(seed, b, l, g, r, chunk, init, packed, per_step):
+    """Any chunk size, and any number of chunks per loop step (1 on the CPU, many on GPUs)."""
     x, dt, A, B, C, D, s0 = random_inputs(seed, b, l, g * r, 3, g, 5)
     seq_idx = random_seq_idx(seed, b, l) if packed else None
     s0 = s0 if init else None
-    y, state = ssd_chunked(x, dt, A, B, C, chunk, D, s0, seq_idx)
+    y, state = ssd_chunked(x, dt, A, B, C, chunk, D, s0, seq_idx, chunks_per_step=per_step)
     y_ref, state_ref = ssd_sequential(x, dt, A, B, C, D, s0, seq_idx)
     assert y.dtype == state.dtype == torch.float32
     torch.testing.assert_close(y, y_ref, atol=1e-4, rtol=1e-4)
@@ -112,3 +114,17 @@ def test_causal_conv_carries_state():
     second, _ = causal_conv1d(x[:, 6:], w, bb, state)
     torch.testing.assert_close(torch.cat([first, second], 1), full)
     torch.testing.assert_close(rest[0], full[:, 6:7])
+
+
+def test_several_chunks_per_step_give_the_same_gradients():
+    x, dt, A, B, C, D, s0 = random_inputs(4, 2, 37, 6, 3, 2, 5)
+    seq_idx = random_seq_idx(4, 2, 37)
+    grads = []
+    for per_step in (1, 3):
+        leaves = [t.clone().requires_grad_() for t in (x, dt, B, C, s0)]
+        xx, dd, bb, cc, ss = leaves
+        y, state = ssd_chunked(xx, dd, A, bb, cc, 4, D, ss, seq_idx, chunks_per_step=per_step)
+        (y.square().sum() + state.square().sum()).backward()
+        grads.append([t.grad for t in leaves])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

@@ -34,6 +34,13 @@ def _decay(log_decay: Tensor) -> Tensor:
     return torch.exp(log_decay.clamp(_MIN_LOG_DECAY, 0.0))
 
 
+def _pad_tokens(t: Tensor, pad: int) -> Tensor:
+    """t (b, l, ...) with `pad` zero tokens appended along dim 1."""
+    if pad == 0:
+        return t
+    return torch.cat([t, t.new_zeros(t.shape[0], pad, *t.shape[2:])], dim=1)
+
+
 def ssd_chunked(
     x: Tensor,
     dt: Tensor,
@@ -44,73 +51,81 @@ def ssd_chunked(
     D: Tensor | None = None,
     initial_state: Tensor | None = None,
     seq_idx: Tensor | None = None,
+    chunks_per_step: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Chunked SSD scan.
 
     x: (b, l, h, p); dt: (b, l, h), already softplus'd and clamped; A: (h,); B, C: (b, l, g, n);
     D: (h,); initial_state: (b, h, p, n); seq_idx: (b, l) integer, non-decreasing along l.
     Returns y (b, l, h, p) and the final state (b, h, p, n), both fp32.
+
+    chunks_per_step: how many chunks one step of the loop computes together (their states are then chained
+    by a short loop over (b, h, p, n) tensors). Default: 1 on the CPU (memory stays flat and in cache); on
+    other devices as many as keep a step's (b, h, k, q, q) decay matrix under 512 MB, since there the loop's
+    many small kernel launches, not the arithmetic, bound a prompt.
     """
     b, l, h, p = x.shape
     g, n = B.shape[-2:]
     r = h // g
-    A = A.float().view(g, r, 1)  # (g, r, 1)
+    q = chunk_size
+    if chunks_per_step is None:
+        chunks_per_step = 1 if x.device.type == "cpu" else max(1, 2**27 // (b * h * q * q))
+    A = A.float().view(g, r, 1, 1)  # (g, r, 1, 1)
     if initial_state is None:
         state = x.new_zeros(b, g, r, p, n, dtype=torch.float32)
     else:
         state = initial_state.float().reshape(b, g, r, p, n).clone()
-    # The carried state belongs to the sequence of the token before the chunk (at the start: position 0's).
-    prev_seq = seq_idx[:, :1] if seq_idx is not None else None  # (b, 1)
-    out = x.new_empty(b, l, h, p, dtype=torch.float32)  # y, filled chunk by chunk
-    # Without autograd the largest tensors are updated in place (fewer allocations and passes);
-    # with it, the ops autograd saves for backward are left untouched.
+    prev_seq = seq_idx[:, :1] if seq_idx is not None else None  # (b, 1): the sequence the state belongs to
+    out = x.new_empty(b, l, h, p, dtype=torch.float32)  # y, filled step by step
     grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, dt, A, B, C, D, initial_state)
     )
-    for c0 in range(0, l, chunk_size):
-        c1 = min(c0 + chunk_size, l)
-        q = c1 - c0
-        xc = x[:, c0:c1].float().permute(0, 2, 1, 3).reshape(b, g, r, q, p)  # (b, g, r, q, p)
-        dtc = dt[:, c0:c1].float().permute(0, 2, 1).reshape(b, g, r, q)  # (b, g, r, q)
-        Bc = B[:, c0:c1].float().permute(0, 2, 1, 3).unsqueeze(2)  # (b, g, 1, q, n)
-        Cc = C[:, c0:c1].float().permute(0, 2, 1, 3).unsqueeze(2)  # (b, g, 1, q, n)
-        dA = dtc * A  # (b, g, r, q)
-        dA_cs = dA.cumsum(-1)  # (b, g, r, q)
-        xdt = xc * dtc[..., None]  # (b, g, r, q, p)
+    step = q * chunks_per_step
+    for c0 in range(0, l, step):
+        c1 = min(c0 + step, l)
+        k = -(-(c1 - c0) // q)  # chunks in this step
+        pad = k * q - (c1 - c0)  # the last chunk is padded with dt = 0 tokens: no decay, no input
+        xc = _pad_tokens(x[:, c0:c1].float(), pad).view(b, k, q, g, r, p)
+        xc = xc.permute(0, 3, 4, 1, 2, 5)  # (b, g, r, k, q, p)
+        dtc = _pad_tokens(dt[:, c0:c1].float(), pad).view(b, k, q, g, r).permute(0, 3, 4, 1, 2)  # (b,g,r,k,q)
+        Bc = _pad_tokens(B[:, c0:c1].float(), pad).view(b, k, q, g, n).permute(0, 3, 1, 2, 4)  # (b,g,k,q,n)
+        Cc = _pad_tokens(C[:, c0:c1].float(), pad).view(b, k, q, g, n).permute(0, 3, 1, 2, 4)
+        Bc, Cc = Bc.unsqueeze(2), Cc.unsqueeze(2)  # (b, g, 1, k, q, n)
+        dA = dtc * A  # (b, g, r, k, q)
+        dA_cs = dA.cumsum(-1)  # (b, g, r, k, q)
+        xdt = xc * dtc[..., None]  # (b, g, r, k, q, p)
 
-        # 1. Within the chunk: y_i = sum_{j<=i} (C_i . B_j) exp(dA_{j+1..i}) dt_j x_j, where
-        # dA_{j+1..i} = dA_cs[i] - dA_cs[j] (chunk-local cumsums, as the Mamba-2 kernels compute it)
-        # The masks go on the scores, which heads share (r times smaller than the decays); the decays
-        # are computed in place: these (b, g, r, q, q) tensors are the scan's largest.
-        scores = Cc @ Bc.transpose(-1, -2)  # (b, g, 1, q, q)
+        # within each chunk
+        scores = Cc @ Bc.transpose(-1, -2)  # (b, g, 1, k, q, q)
         causal = torch.ones(q, q, dtype=torch.bool, device=x.device).tril()  # (i, j): j <= i
         scores.masked_fill_(~causal, 0.0)  # 0 above the diagonal
         if seq_idx is not None:
-            s = seq_idx[:, c0:c1]  # (b, q)
-            scores.mul_((s[:, :, None] == s[:, None, :])[:, None, None])  # (b, 1, 1, q, q): same sequence
-        seg = dA_cs[..., :, None] - dA_cs[..., None, :]  # (b, g, r, q, q); > 0 above the diagonal
+            s = seq_idx[:, c0:c1]
+            s = torch.cat([s, s[:, -1:].expand(b, pad)], dim=1).view(b, k, q)  # padding: the last sequence
+            scores.mul_((s[..., :, None] == s[..., None, :])[:, None, None])  # (b,1,1,k,q,q): same sequence
+        seg = dA_cs[..., :, None] - dA_cs[..., None, :]  # (b, g, r, k, q, q); > 0 above the diagonal
         decay = seg.clamp_(_MIN_LOG_DECAY, 0.0).exp_()  # = _decay(seg), in place; 1 above the diagonal
-        y = (decay * scores if grad else decay.mul_(scores)) @ xdt  # (b, g, r, q, p)
+        y = (decay * scores if grad else decay.mul_(scores)) @ xdt  # (b, g, r, k, q, p)
 
-        # 2. From the state carried into the chunk: y_i += exp(dA_{0..i}) C_i . state
-        decay_in = _decay(dA_cs)  # (b, g, r, q)
+        # between chunks: the state entering each chunk, then its effect on the chunk's outputs
+        decay_in = _decay(dA_cs)  # (b, g, r, k, q)
+        decay_out = _decay(dA_cs[..., -1:] - dA_cs)  # (b, g, r, k, q)
+        chunk_decay = _decay(dA_cs[..., -1])  # (b, g, r, k)
         if seq_idx is not None:
-            decay_in = decay_in * (s == prev_seq)[:, None, None, :]
-        y += (Cc @ state.transpose(-1, -2)).mul_(decay_in[..., None])  # (b,g,1,q,n) @ (b,g,r,n,p)
-        out[:, c0:c1] = y.view(b, h, q, p).transpose(1, 2)  # (b, q, h, p)
-
-        # 3. The state at the chunk's end: decayed old state plus every token's decayed contribution.
-        decay_out = _decay(dA_cs[..., -1:] - dA_cs)  # (b, g, r, q)
-        chunk_decay = _decay(dA_cs[..., -1])  # (b, g, r)
-        if seq_idx is not None:
-            decay_out = decay_out * (s == s[:, -1:])[:, None, None, :]
-            chunk_decay = chunk_decay * (s[:, -1:] == prev_seq)[:, :, None]
-            prev_seq = s[:, -1:]
-        contrib = (xdt * decay_out[..., None]).transpose(-1, -2) @ Bc  # (b,g,r,p,q) @ (b,g,1,q,n)
-        if grad:
-            state = state * chunk_decay[..., None, None] + contrib  # (b, g, r, p, n)
-        else:
-            state = state.mul_(chunk_decay[..., None, None]).add_(contrib)  # our own copy
+            prev = torch.cat([prev_seq[:, None], s[:, :-1, -1:]], dim=1)  # (b, k, 1): before each chunk
+            decay_in = decay_in * (s == prev)[:, None, None]
+            decay_out = decay_out * (s == s[..., -1:])[:, None, None]
+            chunk_decay = chunk_decay * (s[..., -1] == prev[..., 0])[:, None, None]
+            prev_seq = s[:, -1, -1:]
+        contrib = (xdt * decay_out[..., None]).transpose(-1, -2) @ Bc  # (b,g,r,k,p,q) @ (b,g,1,k,q,n)
+        entering = []
+        for j in range(k):  # (b, g, r, p, n) each
+            entering.append(state)
+            state = state * chunk_decay[..., j, None, None] + contrib[..., j, :, :]
+        states = torch.stack(entering, dim=3)  # (b, g, r, k, p, n)
+        y += (Cc @ states.transpose(-1, -2)).mul_(decay_in[..., None])  # (b,g,1,k,q,n) @ (b,g,r,k,n,p)
+        y = y.permute(0, 3, 4, 1, 2, 5).reshape(b, k * q, h, p)  # (b, k*q, h, p)
+        out[:, c0:c1] = y[:, : c1 - c0]
 
     if D is not None:
         out.addcmul_(x.float(), D.float()[:, None])  # (b, l, h, p) += x * D (h, 1)
