@@ -10,7 +10,8 @@ size, q chunk length. The recurrence, per head, with A < 0 a scalar:
 from zero. Everything here computes in fp32 whatever the input dtype, and returns fp32.
 
 - `ssd_chunked`: the chunked scan for prompts and training; loops over chunks so its extra memory is
-  O(b * h * q * (q + p + n)) whatever the length (never a (q, q, h, p) tensor, never all chunks at once).
+  O(b * h * k * q * (q + p + n)) whatever the length (never a (q, q, h, p) tensor), for k chunks per
+  loop step: 1 on CPUs, as many as fit in 512 MB on GPUs (where the loop's kernel launches dominate).
 - `ssd_sequential`: the token-by-token reference of the same function, for tests.
 - `ssd_step`: one token on a cached state (decoding); `ssd_step_inplace`: the same, updating the cached
   state in place with fewer passes over it (the decode fast path; `ssd_step` is its reference).
