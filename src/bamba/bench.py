@@ -92,21 +92,21 @@ def ensure_quantized_checkpoint(folder: str, variant: str) -> str:
 
 
 # ----- one measured configuration (runs in a child process) ----------------------------------------------
-def _load(impl: str, folder: str, variant: str) -> Any:
+def _load(impl: str, folder: str, variant: str, device: str = "cpu") -> Any:
     import torch
 
+    dtype = torch.bfloat16 if variant == "bf16" else torch.float32
     if impl == "transformers":
         import transformers
 
         transformers.logging.set_verbosity_error()
-        return transformers.BambaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        return transformers.BambaForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
     from .model import BambaForCausalLM
 
     if variant in QUANT:
         folder = ensure_quantized_checkpoint(folder, variant)  # a saved quantized model: realistic RSS
-        return BambaForCausalLM.from_pretrained(folder, pack=True)
-    dtype = torch.bfloat16 if variant == "bf16" else None
-    return BambaForCausalLM.from_pretrained(folder, dtype=dtype, pack=True)  # as the CLI loads
+        return BambaForCausalLM.from_pretrained(folder, device=device, pack=True)
+    return BambaForCausalLM.from_pretrained(folder, dtype=dtype, device=device, pack=True)  # as the CLI loads
 
 
 def _forward(impl: str, model: Any, ids: Any, cache: Any, past: int, keep: int = 1) -> Any:
@@ -175,42 +175,56 @@ def run_case(
     steps: int = 16,
     chunk: int | None = None,
     reps: int = 1,
+    device: str = "cpu",
 ) -> dict[str, Any]:
-    """Measure one configuration in this process; returns figures and this process's peak RSS.
+    """Measure one configuration in this process; returns figures and this process's peak RSS (and, on
+    a GPU, its peak GPU memory).
 
     kind "prefill": tokens/s for each prompt length (batch 1, last logits only), best of `reps`.
     kind "decode": tokens/s (all rows) at each batch size after a `prompt`-token prompt, `steps` steps.
+    On a GPU every timing waits for the device's queued work (torch.cuda.synchronize).
     """
     import torch
 
     from .linear import weight_bytes
 
     torch.set_num_threads(threads)
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+
+    def clock() -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
     t0 = time.perf_counter()
-    model = _load(impl, folder, variant)
+    model = _load(impl, folder, variant, device)
     load_s = time.perf_counter() - t0
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(0)
+
+    def random_ids(n: int) -> Any:
+        return torch.randint(0, vocab, (1, n), generator=gen).to(device)
+
     result: dict[str, Any] = {"impl": impl, "variant": variant, "kind": kind, "load_s": load_s}
     result["weight_bytes"] = weight_bytes(model)
     result["step_weight_bytes"] = weight_bytes(model, decode_step=True)  # all but an untied embedding
     with torch.inference_mode():
         if kind == "prefill":
-            _prefill(
-                impl, model, torch.randint(0, vocab, (1, 64), generator=gen), _new_cache(impl, model), None
-            )
+            _prefill(impl, model, random_ids(64), _new_cache(impl, model), None)
             for l in lengths:
-                ids = torch.randint(0, vocab, (1, l), generator=gen)
+                ids = random_ids(l)
                 best = float("inf")
                 for _ in range(reps):
                     cache = _new_cache(impl, model)
-                    t = time.perf_counter()
+                    t = clock()
                     _prefill(impl, model, ids, cache, chunk if l > (chunk or l) else None)
-                    best = min(best, time.perf_counter() - t)
+                    best = min(best, clock() - t)
                     del cache
                 result[f"prefill_{l}"] = l / best
         elif kind == "decode":
-            ids = torch.randint(0, vocab, (1, prompt), generator=gen)
+            ids = random_ids(prompt)
             base = _new_cache(impl, model)
             logits = _prefill(impl, model, ids, base, chunk if prompt > (chunk or prompt) else None)
             for b in batches:
@@ -219,16 +233,18 @@ def run_case(
                 past = prompt
                 for i in range(2 + steps):  # two warm-up steps
                     if i == 2:
-                        t = time.perf_counter()
+                        t = clock()
                     out = _forward(impl, model, nxt, cache, past)
                     nxt = out[:, -1].argmax(-1, keepdim=True)
                     past += 1
-                dt = time.perf_counter() - t
+                dt = clock() - t
                 result[f"decode_b{b}"] = b * steps / dt
                 del cache
         else:
             raise ValueError(f"unknown benchmark kind {kind!r}")
     result["peak_rss"] = peak_rss()
+    if cuda:
+        result["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
     return result
 
 
@@ -359,10 +375,10 @@ def bench(
             "bench compares with transformers, which is not installed: pip install transformers (or "
             'pip install -e ".[test]"), or pass --no-transformers to measure this project alone'
         )
-    from .config import BambaConfig
+    from .checkpoint import read_config
 
     folder = ensure_checkpoint(checkpoint or os.path.join(DEFAULT_DIR, PRESET))
-    cfg = BambaConfig.from_json_file(os.path.join(folder, "config.json"))
+    cfg = read_config(folder)
     for v in variants:
         if v in QUANT:
             ensure_quantized_checkpoint(folder, v)

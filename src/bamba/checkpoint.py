@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import BambaConfig
+from .config import BambaConfig, is_token_ids
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -218,10 +218,7 @@ def load_pretrained(
     """
     folder = resolve_folder(path_or_repo_id, revision=revision, **hub_kwargs)
     if config is None:
-        config_path = os.path.join(folder, "config.json")
-        if not os.path.isfile(config_path):
-            raise FileNotFoundError(f"{folder}: missing config.json")
-        config = BambaConfig.from_json_file(config_path)
+        config = read_config(folder)
     dtype = _parse_dtype(dtype)
     device = torch.device(device) if device is not None else torch.device("cpu")
     with torch.device("meta"):
@@ -312,26 +309,33 @@ def _map_key(name: str, prefix: str) -> str | None:
     return name.removeprefix("model.")
 
 
-def _read_json_file(folder: str, name: str) -> Any:
-    """The JSON value of folder/name, or None when the file is absent."""
-    path = os.path.join(folder, name)
+def read_config(folder: str) -> BambaConfig:
+    """The folder's config.json."""
+    path = os.path.join(folder, "config.json")
     if not os.path.isfile(path):
-        return None
+        raise FileNotFoundError(f"{folder}: missing config.json")
+    return BambaConfig.from_json_file(path)
+
+
+def read_json(path: str) -> Any:
+    """The JSON value in `path`; a file that does not parse is named in the error."""
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             return json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
 
 
+def _read_json_file(folder: str, name: str) -> Any:
+    """The JSON value of folder/name, or None when the file is absent."""
+    path = os.path.join(folder, name)
+    return read_json(path) if os.path.isfile(path) else None
+
+
 def read_generation_config(folder: str) -> dict | None:
     """The folder's generation_config.json as a dict, or None."""
     gen = _read_json_file(folder, GENERATION_CONFIG_FILE)
-    eos = gen.get("eos_token_id") if isinstance(gen, dict) else None
-    if gen is not None and not (
-        isinstance(gen, dict)
-        and (eos is None or type(eos) is int or (isinstance(eos, list) and all(type(v) is int for v in eos)))
-    ):
+    if gen is not None and not (isinstance(gen, dict) and is_token_ids(gen.get("eos_token_id"))):
         raise CheckpointError(
             f"{os.path.join(folder, GENERATION_CONFIG_FILE)}: expected a JSON object whose eos_token_id is "
             "an integer or a list of them"
@@ -373,14 +377,20 @@ def atomic_write(path: str, write: Any, mode: str = "w") -> None:
         raise
 
 
+def chmod_as_created(path: str, mode: int) -> None:
+    """Give `path` the mode a plain open (0o666) or mkdir (0o777) would: `mode` less the process's umask.
+    (Temporary files and folders are created private, 0600 / 0700.)"""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, mode & ~umask)
+
+
 def _write_staged(path: str, write: Any, mode: str = "w") -> str:
     """Call `write(f)` on a new temporary file beside `path`, flushed to disk; returns its path (the caller
     renames it into place). Nothing is left behind if `write` fails."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make shared checkpoints unreadable to others
+    chmod_as_created(tmp, 0o666)  # mkstemp's 0600 would make shared checkpoints unreadable to others
     try:
         with os.fdopen(fd, mode) as f:
             write(f)

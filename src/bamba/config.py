@@ -267,6 +267,11 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def is_token_ids(value: Any) -> bool:
+    """Is `value` what an eos_token_id field may hold: an integer, a list of integers, or None?"""
+    return value is None or _is_int(value) or (isinstance(value, (list, tuple)) and all(map(_is_int, value)))
+
+
 def _check_types(cfg: BambaConfig) -> None:
     """JSON types of the fields (a string "false" would otherwise count as true)."""
 
@@ -284,15 +289,14 @@ def _check_types(cfg: BambaConfig) -> None:
         value = getattr(cfg, name)
         if value is not None and not _is_int(value):
             raise bad(name, "an integer or null")
-    eos = cfg.eos_token_id
-    if not (eos is None or _is_int(eos) or (isinstance(eos, (list, tuple)) and all(_is_int(v) for v in eos))):
+    if not is_token_ids(cfg.eos_token_id):
         raise bad("eos_token_id", "an integer, a list of integers, or null")
 
 
 def _check_positive(cfg: BambaConfig, *names: str) -> None:
     for name in names:
         value = getattr(cfg, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        if not _is_int(value) or value <= 0:
             raise ValueError(f"BambaConfig.{name}={value!r} is invalid: must be a positive integer")
 
 

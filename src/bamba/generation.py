@@ -124,10 +124,15 @@ def process_logits(
     return logits
 
 
+def _generation_default(model: Any, key: str) -> Any:
+    """`key` (eos_token_id, pad_token_id) of the checkpoint's generation_config.json, else of its config."""
+    value = (getattr(model, "generation_config", None) or {}).get(key)
+    return value if value is not None else getattr(model.config, key)
+
+
 def default_eos_ids(model: Any) -> list[int]:
     """The stop tokens `generate` uses by default: generation_config.json's eos_token_id, else the config's."""
-    gen = getattr(model, "generation_config", None) or {}
-    return _as_list(gen["eos_token_id"] if gen.get("eos_token_id") is not None else model.config.eos_token_id)
+    return _as_list(_generation_default(model, "eos_token_id"))
 
 
 def eos_ids_with(model: Any, tokenizer: Any) -> list[int]:
@@ -223,9 +228,7 @@ def generate(
             raise ValueError("stop_strings needs a tokenizer")
         eos = _as_list(eos_token_id) if eos_token_id is not None else default_eos_ids(model)
         if pad_token_id is None:
-            pad_token_id = (getattr(model, "generation_config", None) or {}).get(
-                "pad_token_id", cfg.pad_token_id
-            )
+            pad_token_id = _generation_default(model, "pad_token_id")
         pad = pad_token_id if pad_token_id is not None else (eos or [0])[0]
         device = model.device
         input_ids = input_ids.to(device)

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from typing import Any
 
 import torch
 
-from .checkpoint import read_quantization_config, resolve_folder, weight_files
-from .config import BambaConfig
+from .checkpoint import read_config, read_quantization_config, resolve_folder, weight_files
 
 
 def model_info(model: str | None = None) -> dict[str, Any]:
@@ -20,9 +18,7 @@ def model_info(model: str | None = None) -> dict[str, Any]:
     from .model import BambaForCausalLM
 
     folder = resolve_folder(model) if model else demo_path()
-    if not os.path.isfile(os.path.join(folder, "config.json")):
-        raise FileNotFoundError(f"{folder}: missing config.json")
-    config = BambaConfig.from_json_file(os.path.join(folder, "config.json"))
+    config = read_config(folder)
     with torch.device("meta"):
         lm = BambaForCausalLM(config, init=False)
     n_params = lm.num_parameters()

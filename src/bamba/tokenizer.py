@@ -54,11 +54,9 @@ DEFAULT_CHAT_TEMPLATE = (
 
 
 def _read_json_object(path: str) -> dict[str, Any]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    from .checkpoint import read_json
+
+    value = read_json(path)
     if not isinstance(value, dict):
         raise ValueError(f"{path}: expected a JSON object, found a JSON {type(value).__name__}")
     return value

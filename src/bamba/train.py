@@ -47,6 +47,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .checkpoint import chmod_as_created, read_config
 from .config import BambaConfig, preset
 from .data import IGNORE_INDEX, DataCollatorWithFlattening, iter_text_files, pack_examples
 from .model import BambaForCausalLM, causal_lm_loss
@@ -249,9 +250,7 @@ def save_folder_atomically(out_dir: str, name: str, write: Callable[[str], None]
             shutil.rmtree(os.path.join(out_dir, entry), ignore_errors=True)
     tmp = tempfile.mkdtemp(dir=out_dir, prefix=f".{name}.tmp-")
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the final folder reads like any other
+        chmod_as_created(tmp, 0o777)  # mkdtemp makes it 0700; the final folder reads like any other
         write(tmp)
         _fsync_folder(tmp)
         if os.path.isdir(old):
@@ -374,12 +373,19 @@ class _Progress:
             print(line, flush=True)
 
     def note(self, text: str) -> None:
-        if not self.enabled:
-            return
+        if self.enabled:
+            self._close_line()
+            print(text, flush=True)
+
+    def warn(self, text: str) -> None:
+        """To stderr, with or without progress output."""
+        self._close_line()
+        print(text, file=sys.stderr, flush=True)
+
+    def _close_line(self) -> None:
         if self.open:
             print()
             self.open = False
-        print(text, flush=True)
 
 
 def _resolve_config(config: str | BambaConfig | None, init_from: str | None) -> BambaConfig:
@@ -388,7 +394,7 @@ def _resolve_config(config: str | BambaConfig | None, init_from: str | None) -> 
     if init_from is not None:
         if config is not None:
             raise ValueError("train: give either config or init_from (whose config.json is used), not both")
-        return BambaConfig.from_json_file(os.path.join(init_from, "config.json"))
+        return read_config(init_from)
     if config is None:
         raise ValueError("train: give a config (a preset name or a config.json path) or init_from")
     if os.path.isfile(config):
@@ -580,12 +586,7 @@ def train(
                 f"rows/step over {world} process(es)" + (f" | resuming {ckpt} at step {step}" if ckpt else "")
             )
             if changed_settings:
-                bar.note("")
-                print(
-                    f"train: resuming with other settings: {'; '.join(changed_settings.values())}",
-                    file=sys.stderr,
-                    flush=True,
-                )
+                bar.warn(f"train: resuming with other settings: {'; '.join(changed_settings.values())}")
 
         def log(record: dict[str, Any]) -> None:
             if main:
