@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from conftest import TINY
 
-from bamba import BambaConfig, BambaForCausalLM
+from bamba import BambaConfig, BambaForCausalLM, linear
 from bamba.linear import (
     Linear,
     PackedLinear,
@@ -66,6 +66,28 @@ def test_linear_paths_match_and_train(rows):
     ref_x = x.clone().requires_grad_()
     F.linear(ref_x, lin.weight, lin.bias).square().sum().backward()
     torch.testing.assert_close(xg.grad, ref_x.grad, atol=1e-4, rtol=1e-4)
+
+
+@needs_onednn
+@pytest.mark.parametrize("onednn_fast", [False, True])
+@pytest.mark.parametrize("rows", [1, 8, 300])
+def test_dense_linear_takes_onednn_by_the_rule(monkeypatch, onednn_fast, rows):
+    """fp32 inference goes through oneDNN at 4..256 rows on x86, and at every row count where its GEMM
+    measured faster than MKL's; either way the output is F.linear's, and autograd always takes F.linear."""
+    monkeypatch.setattr(linear, "onednn_fp32_is_fast", lambda: onednn_fast)
+    calls = []
+    real = linear.onednn_linear
+    monkeypatch.setattr(linear, "onednn_linear", lambda *a: calls.append(1) or real(*a))
+    expected = linear.X86 and (onednn_fast or 4 <= rows <= 256)
+    assert linear.use_onednn_fp32(rows) == expected
+    torch.manual_seed(4)
+    lin = Linear(64, 70)
+    x = torch.randn(rows, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias), atol=1e-5, rtol=1e-5)
+    assert len(calls) == expected
+    lin(x.requires_grad_()).sum().backward()  # autograd: F.linear, whatever the rule
+    assert len(calls) == expected and x.grad is not None
 
 
 @needs_onednn

@@ -4,11 +4,13 @@
   * bf16 weights on a CPU where bf16 GEMM is slower than fp32 (`bf16_gemm_is_fast()` False): inputs
     of more than 8 rows (prefill) run in fp32 from weight tiles upcast on the fly (`linear_upcast`),
     so the weights stay bf16 (half the memory and bandwidth); fewer rows use the bf16 GEMV.
-  * fp32 weights, no gradient needed, 4..256 rows (batched decoding, short prompts), on x86: oneDNN's
-    matmul (`onednn_linear`). F.linear's MKL call is slow at those sizes: on the 2-core AVX-512 Xeon
-    we measured (bench-small shapes, weights out of cache) 1.2-1.35x more time at 8-16 rows. (A
-    one-time measurement was tried to decide this, as `packing_pays` does, but at a size small enough
-    to take 30 ms it flipped between runs; other CPUs keep F.linear until measured.)
+  * fp32 weights, no gradient needed, on x86: oneDNN's matmul (`onednn_linear`, through `dense_linear`)
+    for 4..256 rows (batched decoding, short prompts), where F.linear's MKL call is slow: on the
+    2-core AVX-512 Xeon we measured (bench-small shapes, weights out of cache) 1.2-1.35x more time at
+    8-16 rows. On CPUs where MKL does not use its best kernels (AMD: on a 2-core Zen 5 EPYC, MKL ran
+    fp32 GEMMs at 208 GFLOP/s, AVX2 speed, and oneDNN at 455; GEMVs 2x slower too), every row count
+    takes oneDNN: `onednn_fp32_is_fast()` measures that once per process (a 2x gap; the Xeon's
+    1.2x at 8 rows was too small to measure reliably in the 30 ms we allow, so it is a fixed rule).
   Everything else, and everything that needs gradients, is F.linear.
 - `PackedLinear`, made by `pack_for_cpu(model)`, is for inference on CPUs: the weight is stored once,
   in oneDNN's blocked layout, and every input runs through oneDNN. With bf16 weights on a CPU with
@@ -34,6 +36,7 @@ from torch import Tensor, nn
 
 ONEDNN_ROWS = (4, 256)  # fp32 inputs with this many rows (inclusive) use oneDNN's matmul (x86 only)
 X86 = platform.machine().lower() in ("x86_64", "amd64")  # where that was measured faster
+ONEDNN_FAST = 1.3  # oneDNN takes every fp32 row count where its GEMM measures this much faster than MKL's
 UPCAST_MIN_ROWS = 9  # bf16 inputs with at least this many rows use `linear_upcast` where bf16 GEMM is slow
 PACKED_BF16_MAX_ROWS = 128  # above this, a packed bf16 weight is unpacked for `linear_upcast` (prefill)
 
@@ -67,8 +70,38 @@ def onednn_linear(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
 
 
-def _needs_grad(x: Tensor, w: Tensor) -> bool:
-    return torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
+@functools.cache
+def onednn_fp32_is_fast() -> bool:
+    """Measured once (about 15 ms): is oneDNN's fp32 GEMM at least `ONEDNN_FAST` times faster than
+    torch.mm's (MKL) on this CPU? (True on AMD CPUs, where MKL keeps to AVX2 kernels.)"""
+    if not (onednn_available() and X86):
+        return False
+    a, b = torch.randn(256, 1024), torch.randn(1024, 1024)
+    return _best_time(onednn_linear, a, b) * ONEDNN_FAST < _best_time(torch.mm, a, b.t())
+
+
+def use_onednn_fp32(rows: int) -> bool:
+    """Does an fp32 matmul of `rows` input rows, without autograd, go through oneDNN on this CPU?"""
+    if not (onednn_available() and X86):
+        return False
+    return ONEDNN_ROWS[0] <= rows <= ONEDNN_ROWS[1] or onednn_fp32_is_fast()
+
+
+def dense_linear(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
+    """F.linear(x, w, bias), through oneDNN for fp32 inference on the CPU where `use_onednn_fp32` says;
+    F.linear itself (the reference) otherwise, and whenever autograd is needed."""
+    if (
+        w.device.type == "cpu"
+        and w.dtype == x.dtype == torch.float32
+        and not _needs_grad(x, w, bias)
+        and use_onednn_fp32(x.numel() // x.shape[-1])
+    ):
+        return onednn_linear(x, w, bias)
+    return F.linear(x, w, bias)
+
+
+def _needs_grad(*tensors: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 class Linear(nn.Linear):
@@ -76,20 +109,14 @@ class Linear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.weight
-        if w.device.type == "cpu":
-            rows = x.numel() // x.shape[-1]
-            if w.dtype == torch.bfloat16 and rows >= UPCAST_MIN_ROWS and not bf16_gemm_is_fast():
-                return linear_upcast(x, w, self.bias)
-            if (
-                w.dtype == torch.float32
-                and x.dtype == torch.float32
-                and ONEDNN_ROWS[0] <= rows <= ONEDNN_ROWS[1]
-                and not _needs_grad(x, w)
-                and onednn_available()
-                and X86
-            ):
-                return onednn_linear(x, w, self.bias)
-        return F.linear(x, w, self.bias)
+        if (
+            w.device.type == "cpu"
+            and w.dtype == torch.bfloat16
+            and x.numel() // x.shape[-1] >= UPCAST_MIN_ROWS
+            and not bf16_gemm_is_fast()
+        ):
+            return linear_upcast(x, w, self.bias)
+        return dense_linear(x, w, self.bias)
 
 
 def linear_upcast(x: Tensor, w: Tensor, bias: Tensor | None = None, tile: int = 1024) -> Tensor:
@@ -98,7 +125,7 @@ def linear_upcast(x: Tensor, w: Tensor, bias: Tensor | None = None, tile: int = 
     xf = x.float()
     out = x.new_empty(*x.shape[:-1], w.shape[0], dtype=torch.float32)  # (..., out)
     for i in range(0, w.shape[0], tile):
-        out[..., i : i + tile] = F.linear(xf, w[i : i + tile].float())
+        out[..., i : i + tile] = dense_linear(xf, w[i : i + tile].float())
     if bias is not None:
         out += bias.float()
     return out.to(x.dtype)

@@ -72,7 +72,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .linear import X86, is_tied_lm_head, replace_module
+from .linear import X86, dense_linear, is_tied_lm_head, replace_module
 
 METHODS = ("int8_weight_only", "int4_weight_only", "int8_dynamic_activation_int8_weight")
 SHORT_NAMES = {"int8": METHODS[0], "int4": METHODS[1], "int8dq": METHODS[2]}  # command-line names
@@ -101,10 +101,12 @@ def linear_int8_reference(x: Tensor, q: Tensor, scales: Tensor, bias: Tensor | N
 
 def linear_int8(x: Tensor, q: Tensor, scales: Tensor, bias: Tensor | None = None) -> Tensor:
     """x (..., in) @ dequant(q).T: the packed CPU kernel (bf16 activations) for few rows, else the
-    reference (dequantize + GEMM in x's dtype)."""
+    dequantized weight through `dense_linear` (on other devices: the reference)."""
     rows = x.numel() // x.shape[-1]
-    if x.device.type != "cpu" or rows > INT8_KERNEL_MAX_ROWS:
+    if x.device.type != "cpu":
         return linear_int8_reference(x, q, scales, bias)
+    if rows > INT8_KERNEL_MAX_ROWS:  # prompts: dequantize, then the fastest dense GEMM
+        return dense_linear(x, dequantize_int8(q, scales, x.dtype), bias)
     x2 = x.reshape(rows, x.shape[-1]).to(torch.bfloat16).contiguous()
     y = torch.ops.aten._weight_int8pack_mm(x2, q, scales.to(torch.bfloat16))  # (rows, out) bf16
     y = y.view(*x.shape[:-1], q.shape[0]).to(x.dtype)
@@ -242,10 +244,13 @@ def linear_int4(
     x: Tensor, packed: Tensor, sz: Tensor, group_size: int, bias: Tensor | None = None, out: int | None = None
 ) -> Tensor:
     """x (..., in) @ dequant(packed)[:out].T: PyTorch's CPU int4 kernel (bf16 activations) for few rows
-    where this CPU's kernel uses our layout, else the reference."""
+    where this CPU's kernel uses our layout, else the dequantized weight through `dense_linear` (on other
+    devices: the reference)."""
     rows = x.numel() // x.shape[-1]
-    if x.device.type != "cpu" or rows > INT4_KERNEL_MAX_ROWS or not int4_kernel_layout_matches():
+    if x.device.type != "cpu":
         return linear_int4_reference(x, packed, sz, group_size, bias, out)
+    if rows > INT4_KERNEL_MAX_ROWS or not int4_kernel_layout_matches():  # dequantize, fastest dense GEMM
+        return dense_linear(x, dequantize_int4(packed, sz, group_size, x.dtype)[:out], bias)
     x2 = x.reshape(rows, x.shape[-1]).to(torch.bfloat16).contiguous()  # the kernel needs dense rows
     y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, group_size, sz.to(torch.bfloat16))
     if out is not None and out < y.shape[1]:
