@@ -78,8 +78,9 @@ def test_dense_linear_takes_onednn_by_the_rule(monkeypatch, onednn_fast, rows):
     calls = []
     real = linear.onednn_linear
     monkeypatch.setattr(linear, "onednn_linear", lambda *a: calls.append(1) or real(*a))
-    expected = linear.X86 and (onednn_fast or 4 <= rows <= 256)
-    assert linear.use_onednn_fp32(rows) == expected
+    expected = linear.X86 and (onednn_fast and rows > 256 or 4 <= rows <= 256)
+    assert linear.use_onednn_fp32(rows, 64 * 70) == expected
+    assert linear.use_onednn_fp32(rows, 2**19) == (linear.X86 and (onednn_fast or 4 <= rows <= 256))
     torch.manual_seed(4)
     lin = Linear(64, 70)
     x = torch.randn(rows, 64)

@@ -11,6 +11,8 @@
     fp32 GEMMs at 208 GFLOP/s, AVX2 speed, and oneDNN at 455; GEMVs 2x slower too), every row count
     takes oneDNN: `onednn_fp32_is_fast()` measures that once per process (a 2x gap; the Xeon's
     1.2x at 8 rows was too small to measure reliably in the 30 ms we allow, so it is a fixed rule).
+    There, 1-3 rows take oneDNN only for weights of 2**19 elements or more: its call costs about 10 us
+    more than F.linear's, which small weights do not repay (crossover measured at about 0.5M weights).
   Everything else, and everything that needs gradients, is F.linear.
 - `PackedLinear`, made by `pack_for_cpu(model)`, is for inference on CPUs: the weight is stored once,
   in oneDNN's blocked layout, and every input runs through oneDNN. With bf16 weights on a CPU with
@@ -37,6 +39,7 @@ from torch import Tensor, nn
 ONEDNN_ROWS = (4, 256)  # fp32 inputs with this many rows (inclusive) use oneDNN's matmul (x86 only)
 X86 = platform.machine().lower() in ("x86_64", "amd64")  # where that was measured faster
 ONEDNN_FAST = 1.3  # oneDNN takes every fp32 row count where its GEMM measures this much faster than MKL's
+ONEDNN_GEMV_MIN_WEIGHTS = 2**19  # ... but 1-3 rows only on weights this large (its call costs ~10 us more)
 UPCAST_MIN_ROWS = 9  # bf16 inputs with at least this many rows use `linear_upcast` where bf16 GEMM is slow
 PACKED_BF16_MAX_ROWS = 128  # above this, a packed bf16 weight is unpacked for `linear_upcast` (prefill)
 
@@ -80,11 +83,14 @@ def onednn_fp32_is_fast() -> bool:
     return _best_time(onednn_linear, a, b) * ONEDNN_FAST < _best_time(torch.mm, a, b.t())
 
 
-def use_onednn_fp32(rows: int) -> bool:
-    """Does an fp32 matmul of `rows` input rows, without autograd, go through oneDNN on this CPU?"""
+def use_onednn_fp32(rows: int, weights: int) -> bool:
+    """Does an fp32 matmul of `rows` input rows by a weight of `weights` elements, without autograd, go
+    through oneDNN on this CPU?"""
     if not (onednn_available() and X86):
         return False
-    return ONEDNN_ROWS[0] <= rows <= ONEDNN_ROWS[1] or onednn_fp32_is_fast()
+    if ONEDNN_ROWS[0] <= rows <= ONEDNN_ROWS[1]:
+        return True
+    return onednn_fp32_is_fast() and (rows > ONEDNN_ROWS[1] or weights >= ONEDNN_GEMV_MIN_WEIGHTS)
 
 
 def dense_linear(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -94,7 +100,7 @@ def dense_linear(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
         w.device.type == "cpu"
         and w.dtype == x.dtype == torch.float32
         and not _needs_grad(x, w, bias)
-        and use_onednn_fp32(x.numel() // x.shape[-1])
+        and use_onednn_fp32(x.numel() // x.shape[-1], w.numel())
     ):
         return onednn_linear(x, w, bias)
     return F.linear(x, w, bias)
