@@ -108,7 +108,9 @@ def linear_int8(x: Tensor, q: Tensor, scales: Tensor, bias: Tensor | None = None
     if rows > INT8_KERNEL_MAX_ROWS:  # prompts: dequantize, then the fastest dense GEMM
         return dense_linear(x, dequantize_int8(q, scales, x.dtype), bias)
     x2 = x.reshape(rows, x.shape[-1]).to(torch.bfloat16).contiguous()
-    y = torch.ops.aten._weight_int8pack_mm(x2, q, scales.to(torch.bfloat16))  # (rows, out) bf16
+    if scales.dtype != torch.bfloat16:  # a model cast after quantizing
+        scales = scales.to(torch.bfloat16)
+    y = torch.ops.aten._weight_int8pack_mm(x2, q, scales)  # (rows, out) bf16
     y = y.view(*x.shape[:-1], q.shape[0]).to(x.dtype)
     return y + bias if bias is not None else y
 
@@ -251,8 +253,11 @@ def linear_int4(
         return linear_int4_reference(x, packed, sz, group_size, bias, out)
     if rows > INT4_KERNEL_MAX_ROWS or not int4_kernel_layout_matches():  # dequantize, fastest dense GEMM
         return dense_linear(x, dequantize_int4(packed, sz, group_size, x.dtype)[:out], bias)
-    x2 = x.reshape(rows, x.shape[-1]).to(torch.bfloat16).contiguous()  # the kernel needs dense rows
-    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, group_size, sz.to(torch.bfloat16))
+    # the kernel needs dense bf16 rows
+    x2 = x.reshape(rows, x.shape[-1]).to(torch.bfloat16).contiguous()
+    if sz.dtype != torch.bfloat16:  # a model cast after quantizing
+        sz = sz.to(torch.bfloat16)
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, group_size, sz)
     if out is not None and out < y.shape[1]:
         y = y[:, :out]  # drop the padding rows
     y = y.reshape(*x.shape[:-1], y.shape[1]).to(x.dtype)
