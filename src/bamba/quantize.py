@@ -42,8 +42,15 @@ step at batch 1, one thread): fp32 F.linear 113, bf16 F.linear 94, `_weight_int8
 activations 62 (with fp32 activations: 350), `_weight_int4pack_mm_for_cpu` (bf16 activations) 31. The
 kernels' time grows with the rows; dequantizing the weight and running an fp32 GEMM costs a fixed
 dequantization plus a fast GEMM. Crossovers measured on 20 bench-small layers, 2 threads (ms, kernel vs
-dequantize + GEMM): int8 at 32 rows 41 vs 53, at 64 rows 76 vs 70; int4 at 128 rows 135 vs 177, at 256
-rows 272 vs 235. Inputs of more than `INT8_KERNEL_MAX_ROWS` / `INT4_KERNEL_MAX_ROWS` rows (prompts) take
+dequantize + GEMM), differ by machine:
+- the AVX-512 Xeon: int8 at 32 rows 41 vs 53, at 64 rows 76 vs 70; int4 at 128 rows 135 vs 177, at 256
+  rows 272 vs 235;
+- a Zen 5 EPYC (where the fp32 GEMM is oneDNN's, see `bamba.linear`): int8 at 64 rows 31 vs 44, at 128
+  60 vs 64, at 256 118 vs 106; int4 at 256 rows 115 vs 208 (140 with `tune_cpu_allocator`), at 512 218
+  vs 230.
+The limits sit between the two: `INT8_KERNEL_MAX_ROWS` = 64 (8% slower than dequantizing at 64 rows on
+the Xeon, 30% faster on the EPYC), `INT4_KERNEL_MAX_ROWS` = 256 (16% slower at 256 rows on the Xeon,
+20-45% faster on the EPYC). Inputs of more rows (prompts) take
 the dequantize path. Each fast path has a plain reference beside it (`linear_int8_reference`,
 `linear_int4_reference`: dequantize, then F.linear).
 
@@ -76,8 +83,8 @@ from .linear import X86, dense_linear, is_tied_lm_head, replace_module
 
 METHODS = ("int8_weight_only", "int4_weight_only", "int8_dynamic_activation_int8_weight")
 SHORT_NAMES = {"int8": METHODS[0], "int4": METHODS[1], "int8dq": METHODS[2]}  # command-line names
-INT8_KERNEL_MAX_ROWS = 32  # inputs with at most this many rows use the packed int8 kernel (decode)
-INT4_KERNEL_MAX_ROWS = 128  # the same for the int4 kernel
+INT8_KERNEL_MAX_ROWS = 64  # inputs with at most this many rows use the packed int8 kernel (decode)
+INT4_KERNEL_MAX_ROWS = 256  # the same for the int4 kernel
 INT4_BLOCK_N = 64  # rows per block of the int4 layout
 
 
