@@ -73,7 +73,8 @@ def test_linear_paths_match_and_train(rows):
 @pytest.mark.parametrize("rows", [1, 8, 300])
 def test_dense_linear_takes_onednn_by_the_rule(monkeypatch, onednn_fast, rows):
     """fp32 inference goes through oneDNN at 4..256 rows on x86, and at every row count where its GEMM
-    measured faster than MKL's; either way the output is F.linear's, and autograd always takes F.linear."""
+    measured faster than MKL's; training goes through it only there. Either way the outputs and the
+    gradients are F.linear's."""
     monkeypatch.setattr(linear, "onednn_fp32_is_fast", lambda: onednn_fast)
     calls = []
     real = linear.onednn_linear
@@ -83,12 +84,34 @@ def test_dense_linear_takes_onednn_by_the_rule(monkeypatch, onednn_fast, rows):
     assert linear.use_onednn_fp32(rows, 2**19) == (linear.X86 and (onednn_fast or 4 <= rows <= 256))
     torch.manual_seed(4)
     lin = Linear(64, 70)
-    x = torch.randn(rows, 64)
+    x = torch.randn(2, rows, 64)
     with torch.no_grad():
         torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias), atol=1e-5, rtol=1e-5)
     assert len(calls) == expected
-    lin(x.requires_grad_()).sum().backward()  # autograd: F.linear, whatever the rule
-    assert len(calls) == expected and x.grad is not None
+    calls.clear()
+    xg = x.clone().requires_grad_()
+    out = lin(xg)
+    g = torch.randn_like(out)
+    out.backward(g)
+    assert len(calls) == (3 if linear.X86 and onednn_fast else 0)  # forward, grad_x, grad_w
+    ref_x, ref_w, ref_b = (t.detach().clone().requires_grad_() for t in (x, lin.weight, lin.bias))
+    ref = F.linear(ref_x, ref_w, ref_b)
+    ref.backward(g)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    for got, want in ((xg.grad, ref_x.grad), (lin.weight.grad, ref_w.grad), (lin.bias.grad, ref_b.grad)):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@needs_onednn
+def test_training_under_autocast_takes_f_linear(monkeypatch):
+    """Autocast must see F.linear to cast it: a bf16-autocast forward is bf16 on every path."""
+    monkeypatch.setattr(linear, "onednn_fp32_is_fast", lambda: True)
+    lin = Linear(64, 70)
+    x = torch.randn(300, 64, requires_grad=True)
+    assert linear.onednn_trains(x, lin.weight)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not linear.onednn_trains(x, lin.weight)
+        assert lin(x).dtype == torch.bfloat16
 
 
 @needs_onednn
