@@ -6,8 +6,8 @@
 
 Every measured configuration runs in its own child process (`python -m bamba.bench --worker SPEC`), so
 the peak RSS reported is that run's own (`ru_maxrss` of the child). The machine's limits are measured in
-the same run: fp32 matmul FLOP/s (a large sgemm, the faster of MKL and oneDNN) and memory read bandwidth (summing a buffer far larger
-than the last-level cache). From them:
+the same run: fp32 matmul FLOP/s (a large sgemm, the faster of MKL and oneDNN) and memory read
+bandwidth (summing a buffer far larger than the last-level cache). From them:
 
 - prefill fraction = tokens/s * matmul FLOPs per token / sgemm FLOP/s, where the FLOPs per token are
   2 * (weights of every Linear but the lm_head) + causal attention (4 * mean context * heads * head_dim
