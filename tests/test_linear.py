@@ -207,3 +207,20 @@ def test_pack_leaves_a_tied_lm_head():
     model = BambaForCausalLM(BambaConfig(**{**TINY, "tie_word_embeddings": True})).eval()
     names = pack_for_cpu(model, dtypes=(torch.float32,))
     assert "lm_head" not in names and model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_the_one_time_measurements_leave_the_global_rng_alone():
+    """They run at a model's first forward (a training run's first step, or a resumed run's): drawing
+    from the global RNG there would make a resumed run diverge from an uninterrupted one."""
+    measurements = (linear.bf16_gemm_is_fast, linear.onednn_fp32_is_fast, linear.packing_pays)
+    state = torch.get_rng_state()
+    try:
+        for fn in measurements:
+            fn.cache_clear()
+        linear.bf16_gemm_is_fast()
+        linear.onednn_fp32_is_fast()
+        linear.packing_pays(torch.bfloat16)
+        assert torch.equal(torch.get_rng_state(), state)
+    finally:
+        for fn in measurements:  # later tests see fresh measurements, as a new process would
+            fn.cache_clear()

@@ -47,6 +47,12 @@ UPCAST_MIN_ROWS = 9  # bf16 inputs with at least this many rows use `linear_upca
 PACKED_BF16_MAX_ROWS = 128  # above this, a packed bf16 weight is unpacked for `linear_upcast` (prefill)
 
 
+def _probe(*shape: int) -> Tensor:
+    """Random fp32 data for a one-time measurement, from a private generator: measuring never moves the
+    global RNG (a run that measures at its first step draws the same numbers as one that does not)."""
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+
+
 def _best_time(fn: Any, *args: Any, reps: int = 3) -> float:
     fn(*args)
     times = []
@@ -61,7 +67,7 @@ def _best_time(fn: Any, *args: Any, reps: int = 3) -> float:
 def bf16_gemm_is_fast() -> bool:
     """Measured once: is a bf16 GEMM on this CPU faster than fp32? (It can be with AVX512-BF16 / AMX; on
     AVX2-only CPUs PyTorch's bf16 GEMM is hundreds of times slower, bf16 GEMV is fine.)"""
-    a, b = torch.randn(128, 512), torch.randn(512, 512)
+    a, b = _probe(128, 512), _probe(512, 512)
     return _best_time(torch.mm, a.bfloat16(), b.bfloat16()) < _best_time(torch.mm, a, b)
 
 
@@ -82,7 +88,7 @@ def onednn_fp32_is_fast() -> bool:
     torch.mm's (MKL) on this CPU? (True on AMD CPUs, where MKL keeps to AVX2 kernels.)"""
     if not (onednn_available() and X86):
         return False
-    a, b = torch.randn(256, 1024), torch.randn(1024, 1024)
+    a, b = _probe(256, 1024), _probe(1024, 1024)
     return _best_time(onednn_linear, a, b) * ONEDNN_FAST < _best_time(torch.mm, a, b.t())
 
 
@@ -255,7 +261,7 @@ def packing_pays(dtype: torch.dtype) -> bool:
         return False
     ws = [torch.full((2048, 1024), 0.01, dtype=dtype) for _ in range(8)]  # 32 MB: mostly out of cache
     packed = [torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in ws]
-    x = torch.randn(1, 1024).to(dtype)
+    x = _probe(1, 1024).to(dtype)
 
     def run(fn: Any, weights: list[Tensor]) -> None:
         for w in weights:
