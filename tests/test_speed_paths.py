@@ -7,13 +7,18 @@ import torch
 import torch.nn.functional as F
 from conftest import TINY
 
-from bamba import BambaConfig, BambaForCausalLM, HybridMambaAttentionDynamicCache
+from bamba import BambaConfig, BambaForCausalLM, HybridMambaAttentionDynamicCache, linear
 from bamba.model import BambaRMSNorm, BambaRMSNormGated
-from bamba.ssd import causal_conv1d, causal_conv1d_step, ssd_step, ssd_step_inplace
+from bamba.ssd import causal_conv1d, causal_conv1d_step, ssd_step, ssd_step_inplace, state_readout
 
 
+@pytest.mark.parametrize("onednn_fast", [False, True])
 @pytest.mark.parametrize("g", [1, 2])
-def test_ssd_step_inplace_matches_ssd_step(g):
+def test_ssd_step_inplace_matches_ssd_step(g, onednn_fast, monkeypatch):
+    """Whichever way the states are read out (oneDNN products per row and group, or torch.matmul)."""
+    if onednn_fast and not linear.onednn_available():
+        pytest.skip("this PyTorch build has no oneDNN")
+    monkeypatch.setattr(linear, "onednn_fp32_is_fast", lambda: onednn_fast)
     torch.manual_seed(0)
     b, h, p, n = 3, 4, 8, 16
     state = torch.randn(b, h, p, n)
@@ -25,6 +30,15 @@ def test_ssd_step_inplace_matches_ssd_step(g):
     y = ssd_step_inplace(s, x, dt, A, B, C, D)
     torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(s, s_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_state_readout_paths_match_matmul(monkeypatch):
+    torch.manual_seed(5)
+    sg, C = torch.randn(3, 2, 40, 16), torch.randn(3, 2, 16)
+    ref = torch.matmul(sg, C[..., None])[..., 0]
+    for fast in (False, True):
+        monkeypatch.setattr(linear, "onednn_fp32_is_fast", lambda fast=fast: fast)
+        torch.testing.assert_close(state_readout(sg, C), ref, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
