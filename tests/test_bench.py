@@ -32,8 +32,16 @@ def test_bench_reports_both_implementations(tmp_path, capsys):
     for r in rows.values():
         assert r["bamba"] > 0 and r["transformers_fp32"] > 0 and r["ratio"] > 0
         assert r["bamba_peak_rss"] > 0 and r["transformers_peak_rss"] > 0 and 0 < r["limit_fraction"] < 1
+    lim = report["limits"]
+    assert lim["sgemm_flops"] == max(
+        v for k, v in lim.items() if k.startswith("sgemm_") and k != "sgemm_flops"
+    )
     table = capsys.readouterr().out
-    assert "tuned allocator" in table and "decode_b8" in table
+    assert (
+        "tuned allocator" in table
+        and "decode_b8" in table
+        and f"fp32 matmuls: {lim['fp32_matmuls']}" in table
+    )
 
 
 def test_bench_rejects_unknown_variants(tmp_path):

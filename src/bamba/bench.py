@@ -35,6 +35,7 @@ import copy
 import importlib.util
 import json
 import os
+import platform
 import resource
 import subprocess
 import sys
@@ -283,23 +284,26 @@ def _linear_flops_per_token(cfg: Any, context: int) -> float:
     return 2.0 * params + attn
 
 
-def machine_limits(threads: int) -> dict[str, float]:
-    """fp32 matmul FLOP/s (the faster of torch.mm's BLAS and oneDNN), int8 matmul (int32 sums) op/s, and
-    memory read bandwidth (bytes/s), best of a few runs each."""
+def machine_limits(threads: int) -> dict[str, Any]:
+    """fp32 matmul FLOP/s (the faster of torch.mm's BLAS and oneDNN; both are kept), int8 matmul (int32
+    sums) op/s, and memory read bandwidth (bytes/s), best of a few runs each; and the CPU's name and the
+    path `bamba.linear` takes for fp32 matmuls there."""
     import torch
 
     torch.set_num_threads(threads)
-    from .linear import onednn_available, onednn_linear
+    from .linear import onednn_available, onednn_fp32_is_fast, onednn_linear
 
     n = 2048
     a, b = torch.randn(n, n), torch.randn(n, n)
-    gemms = [lambda: a @ b]  # the BLAS (MKL)
+    gemms = {"sgemm_blas_flops": lambda: a @ b}  # MKL
     if onednn_available():
-        gemms.append(lambda: onednn_linear(a, b))  # oneDNN, which `dense_linear` takes where faster
-    flops = 0.0
-    for gemm in gemms:
+        gemms["sgemm_onednn_flops"] = lambda: onednn_linear(a, b)
+    out: dict[str, Any] = {"cpu": cpu_name()}
+    for key, gemm in gemms.items():
         gemm()
-        flops = max(flops, 2 * n**3 / min(_timed(gemm) for _ in range(5)))
+        out[key] = 2 * n**3 / min(_timed(gemm) for _ in range(5))
+    out["sgemm_flops"] = max(out[key] for key in gemms)
+    out["fp32_matmuls"] = "oneDNN" if onednn_fp32_is_fast() else "BLAS (oneDNN for 4-256 rows on x86)"
     qa, qb = a.clamp(-1, 1).mul(127).to(torch.int8), b.clamp(-1, 1).mul(127).to(torch.int8)
     torch._int_mm(qa, qb)
     best = min(_timed(lambda: torch._int_mm(qa, qb)) for _ in range(5))
@@ -308,7 +312,19 @@ def machine_limits(threads: int) -> dict[str, float]:
     buf.sum()
     best = min(_timed(buf.sum) for _ in range(5))
     bandwidth = buf.numel() * 4 / best
-    return {"sgemm_flops": flops, "int8_gemm_ops": int8_ops, "mem_bandwidth": bandwidth}
+    return {**out, "int8_gemm_ops": int8_ops, "mem_bandwidth": bandwidth}
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else what `platform` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _timed(fn: Any) -> float:
@@ -471,9 +487,9 @@ def format_table(report: dict) -> str:
     lim = report["limits"]
     lines = [
         f"checkpoint {report['checkpoint']}, {report['threads']} threads, {report.get('allocator', 'default')} "
-        "allocator; machine: sgemm "
-        f"{lim['sgemm_flops'] / 1e9:.0f} GFLOP/s, int8 GEMM {lim['int8_gemm_ops'] / 1e9:.0f} Gop/s, memory read "
-        f"{lim['mem_bandwidth'] / 1e9:.1f} GB/s",
+        f"allocator; machine: {lim.get('cpu', '?')}, sgemm {lim['sgemm_flops'] / 1e9:.0f} GFLOP/s "
+        f"(fp32 matmuls: {lim.get('fp32_matmuls', '?')}), int8 GEMM {lim['int8_gemm_ops'] / 1e9:.0f} Gop/s, "
+        f"memory read {lim['mem_bandwidth'] / 1e9:.1f} GB/s",
         f"{'variant':7s} {'measure':14s} {'prompt':>6s} {'bamba':>9s} {'hf fp32':>9s} {'ratio':>6s} "
         f"{'target':>6s} {'limit%':>6s} {'RSS bamba':>10s} {'RSS hf':>8s}",
     ]
