@@ -103,6 +103,18 @@ def test_dense_linear_takes_onednn_by_the_rule(monkeypatch, onednn_fast, rows):
 
 
 @needs_onednn
+def test_dense_linear_takes_empty_inputs(monkeypatch):
+    """No rows: F.linear's result and gradients (oneDNN refuses a zero-size product in the backward)."""
+    monkeypatch.setattr(linear, "onednn_fp32_is_fast", lambda: True)
+    w = torch.randn(70, 64, requires_grad=True)
+    x = torch.randn(2, 0, 64, requires_grad=True)
+    out = linear.dense_linear(x, w)
+    assert out.shape == (2, 0, 70)
+    out.sum().backward()
+    assert torch.equal(w.grad, torch.zeros_like(w)) and x.grad.shape == x.shape
+
+
+@needs_onednn
 def test_training_under_autocast_takes_f_linear(monkeypatch):
     """Autocast must see F.linear to cast it: a bf16-autocast forward is bf16 on every path."""
     monkeypatch.setattr(linear, "onednn_fp32_is_fast", lambda: True)

@@ -105,7 +105,7 @@ def use_onednn_fp32(rows: int, weights: int) -> bool:
 def dense_linear(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
     """F.linear(x, w, bias) for fp32 on the CPU, through oneDNN where `use_onednn_fp32` says (inference)
     or `onednn_trains` says (autograd); F.linear itself (the reference) otherwise."""
-    if w.device.type == "cpu" and w.dtype == x.dtype == torch.float32:
+    if w.device.type == "cpu" and w.dtype == x.dtype == torch.float32 and x.numel() > 0:
         if not _needs_grad(x, w, bias):
             if use_onednn_fp32(x.numel() // x.shape[-1], w.numel()):
                 return onednn_linear(x, w, bias)
