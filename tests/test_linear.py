@@ -93,7 +93,8 @@ def test_dense_linear_takes_onednn_by_the_rule(monkeypatch, onednn_fast, rows):
     out = lin(xg)
     g = torch.randn_like(out)
     out.backward(g)
-    assert len(calls) == (3 if linear.X86 and onednn_fast else 0)  # forward, grad_x, grad_w
+    trains = linear.X86 and onednn_fast and linear.onednn_takes_transposed()
+    assert len(calls) == (3 if trains else 0)  # forward, grad_x, grad_w
     ref_x, ref_w, ref_b = (t.detach().clone().requires_grad_() for t in (x, lin.weight, lin.bias))
     ref = F.linear(ref_x, ref_w, ref_b)
     ref.backward(g)
@@ -224,7 +225,12 @@ def test_pack_leaves_a_tied_lm_head():
 def test_the_one_time_measurements_leave_the_global_rng_alone():
     """They run at a model's first forward (a training run's first step, or a resumed run's): drawing
     from the global RNG there would make a resumed run diverge from an uninterrupted one."""
-    measurements = (linear.bf16_gemm_is_fast, linear.onednn_fp32_is_fast, linear.packing_pays)
+    measurements = (
+        linear.bf16_gemm_is_fast,
+        linear.onednn_fp32_is_fast,
+        linear.packing_pays,
+        linear.onednn_takes_transposed,
+    )
     state = torch.get_rng_state()
     try:
         for fn in measurements:
@@ -232,6 +238,7 @@ def test_the_one_time_measurements_leave_the_global_rng_alone():
         linear.bf16_gemm_is_fast()
         linear.onednn_fp32_is_fast()
         linear.packing_pays(torch.bfloat16)
+        linear.onednn_takes_transposed()
         assert torch.equal(torch.get_rng_state(), state)
     finally:
         for fn in measurements:  # later tests see fresh measurements, as a new process would

@@ -124,7 +124,20 @@ def onednn_trains(*tensors: Tensor | None) -> bool:
         and not torch.is_autocast_enabled("cpu")
         and all(t is None or type(t) in (Tensor, nn.Parameter) for t in tensors)
         and onednn_fp32_is_fast()
+        and onednn_takes_transposed()
     )
+
+
+@functools.cache
+def onednn_takes_transposed() -> bool:
+    """Does this PyTorch's oneDNN linear take transposed (strided) operands, as `OneDNNLinearFunction`'s
+    backward passes them, and give F.linear's result? (Checked once on a small product; torch 2.13 does.)"""
+    x, w = _probe(8, 6).t(), _probe(8, 5).t()  # (6, 8) and (5, 8), both transposed views
+    try:
+        out = onednn_linear(x, w)  # (6, 5)
+    except RuntimeError:
+        return False
+    return torch.allclose(out, F.linear(x, w), atol=1e-5, rtol=1e-5)
 
 
 class OneDNNLinearFunction(torch.autograd.Function):
