@@ -14,8 +14,9 @@
     There, 1-3 rows take oneDNN only for weights of 2**19 elements or more: its call costs about 10 us
     more than F.linear's, which small weights do not repay (crossover measured at about 0.5M weights).
   * fp32 training (autograd) on those same CPUs: `OneDNNLinearFunction`, whose forward and both
-    gradients are oneDNN GEMMs (bench-small training steps went from 84 to 137 tok/s on the EPYC, the
-    demo model's from 2,600 to 2,980), except under autocast, which must see F.linear to cast it.
+    gradients are oneDNN GEMMs (`benchmarks/bench_train_step.py` on the EPYC, 2,048 tokens per step:
+    bench-small 78 -> 103 tok/s, the demo model 2,412 -> 3,003), except under autocast, which must see
+    F.linear to cast it, and where this PyTorch's oneDNN refuses transposed operands.
   Everything else is F.linear.
 - `PackedLinear`, made by `pack_for_cpu(model)`, is for inference on CPUs: the weight is stored once,
   in oneDNN's blocked layout, and every input runs through oneDNN. With bf16 weights on a CPU with
