@@ -15,7 +15,7 @@
     more than F.linear's, which small weights do not repay (crossover measured at about 0.5M weights).
   * fp32 training (autograd) on those same CPUs: `OneDNNLinearFunction`, whose forward and both
     gradients are oneDNN GEMMs (`benchmarks/bench_train_step.py` on the EPYC, 2,048 tokens per step:
-    bench-small 78 -> 103 tok/s, the demo model 2,412 -> 3,003), except under autocast, which must see
+    bench-small 79 -> 125 tok/s, the demo model 2,907 -> 3,670), except under autocast, which must see
     F.linear to cast it, and where this PyTorch's oneDNN refuses transposed operands.
   Everything else is F.linear.
 - `PackedLinear`, made by `pack_for_cpu(model)`, is for inference on CPUs: the weight is stored once,
