@@ -116,15 +116,76 @@ def test_dense_linear_takes_empty_inputs(monkeypatch):
 
 
 @needs_onednn
-def test_training_under_autocast_takes_f_linear(monkeypatch):
-    """Autocast must see F.linear to cast it: a bf16-autocast forward is bf16 on every path."""
+@pytest.mark.parametrize("grad", [False, True])
+def test_autocast_sees_f_linear(monkeypatch, grad):
+    """Autocast must see F.linear to cast it: a bf16-autocast forward is bf16, with or without grad."""
     monkeypatch.setattr(linear, "onednn_fp32_is_fast", lambda: True)
     lin = Linear(64, 70)
-    x = torch.randn(300, 64, requires_grad=True)
-    assert linear.onednn_trains(x, lin.weight)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not linear.onednn_trains(x, lin.weight)
+    x = torch.randn(300, 64, requires_grad=grad)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.set_grad_enabled(grad):
         assert lin(x).dtype == torch.bfloat16
+
+
+@needs_onednn
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # torch.func's jvp setup
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+def test_onednn_training_keeps_autograd_features(monkeypatch):
+    """Where training takes oneDNN: double backward (create_graph), forward-mode AD and torch.func give
+    what F.linear gives, a frozen weight keeps no input for its gradient, and zero outputs work."""
+    monkeypatch.setattr(linear, "onednn_fp32_is_fast", lambda: True)
+    torch.manual_seed(6)
+    lin = Linear(16, 12)
+    x = torch.randn(300, 16, requires_grad=True)
+
+    def penalty(fn) -> torch.Tensor:  # a gradient penalty: d/dw of |dL/dx|^2
+        (gx,) = torch.autograd.grad(fn(x).square().sum(), x, create_graph=True)
+        return torch.autograd.grad(gx.square().sum(), lin.weight)[0]
+
+    torch.testing.assert_close(penalty(lin), penalty(lambda t: F.linear(t, lin.weight, lin.bias)))
+    tangent = torch.randn_like(x)
+    params = dict(lin.named_parameters())
+    _, jvp = torch.func.jvp(
+        lambda t: torch.func.functional_call(lin, params, (t,)), (x.detach(),), (tangent,)
+    )
+    torch.testing.assert_close(jvp, F.linear(tangent, lin.weight))
+    per_sample = torch.func.vmap(
+        torch.func.grad(lambda p, t: torch.func.functional_call(lin, p, (t[None],)).sum()), in_dims=(None, 0)
+    )(params, x.detach()[:3])
+    torch.testing.assert_close(per_sample["weight"][1], torch.ones(12, 1) * x.detach()[1][None])
+    frozen = Linear(16, 12).requires_grad_(False)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        frozen(x)
+    assert len(saved) == 1 and saved[0] is frozen.weight  # as F.linear: x is not kept
+    empty = Linear(16, 0)
+    empty(x).sum().backward()
+    assert empty.weight.grad.shape == (0, 16)
+
+
+@needs_onednn
+def test_the_measurements_ignore_the_callers_context():
+    """They are cached for the process: autocast, the default dtype or device where they first run must
+    not decide them (fp64 data crashed oneDNN; under autocast torch.mm ran in bf16)."""
+    measurements = (linear.bf16_gemm_is_fast, linear.onednn_fp32_is_fast, linear.onednn_takes_transposed)
+    first = [fn() for fn in measurements]
+    try:
+        for fn in measurements:
+            fn.cache_clear()
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float64)
+        try:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                again = [fn() for fn in measurements]
+        finally:
+            torch.set_default_dtype(default)
+        assert again[2] == first[2]  # a check, not a timing
+        if first[1] and linear.onednn_fp32_is_fast.__wrapped__():  # a 2x gap here: it must hold
+            assert again[1]
+        with torch.no_grad():
+            Linear(64, 70)(torch.randn(300, 64))  # fp32 works after fp64 was the default
+    finally:
+        for fn in measurements:
+            fn.cache_clear()
 
 
 @needs_onednn

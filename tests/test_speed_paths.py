@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from conftest import TINY
 
-from bamba import BambaConfig, BambaForCausalLM, HybridMambaAttentionDynamicCache, linear
+from bamba import BambaConfig, BambaForCausalLM, HybridMambaAttentionDynamicCache, linear, ssd
 from bamba.model import BambaRMSNorm, BambaRMSNormGated
 from bamba.ssd import causal_conv1d, causal_conv1d_step, ssd_step, ssd_step_inplace, state_readout
 
@@ -19,6 +19,7 @@ def test_ssd_step_inplace_matches_ssd_step(g, onednn_fast, monkeypatch):
     if onednn_fast and not linear.onednn_available():
         pytest.skip("this PyTorch build has no oneDNN")
     monkeypatch.setattr(linear, "onednn_fp32_is_fast", lambda: onednn_fast)
+    monkeypatch.setattr(ssd, "READOUT_ONEDNN_MIN", 0)  # the small states here take it too
     torch.manual_seed(0)
     b, h, p, n = 3, 4, 8, 16
     state = torch.randn(b, h, p, n)
@@ -32,13 +33,24 @@ def test_ssd_step_inplace_matches_ssd_step(g, onednn_fast, monkeypatch):
     torch.testing.assert_close(s, s_ref, atol=1e-5, rtol=1e-5)
 
 
-def test_state_readout_paths_match_matmul(monkeypatch):
+@pytest.mark.skipif(not linear.onednn_available(), reason="this PyTorch build has no oneDNN")
+@pytest.mark.parametrize("shape", [(3, 2, 40, 16), (1, 1, 40, 16), (2, 1, 512, 512)])
+def test_state_readout_paths_match_matmul(monkeypatch, shape):
+    """oneDNN products per (row, group) only for several pairs of large enough states, where oneDNN is
+    fast; the same read-out either way."""
     torch.manual_seed(5)
-    sg, C = torch.randn(3, 2, 40, 16), torch.randn(3, 2, 16)
+    b, g, m, n = shape
+    sg, C = torch.randn(b, g, m, n), torch.randn(b, g, n)
     ref = torch.matmul(sg, C[..., None])[..., 0]
+    calls = []
+    real = linear.onednn_linear
+    monkeypatch.setattr(linear, "onednn_linear", lambda *a: calls.append(1) or real(*a))
     for fast in (False, True):
         monkeypatch.setattr(linear, "onednn_fp32_is_fast", lambda fast=fast: fast)
-        torch.testing.assert_close(state_readout(sg, C), ref, atol=1e-5, rtol=1e-5)
+        calls.clear()
+        torch.testing.assert_close(state_readout(sg, C), ref, atol=1e-4, rtol=1e-5)
+        takes_onednn = fast and b * g > 1 and m * n >= ssd.READOUT_ONEDNN_MIN
+        assert len(calls) == (b * g if takes_onednn else 0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -37,6 +37,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -49,18 +50,23 @@ PACKED_BF16_MAX_ROWS = 128  # above this, a packed bf16 weight is unpacked for `
 
 
 def _probe(*shape: int) -> Tensor:
-    """Random fp32 data for a one-time measurement, from a private generator: measuring never moves the
-    global RNG (a run that measures at its first step draws the same numbers as one that does not)."""
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    """Random fp32 CPU data for a one-time measurement, from a private generator: measuring never moves
+    the global RNG (a run that measures at its first step draws the same numbers as one that does not),
+    and neither the default dtype nor the default device changes what is measured."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    return torch.randn(*shape, generator=gen, dtype=torch.float32, device="cpu")
 
 
 def _best_time(fn: Any, *args: Any, reps: int = 3) -> float:
-    fn(*args)
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
+    """Best of `reps` timed calls after a warm-up, outside autocast and autograd, whatever the caller's
+    context (the results are cached for the whole process)."""
+    with torch.autocast("cpu", enabled=False), torch.no_grad():
         fn(*args)
-        times.append(time.perf_counter() - t)
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn(*args)
+            times.append(time.perf_counter() - t)
     return min(times)
 
 
@@ -105,28 +111,39 @@ def use_onednn_fp32(rows: int, weights: int) -> bool:
 
 def dense_linear(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
     """F.linear(x, w, bias) for fp32 on the CPU, through oneDNN where `use_onednn_fp32` says (inference)
-    or `onednn_trains` says (autograd); F.linear itself (the reference) otherwise."""
-    if w.device.type == "cpu" and w.dtype == x.dtype == torch.float32 and x.numel() > 0:
+    or `onednn_trains` says (autograd); F.linear itself (the reference) otherwise: other devices and
+    dtypes, empty tensors, autocast (which must see F.linear to cast it), tensor subclasses (DTensor...),
+    and torch.func transforms or forward-mode AD (oneDNN's op has no forward derivative)."""
+    if (
+        w.device.type == "cpu"
+        and w.dtype == x.dtype == torch.float32
+        and x.numel() > 0
+        and w.numel() > 0
+        and _plain_autograd(x, w, bias)
+    ):
         if not _needs_grad(x, w, bias):
             if use_onednn_fp32(x.numel() // x.shape[-1], w.numel()):
                 return onednn_linear(x, w, bias)
-        elif onednn_trains(x, w, bias):
+        elif onednn_trains():
             return OneDNNLinearFunction.apply(x, w, bias)
     return F.linear(x, w, bias)
 
 
-def onednn_trains(*tensors: Tensor | None) -> bool:
-    """Do these fp32 CPU tensors train through oneDNN (`OneDNNLinearFunction`)? Where its GEMM measured
-    faster than MKL's (`onednn_fp32_is_fast`), outside autocast (which must see F.linear to cast), and
-    for plain tensors only (not tensor subclasses such as DTensor)."""
+def _plain_autograd(*tensors: Tensor | None) -> bool:
+    """Plain tensors under plain (reverse-mode) autograd, outside autocast: what oneDNN's op can serve."""
     return (
-        onednn_available()
-        and X86
+        all(t is None or type(t) in (Tensor, nn.Parameter) for t in tensors)
         and not torch.is_autocast_enabled("cpu")
-        and all(t is None or type(t) in (Tensor, nn.Parameter) for t in tensors)
-        and onednn_fp32_is_fast()
-        and onednn_takes_transposed()
+        and not torch._C._are_functorch_transforms_active()
+        and fwAD._current_level < 0  # no forward-mode AD level open
     )
+
+
+def onednn_trains() -> bool:
+    """Does fp32 training (autograd) go through oneDNN (`OneDNNLinearFunction`) on this CPU? Where its
+    GEMM measured faster than MKL's (`onednn_fp32_is_fast`) and this PyTorch's oneDNN linear takes the
+    transposed operands the backward passes (`onednn_takes_transposed`)."""
+    return onednn_available() and X86 and onednn_fp32_is_fast() and onednn_takes_transposed()
 
 
 @functools.cache
@@ -134,11 +151,12 @@ def onednn_takes_transposed() -> bool:
     """Does this PyTorch's oneDNN linear take transposed (strided) operands, as `OneDNNLinearFunction`'s
     backward passes them, and give F.linear's result? (Checked once on a small product; torch 2.13 does.)"""
     x, w = _probe(8, 6).t(), _probe(8, 5).t()  # (6, 8) and (5, 8), both transposed views
-    try:
-        out = onednn_linear(x, w)  # (6, 5)
-    except RuntimeError:
-        return False
-    return torch.allclose(out, F.linear(x, w), atol=1e-5, rtol=1e-5)
+    with torch.autocast("cpu", enabled=False), torch.no_grad():
+        try:
+            out = onednn_linear(x, w)  # (6, 5)
+        except RuntimeError:
+            return False
+        return torch.allclose(out, F.linear(x, w), atol=1e-5, rtol=1e-5)
 
 
 class OneDNNLinearFunction(torch.autograd.Function):
@@ -147,21 +165,29 @@ class OneDNNLinearFunction(torch.autograd.Function):
     x (..., in), w (out, in) -> (..., out). Reference: F.linear (tests compare outputs and gradients)."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
-        ctx.save_for_backward(x, w)
-        ctx.has_bias = bias is not None
+    def forward(x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
         return onednn_linear(x, w, bias)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+        x, w, bias = inputs
+        # as F.linear does: keep x only for w's gradient, w only for x's
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, w if ctx.needs_input_grad[0] else None)
+        ctx.has_bias = bias is not None
+
+    @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         x, w = ctx.saved_tensors
-        g2 = g.reshape(-1, g.shape[-1])  # (rows, out)
-        gx = onednn_linear(g, w.t()) if ctx.needs_input_grad[0] else None  # (..., in)
-        gw = None
+        # With create_graph=True (grad mode on here) the gradients must be differentiable: plain ops.
+        mm = torch.matmul if torch.is_grad_enabled() else (lambda a, b: onednn_linear(a, b.t()))
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = mm(g, w)  # (..., out) @ (out, in)
         if ctx.needs_input_grad[1]:
-            gw = onednn_linear(g2.t(), x.reshape(-1, x.shape[-1]).t())  # (out, rows) @ (rows, in)
-        gb = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+            g2 = g.reshape(-1, g.shape[-1])  # (rows, out)
+            gw = mm(g2.t(), x.reshape(-1, x.shape[-1]))  # (out, rows) @ (rows, in)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = g.reshape(-1, g.shape[-1]).sum(0)
         return gx, gw, gb
 
 

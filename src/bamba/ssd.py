@@ -30,6 +30,7 @@ from . import linear
 # exp() of arguments below this is clamped: exp(-60) ~ 1e-26 is negligible next to fp32's 1e-7 resolution,
 # and it keeps results out of the denormal range, where CPU arithmetic is ~20x slower.
 _MIN_LOG_DECAY = -60.0
+READOUT_ONEDNN_MIN = 2**18  # state elements per (row, group) from which `state_readout` may take oneDNN
 
 
 def _decay(log_decay: Tensor) -> Tensor:
@@ -183,15 +184,17 @@ def ssd_step_inplace(
 def state_readout(sg: Tensor, C: Tensor) -> Tensor:
     """y[b, g, m] = sum_n sg[b, g, m, n] C[b, g, n]: the states (b, g, m, n) read out by C (b, g, n), fp32.
 
-    Several (row, group) pairs on CPUs where oneDNN's fp32 matmul beats MKL's
-    (`bamba.linear.onednn_fp32_is_fast`): one oneDNN matrix-vector product per pair. MKL's batched form
-    read the states at a quarter of the memory's speed there (a Zen 5 EPYC, bench-small's 1 MB states at
-    batch 8: 641 against 353 us per layer; fp32 decoding at batch 8 went from 112 to 116-122 tok/s).
-    A single pair (batch 1, one group) gained nothing measurable. Elsewhere, and as the reference:
-    torch.matmul."""
+    Several (row, group) pairs of states of at least `READOUT_ONEDNN_MIN` elements each, on CPUs where
+    oneDNN's fp32 matmul beats MKL's (`bamba.linear.onednn_fp32_is_fast`): one oneDNN matrix-vector
+    product per pair. MKL's batched form read such states at a quarter of the memory's speed there (a
+    Zen 5 EPYC, bench-small's 1 MB states at batch 8: 641 against 353 us per layer; fp32 decoding at
+    batch 8 went from 112 to 116-122 tok/s). A single pair (batch 1, one group) gained nothing
+    measurable, and smaller states lose to the per-call cost (the demo model's 64 KB states at batch 8:
+    36 against 149 us per layer). Elsewhere, and as the reference: torch.matmul."""
     b, g, m, n = sg.shape
     if (
         b * g == 1
+        or m * n < READOUT_ONEDNN_MIN
         or sg.device.type != "cpu"
         or sg.dtype != torch.float32
         or sg.requires_grad
