@@ -291,7 +291,7 @@ def machine_limits(threads: int) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(threads)
-    from .linear import onednn_available, onednn_fp32_is_fast, onednn_linear
+    from .linear import X86, onednn_available, onednn_fp32_is_fast, onednn_linear
 
     n = 2048
     a, b = torch.randn(n, n), torch.randn(n, n)
@@ -303,7 +303,10 @@ def machine_limits(threads: int) -> dict[str, Any]:
         gemm()
         out[key] = 2 * n**3 / min(_timed(gemm) for _ in range(5))
     out["sgemm_flops"] = max(out[key] for key in gemms)
-    out["fp32_matmuls"] = "oneDNN" if onednn_fp32_is_fast() else "BLAS (oneDNN for 4-256 rows on x86)"
+    if onednn_fp32_is_fast():
+        out["fp32_matmuls"] = "oneDNN"
+    else:
+        out["fp32_matmuls"] = "BLAS, oneDNN for 4-256 rows" if onednn_available() and X86 else "BLAS"
     qa, qb = a.clamp(-1, 1).mul(127).to(torch.int8), b.clamp(-1, 1).mul(127).to(torch.int8)
     torch._int_mm(qa, qb)
     best = min(_timed(lambda: torch._int_mm(qa, qb)) for _ in range(5))
