@@ -113,7 +113,7 @@ def dense_linear(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
     """F.linear(x, w, bias) for fp32 on the CPU, through oneDNN where `use_onednn_fp32` says (inference)
     or `onednn_trains` says (autograd); F.linear itself (the reference) otherwise: other devices and
     dtypes, empty tensors, autocast (which must see F.linear to cast it), tensor subclasses (DTensor...),
-    and torch.func transforms or forward-mode AD (oneDNN's op has no forward derivative)."""
+    torch.func transforms or forward-mode AD (oneDNN's op has no forward derivative), torch.compile."""
     if (
         w.device.type == "cpu"
         and w.dtype == x.dtype == torch.float32
@@ -130,9 +130,11 @@ def dense_linear(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
 
 
 def _plain_autograd(*tensors: Tensor | None) -> bool:
-    """Plain tensors under plain (reverse-mode) autograd, outside autocast: what oneDNN's op can serve."""
+    """Plain tensors under plain (reverse-mode) autograd, outside autocast and torch.compile (whose
+    inductor fails to lower this op, and picks its own kernels anyway): what oneDNN's op can serve."""
     return (
-        all(t is None or type(t) in (Tensor, nn.Parameter) for t in tensors)
+        not torch.compiler.is_compiling()
+        and all(t is None or type(t) in (Tensor, nn.Parameter) for t in tensors)
         and not torch.is_autocast_enabled("cpu")
         and not torch._C._are_functorch_transforms_active()
         and fwAD._current_level < 0  # no forward-mode AD level open

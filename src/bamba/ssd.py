@@ -198,6 +198,7 @@ def state_readout(sg: Tensor, C: Tensor) -> Tensor:
         or sg.device.type != "cpu"
         or sg.dtype != torch.float32
         or sg.requires_grad
+        or torch.compiler.is_compiling()
         or not linear.onednn_fp32_is_fast()
     ):
         return torch.matmul(sg, C.view(b, g, n, 1)).view(b, g, m)
