@@ -310,7 +310,8 @@ def test_the_one_time_measurements_leave_the_global_rng_alone():
 @pytest.mark.filterwarnings("ignore:`torch.jit.script")  # raised inside torch.compile's own imports
 def test_compiled_linear_takes_f_linear(monkeypatch):
     """torch.compile's inductor cannot lower oneDNN's linear op: under compilation every row count takes
-    F.linear (inductor picks its own kernels), so a compiled Linear works and matches."""
+    F.linear (inductor picks its own kernels), so a compiled Linear works and matches; a PackedLinear
+    runs eagerly there."""
     monkeypatch.setattr(linear, "onednn_fp32_is_fast", lambda: True)
     torch._dynamo.reset()
     lin = Linear(64, 70)
@@ -319,3 +320,7 @@ def test_compiled_linear_takes_f_linear(monkeypatch):
         for rows in (8, 300):
             x = torch.randn(rows, 64)
             torch.testing.assert_close(compiled(x), F.linear(x, lin.weight, lin.bias), atol=1e-5, rtol=1e-5)
+    packed = PackedLinear(lin)  # runs eagerly inside a compiled model
+    with torch.no_grad():
+        x = torch.randn(8, 64)
+        torch.testing.assert_close(torch.compile(packed)(x), F.linear(x, lin.weight, lin.bias))

@@ -245,6 +245,8 @@ class PackedLinear(nn.Module):
         self.packed = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), 1)  # opaque (out, in)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
 
+    # torch.compile runs this eagerly (a graph break): inductor cannot lower oneDNN's linear op
+    @torch.compiler.disable
     def forward(self, x: Tensor) -> Tensor:
         if x.device.type != "cpu":
             raise RuntimeError(
@@ -252,6 +254,7 @@ class PackedLinear(nn.Module):
             )
         if _needs_grad(x, self.packed):
             raise RuntimeError("PackedLinear is inference-only (no autograd); train the unpacked model")
+
         rows = x.numel() // x.shape[-1]
         if self.weight_dtype == torch.bfloat16 and rows > PACKED_BF16_MAX_ROWS and not bf16_gemm_is_fast():
             return linear_upcast(x, self.weight, self.bias)  # long prompts: unpack, fp32 GEMM
