@@ -111,17 +111,10 @@ def use_onednn_fp32(rows: int, weights: int) -> bool:
 
 def dense_linear(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
     """F.linear(x, w, bias) for fp32 on the CPU, through oneDNN where `use_onednn_fp32` says (inference)
-    or `onednn_trains` says (autograd); F.linear itself (the reference) otherwise: other devices and
-    dtypes, empty tensors, autocast (which must see F.linear to cast it), tensor subclasses (DTensor...),
-    torch.func transforms or forward-mode AD (oneDNN's op has no forward derivative), torch.compile."""
-    if (
-        w.device.type == "cpu"
-        and w.dtype == x.dtype == torch.float32
-        and x.numel() > 0
-        and w.numel() > 0
-        and _plain_autograd(x, w, bias)
-    ):
-        if not _needs_grad(x, w, bias):
+    or `onednn_trains` says (autograd), on what `onednn_can_take`; F.linear itself (the reference)
+    otherwise."""
+    if onednn_can_take(x, w, bias) and w.numel() > 0:
+        if not needs_grad(x, w, bias):
             if use_onednn_fp32(x.numel() // x.shape[-1], w.numel()):
                 return onednn_linear(x, w, bias)
         elif onednn_trains():
@@ -129,12 +122,17 @@ def dense_linear(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
     return F.linear(x, w, bias)
 
 
-def _plain_autograd(*tensors: Tensor | None) -> bool:
-    """Plain tensors under plain (reverse-mode) autograd, outside autocast and torch.compile (whose
-    inductor fails to lower this op, and picks its own kernels anyway): what oneDNN's op can serve."""
+def onednn_can_take(x: Tensor, *others: Tensor | None) -> bool:
+    """Can oneDNN's fp32 op serve these tensors here? Plain (not DTensor...), non-empty fp32 CPU tensors,
+    outside autocast (which must see F.linear or torch.matmul to cast), torch.func transforms and
+    forward-mode AD (the op has no forward derivative), and torch.compile (whose inductor fails to lower
+    the op, and picks its own kernels anyway)."""
+    tensors = [t for t in (x, *others) if t is not None]
     return (
-        not torch.compiler.is_compiling()
-        and all(t is None or type(t) in (Tensor, nn.Parameter) for t in tensors)
+        x.numel() > 0
+        and all(type(t) in (Tensor, nn.Parameter) and t.device.type == "cpu" for t in tensors)
+        and all(t.dtype == torch.float32 for t in tensors)
+        and not torch.compiler.is_compiling()
         and not torch.is_autocast_enabled("cpu")
         and not torch._C._are_functorch_transforms_active()
         and fwAD._current_level < 0  # no forward-mode AD level open
@@ -145,7 +143,7 @@ def onednn_trains() -> bool:
     """Does fp32 training (autograd) go through oneDNN (`OneDNNLinearFunction`) on this CPU? Where its
     GEMM measured faster than MKL's (`onednn_fp32_is_fast`) and this PyTorch's oneDNN linear takes the
     transposed operands the backward passes (`onednn_takes_transposed`)."""
-    return onednn_available() and X86 and onednn_fp32_is_fast() and onednn_takes_transposed()
+    return onednn_fp32_is_fast() and onednn_takes_transposed()
 
 
 @functools.cache
@@ -182,18 +180,15 @@ class OneDNNLinearFunction(torch.autograd.Function):
         x, w = ctx.saved_tensors
         # With create_graph=True (grad mode on here) the gradients must be differentiable: plain ops.
         mm = torch.matmul if torch.is_grad_enabled() else (lambda a, b: onednn_linear(a, b.t()))
-        gx = gw = gb = None
-        if ctx.needs_input_grad[0]:
-            gx = mm(g, w)  # (..., out) @ (out, in)
-        if ctx.needs_input_grad[1]:
-            g2 = g.reshape(-1, g.shape[-1])  # (rows, out)
-            gw = mm(g2.t(), x.reshape(-1, x.shape[-1]))  # (out, rows) @ (rows, in)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            gb = g.reshape(-1, g.shape[-1]).sum(0)
+        g2 = g.reshape(-1, g.shape[-1])  # (rows, out)
+        gx = mm(g, w) if ctx.needs_input_grad[0] else None  # (..., out) @ (out, in)
+        gw = mm(g2.t(), x.reshape(-1, x.shape[-1])) if ctx.needs_input_grad[1] else None  # (out, in)
+        gb = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return gx, gw, gb
 
 
-def _needs_grad(*tensors: Tensor | None) -> bool:
+def needs_grad(*tensors: Tensor | None) -> bool:
+    """Will autograd record an op on these tensors?"""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
@@ -252,9 +247,8 @@ class PackedLinear(nn.Module):
             raise RuntimeError(
                 f"PackedLinear: input on {x.device}; the packed weight is a CPU (oneDNN) tensor"
             )
-        if _needs_grad(x, self.packed):
+        if needs_grad(x, self.packed):
             raise RuntimeError("PackedLinear is inference-only (no autograd); train the unpacked model")
-
         rows = x.numel() // x.shape[-1]
         if self.weight_dtype == torch.bfloat16 and rows > PACKED_BF16_MAX_ROWS and not bf16_gemm_is_fast():
             return linear_upcast(x, self.weight, self.bias)  # long prompts: unpack, fp32 GEMM

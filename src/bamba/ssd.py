@@ -195,10 +195,8 @@ def state_readout(sg: Tensor, C: Tensor) -> Tensor:
     if (
         b * g == 1
         or m * n < READOUT_ONEDNN_MIN
-        or sg.device.type != "cpu"
-        or sg.dtype != torch.float32
-        or sg.requires_grad
-        or torch.compiler.is_compiling()
+        or not linear.onednn_can_take(sg, C)
+        or linear.needs_grad(sg, C)
         or not linear.onednn_fp32_is_fast()
     ):
         return torch.matmul(sg, C.view(b, g, n, 1)).view(b, g, m)
