@@ -144,3 +144,25 @@ def test_grouped_decode_attention_matches_sdpa_with_gqa():
     for m in (None, mask):
         expected = F.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=True)
         torch.testing.assert_close(grouped_decode_attention(q, k, v, m), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_decode_attention_matmul_matches_sdpa():
+    """The CPU fp32 path for long caches (DECODE_MATMUL_MIN_KEYS keys or more), on strided cache views,
+    with and without a padding mask, a fully masked row included (SDPA gives zeros there)."""
+    import torch.nn.functional as F
+
+    from bamba.model import DECODE_MATMUL_MIN_KEYS, decode_attention_matmul, grouped_decode_attention
+
+    torch.manual_seed(0)
+    t = DECODE_MATMUL_MIN_KEYS + 7
+    buf_k, buf_v = torch.randn(3, 2, 2 * t, 16), torch.randn(3, 2, 2 * t, 16)  # a cache with spare room
+    k, v, q = buf_k[:, :, :t], buf_v[:, :, :t], torch.randn(3, 8, 1, 16)
+    mask = torch.rand(3, 1, 1, t) > 0.3
+    mask[1] = False
+    for m in (None, mask):
+        expected = F.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=True)
+        got = grouped_decode_attention(q, k, v, m)
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+        qg = q.reshape(3, 2, 4, 16)
+        torch.testing.assert_close(decode_attention_matmul(qg, k, v, m).reshape(3, 8, 1, 16), expected)
+    assert torch.equal(got[1], torch.zeros_like(got[1]))
