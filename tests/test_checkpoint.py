@@ -245,15 +245,32 @@ def test_quantized_folders_load_as_base_models_and_plain_saves_replace_them(save
         BambaForCausalLM.from_pretrained(tmp_path / "q")
 
 
-@pytest.mark.parametrize("before, after", [("1GB", "30KB"), ("30KB", "1GB"), ("30KB", "30KB")])
-def test_a_crash_while_publishing_a_save_never_mixes_two_saves(saved, tmp_path, monkeypatch, before, after):
+@pytest.mark.parametrize(
+    "before, after, new",
+    [
+        ("1GB", "30KB", "plain"),
+        ("30KB", "1GB", "plain"),
+        ("30KB", "30KB", "plain"),
+        ("1GB", "1GB", "untied"),  # over a tied save: the old config would drop the new lm_head
+        ("30KB", "1GB", "int8"),  # a quantization_config.json appears
+    ],
+)
+def test_a_crash_while_publishing_a_save_never_mixes_two_saves(
+    saved, tmp_path, monkeypatch, before, after, new
+):
     """Killed at any rename of a save over an earlier one, the folder loads the earlier save or the new one
-    whole, or fails to load; it never loads a mix, and no temporary file is left."""
+    whole, or fails to load; it never loads a mix (the new weights read with the old config either), and no
+    temporary file is left."""
     import bamba.checkpoint as ckpt
+    from bamba import quantize
 
     old_model, _ = saved
     torch.manual_seed(1)
     new_model = BambaForCausalLM(BambaConfig(**TINY)).eval()
+    if new == "untied":
+        old_model = BambaForCausalLM(BambaConfig(**TINY, tie_word_embeddings=True)).eval()
+    if new == "int8":
+        quantize(new_model, "int8_weight_only")
     ids = torch.randint(1, 97, (1, 5))
     with torch.no_grad():
         want = {"old": old_model(ids).logits, "new": new_model(ids).logits}
@@ -288,3 +305,5 @@ def test_a_crash_while_publishing_a_save_never_mixes_two_saves(saved, tmp_path, 
         if not crashed:
             assert torch.equal(got, want["new"])
             break
+    else:
+        pytest.fail("the save never ran to its end: more renames than the loop tries")

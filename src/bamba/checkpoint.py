@@ -313,7 +313,9 @@ def read_config(folder: str) -> BambaConfig:
     """The folder's config.json."""
     path = os.path.join(folder, "config.json")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{folder}: missing config.json")
+        raise FileNotFoundError(
+            f"{folder}: missing config.json (not a checkpoint folder, or a save that did not finish)"
+        )
     return BambaConfig.from_json_file(path)
 
 
@@ -466,8 +468,17 @@ def save_pretrained(
             size = 0
         shards[-1][name] = t
         size += n
+    any_float = next((t for t in state.values() if t.is_floating_point()), None)
+    cfg = json.loads(config.to_json_string())
+    if any_float is not None:
+        cfg["dtype"] = str(any_float.dtype).removeprefix("torch.")
+    gen = {k: getattr(config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    gen.update(getattr(model, "generation_config", None) or {})  # as loaded: kept on a round trip
+    quant = getattr(model, "quantization_config", None)
+    config_text = json.dumps(cfg, indent=2) + "\n"
+    quant_text = None if quant is None else json.dumps(quant, indent=2)
     # Every new file is written to a temporary name first; an earlier save in the folder stays whole
-    # until all of them are on disk, then the files are renamed into place (index and config last).
+    # until all of them are on disk, then the files are renamed into place, config.json last.
     names = (
         [WEIGHTS_NAME]
         if len(shards) == 1
@@ -475,7 +486,9 @@ def save_pretrained(
     )
     new_files = set(names) | ({INDEX_NAME} if len(shards) > 1 else set())
     old_files = [f for f in os.listdir(folder) if _WEIGHT_FILE.fullmatch(f)]
-    staged: list[tuple[str, str]] = []  # (temporary, final path); the index comes last
+    config_path = os.path.join(folder, "config.json")
+    quant_path = os.path.join(folder, QUANT_CONFIG_FILE)
+    staged: list[tuple[str, str]] = []  # (temporary, final path), in publishing order
     try:
         for name, shard in zip(names, shards):
             path = os.path.join(folder, name)
@@ -486,35 +499,42 @@ def save_pretrained(
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             path = os.path.join(folder, INDEX_NAME)
             staged.append((_write_staged(path, lambda f: json.dump(index, f, indent=2)), path))
-        # Publish. Loading prefers an index over model.safetensors, so until the new index (or, going to
-        # one file, the removal of the old index) the folder still loads the earlier save whole. Only where
-        # new shards overwrite old ones of the same names is the old index removed first: a crash in
-        # between then fails to load instead of mixing the two saves.
+        if quant_text is not None:
+            staged.append((_write_staged(quant_path, lambda f: f.write(quant_text)), quant_path))
+        path = os.path.join(folder, GENERATION_CONFIG_FILE)
+        staged.append((_write_staged(path, lambda f: f.write(json.dumps(gen, indent=2) + "\n")), path))
+        staged.append((_write_staged(config_path, lambda f: f.write(config_text)), config_path))
+        # Publish. A new config (or quantization layout) read beside the earlier weights, or the reverse,
+        # would load as neither save: then the old config.json goes first, and until the new one is
+        # renamed in (last) the folder fails to load. With the same config, loading prefers an index over
+        # model.safetensors, so until the new index (or, going to one file, the removal of the old index)
+        # the folder still loads the earlier save whole; only where new shards overwrite old ones of the
+        # same names is the old index removed first, so a crash in between fails instead of mixing saves.
+        if _read_text(config_path) != config_text or _read_text(quant_path) != quant_text:
+            if os.path.exists(config_path):
+                os.remove(config_path)
         if any(f in names and f != WEIGHTS_NAME for f in old_files) and INDEX_NAME in old_files:
             os.remove(os.path.join(folder, INDEX_NAME))
         for tmp, path in staged:
+            if path == config_path:
+                stale = [
+                    f for f in old_files if f not in new_files and os.path.exists(os.path.join(folder, f))
+                ]
+                for old in sorted(stale, key=lambda f: f != INDEX_NAME):  # the old index before its shards
+                    os.remove(os.path.join(folder, old))
+                if quant_text is None and os.path.exists(quant_path):  # an earlier save was quantized
+                    os.remove(quant_path)
             os.replace(tmp, path)
     except BaseException:
         for tmp, _ in staged:
             if os.path.exists(tmp):
                 os.remove(tmp)
         raise
-    stale = [f for f in old_files if f not in new_files and os.path.exists(os.path.join(folder, f))]
-    for old in sorted(stale, key=lambda f: f != INDEX_NAME):  # the old index before the shards it names
-        os.remove(os.path.join(folder, old))
-    any_float = next((t for t in state.values() if t.is_floating_point()), None)
-    cfg = json.loads(config.to_json_string())
-    if any_float is not None:
-        cfg["dtype"] = str(any_float.dtype).removeprefix("torch.")
-    atomic_write(os.path.join(folder, "config.json"), lambda f: f.write(json.dumps(cfg, indent=2) + "\n"))
-    gen = {k: getattr(config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
-    gen.update(getattr(model, "generation_config", None) or {})  # as loaded: kept on a round trip
-    atomic_write(
-        os.path.join(folder, GENERATION_CONFIG_FILE), lambda f: f.write(json.dumps(gen, indent=2) + "\n")
-    )
-    quant = getattr(model, "quantization_config", None)
-    quant_path = os.path.join(folder, QUANT_CONFIG_FILE)
-    if quant is not None:
-        atomic_write(quant_path, lambda f: json.dump(quant, f, indent=2))
-    elif os.path.exists(quant_path):  # an earlier save was quantized: this one is not
-        os.remove(quant_path)
+
+
+def _read_text(path: str) -> str | None:
+    """The text of a small file, or None when it is absent."""
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return f.read()
