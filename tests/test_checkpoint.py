@@ -307,3 +307,36 @@ def test_a_crash_while_publishing_a_save_never_mixes_two_saves(
             break
     else:
         pytest.fail("the save never ran to its end: more renames than the loop tries")
+
+
+def test_a_tied_config_with_a_distinct_stored_head_loads_it_untied_as_transformers(saved, tmp_path):
+    """config.json says tie_word_embeddings=true, but the file holds an lm_head.weight of its own:
+    transformers keeps that head (and warns); so do we, and saving again keeps it."""
+    import transformers
+
+    model, folder = saved  # untied, with its own head
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": True}))
+    transformers.logging.set_verbosity_error()
+    ref = transformers.BambaForCausalLM.from_pretrained(folder).eval()
+    with pytest.warns(UserWarning, match="lm_head.weight differs from model.embed_tokens.weight"):
+        ours = BambaForCausalLM.from_pretrained(folder)
+    assert not ours.config.tie_word_embeddings
+    assert ours.lm_head.weight is not ours.model.embed_tokens.weight
+    ids = torch.randint(1, 97, (1, 6))
+    with torch.no_grad():
+        want = ref(ids).logits
+        torch.testing.assert_close(ours(ids).logits, want)
+        ours.save_pretrained(tmp_path / "again")
+        torch.testing.assert_close(BambaForCausalLM.from_pretrained(tmp_path / "again")(ids).logits, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.complex64, "int8", torch.bool, 3])
+def test_a_non_float_dtype_is_refused_when_saving_and_loading(saved, tmp_path, dtype):
+    """torch.int8 used to pass: saving truncated every weight to int8, loading failed deep in torch."""
+    model, folder = saved
+    with pytest.raises(ValueError, match="is not a floating-point torch dtype"):
+        model.save_pretrained(tmp_path / "x", dtype=dtype)
+    assert not (tmp_path / "x" / "config.json").exists()
+    with pytest.raises(ValueError, match="is not a floating-point torch dtype"):
+        BambaForCausalLM.from_pretrained(folder, dtype=dtype)

@@ -8,12 +8,14 @@ Saving writes every file atomically (temporary file + rename), in the layout `tr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import mmap
 import os
 import re
 import struct
 import tempfile
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -179,18 +181,20 @@ def _iter_tensors(files: list[str]) -> Iterator[tuple[str, SafetensorsFile]]:
 
 
 def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":
+    if dtype is None or dtype == "auto":
         return None
-    name = {
-        "fp32": "float32",
-        "fp16": "float16",
-        "bf16": "bfloat16",
-        "half": "float16",
-        "float": "float32",
-    }.get(dtype, dtype)
-    value = getattr(torch, name, None)
+    value = None
+    if isinstance(dtype, torch.dtype):
+        value = dtype
+    elif isinstance(dtype, str):
+        name = {
+            "fp32": "float32",
+            "fp16": "float16",
+            "bf16": "bfloat16",
+            "half": "float16",
+            "float": "float32",
+        }.get(dtype, dtype)
+        value = getattr(torch, name, None)
     if not isinstance(value, torch.dtype) or not value.is_floating_point:
         raise ValueError(f"dtype={dtype!r} is not a floating-point torch dtype (float32, bfloat16, float16)")
     return value
@@ -266,6 +270,17 @@ def load_pretrained(
         else:
             mapped[key] = (st, name)
         loaded[key] = t
+    if prefix and config.tie_word_embeddings and _stored_head_differs(loaded):
+        # transformers keeps such a head untied (and warns); so do we, with a config that says so, so
+        # that saving the model again keeps the head.
+        warnings.warn(
+            f"{folder}: config.json has tie_word_embeddings=true, but the checkpoint's lm_head.weight "
+            "differs from model.embed_tokens.weight; it is loaded untied, as transformers does, and "
+            "the model's config now has tie_word_embeddings=False",
+            stacklevel=3,
+        )
+        config = dataclasses.replace(config, tie_word_embeddings=False)
+        model.config = config
     tied = {"lm_head.weight"} if config.tie_word_embeddings and prefix else set()
     missing = [k for k in expected if k not in loaded and k not in tied and k not in mismatched]
     problems = []
@@ -295,6 +310,13 @@ def load_pretrained(
 
         pack_for_cpu(model, on_packed=release)
     return model
+
+
+def _stored_head_differs(loaded: dict[str, torch.Tensor]) -> bool:
+    """Does the checkpoint hold an lm_head.weight unequal to the embeddings (a head a tied config would
+    drop)?"""
+    head, embed = loaded.get("lm_head.weight"), loaded.get("model.embed_tokens.weight")
+    return head is not None and embed is not None and not torch.equal(head, embed.to(head.dtype))
 
 
 def _map_key(name: str, prefix: str) -> str | None:
@@ -449,10 +471,10 @@ def save_pretrained(
     transformers' BambaForCausalLM.from_pretrained reads the result. The tied lm_head is not stored (as
     transformers does). Stale shards of an earlier save in the same folder are removed.
     """
+    dtype = _parse_dtype(dtype)
     folder = os.fspath(folder)
     os.makedirs(folder, exist_ok=True)
     config: BambaConfig = model.config
-    dtype = _parse_dtype(dtype)
     state = {k: v for k, v in model.state_dict().items()}
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
