@@ -249,3 +249,23 @@ def test_bf16_quantized_model_generates_a_batch_with_an_untied_lm_head(method):
         last = q(ids, logits_to_keep=1).logits[:, -1]
     torch.testing.assert_close(last, full, atol=0, rtol=0)
     assert q.generate(ids, max_new_tokens=3).shape == (2, 12)
+
+
+@pytest.mark.parametrize("method", ["int8", "int4", "int8dq"])
+def test_quantizing_again_the_same_way_is_a_no_op_and_another_way_is_an_error(method):
+    model = quantize(tiny(), method)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert quantize(model, method) is model  # int8 configs store group_size None: this used to raise
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    other = "int4" if method != "int4" else "int8"
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize(model, other)
+    if method == "int4":
+        with pytest.raises(ValueError, match="already quantized"):
+            quantize(model, method, group_size=32)
+
+
+@pytest.mark.parametrize("group_size", [0, -128, 1.5, True])
+def test_int4_group_size_must_be_a_positive_integer(group_size):
+    with pytest.raises(ValueError, match=f"group_size={group_size!r}: expected a positive integer"):
+        quantize(tiny(), "int4", group_size=group_size)

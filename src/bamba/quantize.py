@@ -439,11 +439,16 @@ def quantize(model: nn.Module, method: str = "int8_weight_only", group_size: int
     method = SHORT_NAMES.get(method, method)
     if method not in METHODS:
         raise ValueError(f"quantization={method!r}: expected one of {METHODS} or {tuple(SHORT_NAMES)}")
+    if method == "int4_weight_only" and (
+        isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1
+    ):
+        raise ValueError(f"group_size={group_size!r}: expected a positive integer (e.g. 32, 64, 128)")
     done = getattr(model, "quantization_config", None)
     if done is not None:
-        if done.get("format") != method or done.get("group_size", group_size) != group_size:
+        same_groups = method != "int4_weight_only" or done.get("group_size") == group_size
+        if done.get("format") != method or not same_groups:
             raise ValueError(f"model is already quantized as {done}; cannot quantize again as {method!r}")
-        return model
+        return model  # already done: nothing to do
     names = _targets(model, method, group_size)
     with torch.no_grad():
         for name in names:
