@@ -88,10 +88,32 @@ def test_bad_config_files(tmp_path):
         ("rms_norm_eps", "1e-5", "a number"),
         ("pad_token_id", 0.5, "an integer or null"),
         ("eos_token_id", ["2"], "an integer, a list of integers, or null"),
+        ("attn_layer_indices", [1.7], "a list of integers or null"),  # was read as [1]
+        ("attn_layer_indices", "12", "a list of integers or null"),  # was read as [1, 2]
+        ("max_position_embeddings", "x", "a positive integer"),
+        ("time_step_limit", 5, r"\[min, max\] \(two numbers\) or null"),  # was a bare TypeError
+        ("time_step_limit", [0, {"x": 1}], r"\[min, max\]"),
+        ("time_step_limit", "ab", r"\[min, max\]"),
+        ("time_step_limit", [0.1], r"\[min, max\]"),
     ]:
         (tmp_path / "c.json").write_text(json.dumps({"model_type": "bamba", field: value}))
         with pytest.raises(ValueError, match=f"c.json: BambaConfig.{field}=.* must be {expected}"):
             BambaConfig.from_json_file(tmp_path / "c.json")
+    (tmp_path / "d.json").write_text(json.dumps({"model_type": "bamba", "rope_parameters": [1]}))
+    with pytest.raises(ValueError, match=r"d.json: rope_parameters=\[1\] is invalid: must be a JSON object"):
+        BambaConfig.from_json_file(tmp_path / "d.json")
+
+
+def test_integer_values_of_float_fields_are_written_as_floats(tmp_path):
+    """transformers' strict config refuses `"z_loss_coefficient": 0` where a float is due."""
+    import transformers
+
+    cfg = BambaConfig(z_loss_coefficient=0, rms_norm_eps=1, attn_layer_indices=[1], num_hidden_layers=2)
+    cfg.save_pretrained(tmp_path)
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert isinstance(written["z_loss_coefficient"], float) and isinstance(written["rms_norm_eps"], float)
+    hf = transformers.BambaConfig.from_pretrained(tmp_path)
+    assert hf.z_loss_coefficient == 0.0 and hf.rms_norm_eps == 1.0
 
 
 def test_presets():

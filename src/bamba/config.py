@@ -65,12 +65,13 @@ class BambaConfig:
     def __post_init__(self) -> None:
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
+        _check_types(self)
         if self.time_step_limit is not None:
             self.time_step_limit = tuple(float(v) for v in self.time_step_limit)
         if self.attn_layer_indices is not None:
-            self.attn_layer_indices = sorted(int(i) for i in self.attn_layer_indices)
-        _check_types(self)
+            self.attn_layer_indices = sorted(self.attn_layer_indices)
         _check_positive(self, "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers")
+        _check_positive(self, "max_position_embeddings")
         _check_positive(self, "num_attention_heads", "num_key_value_heads", "mamba_n_heads", "mamba_n_groups")
         _check_positive(self, "mamba_d_state", "mamba_d_conv", "mamba_expand", "mamba_chunk_size")
         if self.mamba_d_head == "auto":
@@ -188,6 +189,8 @@ class BambaConfig:
         if model_type != cls.model_type:
             raise ValueError(f"{source}: model_type is {model_type!r}, expected 'bamba'")
         rope = data.get("rope_parameters") or {}
+        if not isinstance(rope, dict):
+            raise ValueError(f"{source}: rope_parameters={rope!r} is invalid: must be a JSON object or null")
         if rope.get("rope_type", "default") != "default":
             raise ValueError(
                 f"{source}: rope_parameters.rope_type={rope['rope_type']!r}; only 'default' is supported"
@@ -197,7 +200,7 @@ class BambaConfig:
         if "partial_rotary_factor" in rope:
             data.setdefault("partial_rotary_factor", rope["partial_rotary_factor"])
         limit = data.get("time_step_limit")
-        if limit is not None:
+        if isinstance(limit, (list, tuple)):
             data["time_step_limit"] = tuple(_decode_float(v) for v in limit)
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         kwargs = {k: v for k, v in data.items() if k in names}
@@ -285,12 +288,23 @@ def _check_types(cfg: BambaConfig) -> None:
         value = getattr(cfg, name)
         if not (_is_int(value) or isinstance(value, float)):
             raise bad(name, "a number")
+        setattr(cfg, name, float(value))  # written as a float: transformers rejects 0 where 0.0 is due
     for name in _OPTIONAL_INT_FIELDS:
         value = getattr(cfg, name)
         if value is not None and not _is_int(value):
             raise bad(name, "an integer or null")
     if not is_token_ids(cfg.eos_token_id):
         raise bad("eos_token_id", "an integer, a list of integers, or null")
+    indices = cfg.attn_layer_indices
+    if indices is not None and not (isinstance(indices, (list, tuple)) and all(map(_is_int, indices))):
+        raise bad("attn_layer_indices", "a list of integers or null")
+    limit = cfg.time_step_limit
+    if limit is not None and not (
+        isinstance(limit, (list, tuple))
+        and len(limit) == 2
+        and all(_is_int(v) or isinstance(v, float) for v in limit)
+    ):
+        raise bad("time_step_limit", "[min, max] (two numbers) or null")
 
 
 def _check_positive(cfg: BambaConfig, *names: str) -> None:
@@ -300,11 +314,15 @@ def _check_positive(cfg: BambaConfig, *names: str) -> None:
             raise ValueError(f"BambaConfig.{name}={value!r} is invalid: must be a positive integer")
 
 
-def _decode_float(value: Any) -> float:
-    # transformers writes inf as {"__float__": "Infinity"}; older writers use the bare Infinity token.
-    if isinstance(value, dict) and "__float__" in value:
-        return float(value["__float__"])
-    return float(value)
+def _decode_float(value: Any) -> Any:
+    """transformers writes inf as {"__float__": "Infinity"} (older writers use the bare Infinity token);
+    anything else is returned as it is, for the type check to name."""
+    if isinstance(value, dict) and isinstance(value.get("__float__"), str):
+        try:
+            return float(value["__float__"])
+        except ValueError:
+            return value
+    return value
 
 
 # ----- presets (plain data) ---------------------------------------------------------------------------
