@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+import bamba
 import bamba.model
 import bamba.train
 from bamba import BambaForCausalLM
@@ -323,6 +324,10 @@ def test_bad_inputs_have_clear_messages(corpus, tmp_path):
         run(corpus, tmp_path / "o6", max_examples=-1)
     with pytest.raises(ValueError, match="clip=-1.0 must be >= 0"):
         run(corpus, tmp_path / "o6", clip=-1.0)
+    quantized = tmp_path / "q"
+    bamba.quantize(BambaForCausalLM(BambaConfig(**TINY)), "int8").save_pretrained(quantized)
+    with pytest.raises(ValueError, match="holds a quantized model .* cannot be trained"):
+        run(corpus, tmp_path / "o6", config=None, init_from=str(quantized))
     # resuming with other batch settings would silently read other data: refused
     run(corpus, tmp_path / "o7", max_steps=2, save_every=1)
     with pytest.raises(ValueError, match="cannot resume.*rows_per_step: 1 -> 2"):

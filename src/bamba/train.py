@@ -47,7 +47,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .checkpoint import chmod_as_created, read_config
+from .checkpoint import chmod_as_created, read_config, read_quantization_config
 from .config import BambaConfig, preset
 from .data import IGNORE_INDEX, DataCollatorWithFlattening, iter_text_files, pack_examples
 from .model import BambaForCausalLM, causal_lm_loss
@@ -394,6 +394,11 @@ def _resolve_config(config: str | BambaConfig | None, init_from: str | None) -> 
     if init_from is not None:
         if config is not None:
             raise ValueError("train: give either config or init_from (whose config.json is used), not both")
+        if read_quantization_config(init_from) is not None:
+            raise ValueError(
+                f"train: init_from={init_from!r} holds a quantized model (quantization_config.json): its "
+                "weights cannot be trained; start from the floating-point checkpoint it was made from"
+            )
         return read_config(init_from)
     if config is None:
         raise ValueError("train: give a config (a preset name or a config.json path) or init_from")
