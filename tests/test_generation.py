@@ -222,3 +222,286 @@ def test_streamers_end_and_reset(hf_folder, byte_tokenizer):
     pieces.clear()
     generate(model, ids, max_new_tokens=3, streamer=s, eos_token_id=[])
     assert once == 2 * "".join(pieces)  # no prompt text in the later calls
+
+
+# ----- transformers' generate arguments and behaviours --------------------------------------------------
+@pytest.fixture(scope="module")
+def demo():
+    """The embedded demo model and tokenizer, ours and transformers' (a real tokenizer, 10 MB of weights)."""
+    import transformers
+
+    from bamba.demo import demo_path
+    from bamba.tokenizer import Tokenizer
+
+    folder = demo_path()
+    return (
+        BambaForCausalLM.from_pretrained(folder),
+        transformers.BambaForCausalLM.from_pretrained(folder).eval(),
+        Tokenizer.from_pretrained(folder),
+        transformers.AutoTokenizer.from_pretrained(folder),
+    )
+
+
+class Scripted(torch.nn.Module):
+    """Runs `inner` (so the cache is exercised) but makes greedy decoding emit `script`, one id per step."""
+
+    def __init__(self, inner: BambaForCausalLM, script: list[int], vocab: int) -> None:
+        super().__init__()
+        self.inner, self.config, self.script, self.vocab, self.step = inner, inner.config, script, vocab, 0
+
+    @property
+    def device(self) -> torch.device:
+        return self.inner.device
+
+    def forward(self, ids: torch.Tensor, **kw):
+        from types import SimpleNamespace
+
+        self.inner(ids.remainder(self.config.vocab_size), **kw)  # the script's ids may lie outside
+        logits = torch.zeros(ids.shape[0], ids.shape[1], self.vocab)  # (B, L, vocab)
+        logits[:, -1, self.script[self.step]] = 1.0
+        self.step += 1
+        return SimpleNamespace(logits=logits)
+
+
+def test_missing_attention_mask_is_inferred_from_padding_as_transformers(hf_folder):
+    """Without a mask, transformers takes input_ids != pad as the mask when the pad id occurs and is not
+    an eos id (else all ones); the tiny models' pad id is 0."""
+    ref, folder = hf_folder(seed=3)
+    ours = BambaForCausalLM.from_pretrained(folder)
+    ids = torch.tensor([[0, 0, 0, 66, 56, 29], [12, 45, 77, 66, 56, 29]])
+    masked = generate(ours, ids, attention_mask=(ids != 0).long(), max_new_tokens=8)
+    assert torch.equal(masked, ref.generate(ids, max_new_tokens=8, do_sample=False))
+    assert torch.equal(generate(ours, ids, max_new_tokens=8), masked)
+    # pad == eos: the zeros may be real tokens, no mask is inferred
+    expected = ref.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=0)
+    assert torch.equal(generate(ours, ids, max_new_tokens=8, eos_token_id=0), expected)
+    assert not torch.equal(expected[:, 6:], masked[:, 6:])  # the mask does change row 0 here
+
+
+def test_stop_string_longer_in_tokens_than_in_characters(hf_folder, byte_tokenizer):
+    """5 CJK characters are 15 byte-level tokens: the stop string must still fire, at its last byte."""
+    stop = "你好吗朋友"
+    assert len(byte_tokenizer.encode(stop, add_special_tokens=False)) > len(stop) + 8
+    out = scripted_generate(hf_folder, byte_tokenizer, "x", "ok " + stop + " and more after it", stop)
+    assert out == "x" + "ok " + stop
+
+
+def scripted_generate(hf_folder, tok, prompt: str, script: str, stop: str) -> str:
+    """The text of `generate` from `prompt`, the model made to emit `script` token by token, with `stop`."""
+    _, folder = hf_folder(seed=2)
+    ids = tok.encode(script, add_special_tokens=False)
+    model = Scripted(BambaForCausalLM.from_pretrained(folder), ids, tok.vocab_size)
+    prompt_ids = torch.tensor([tok.encode(prompt, add_special_tokens=False)])
+    out = generate(
+        model, prompt_ids, max_new_tokens=len(ids), eos_token_id=[], stop_strings=[stop], tokenizer=tok
+    )
+    return tok.decode(out[0].tolist())
+
+
+def test_stop_strings_match_across_the_prompt_as_transformers(demo, hf_folder, byte_tokenizer):
+    """transformers' StopStringCriteria checks the end of the whole sequence: a stop string may begin in
+    the prompt, and fires when a new token completes it; one lying wholly in the prompt does not fire."""
+    ours, ref, tok, htok = demo
+    ids = torch.tensor([tok.encode("ROMEO:\n")])
+    for stop in [":\nI", "\nROMEO", "o, I"]:
+        expected = ref.generate(ids, max_new_tokens=15, do_sample=False, stop_strings=[stop], tokenizer=htok)
+        assert torch.equal(
+            generate(ours, ids, max_new_tokens=15, stop_strings=[stop], tokenizer=tok), expected
+        )
+    first = generate(ours, ids, max_new_tokens=15, stop_strings=[":\nI"], tokenizer=tok)
+    assert first.shape[1] == ids.shape[1] + 1  # the first new token, "I", completes it
+
+    out = scripted_generate(hf_folder, byte_tokenizer, "x ab y", "ab cd ab", "ab")
+    assert out == "x ab yab"  # not at once, though the prompt holds "ab"
+
+
+def test_bad_arguments_are_named(hf_folder):
+    _, folder = hf_folder(seed=2)
+    model = BambaForCausalLM.from_pretrained(folder)
+    ids = torch.ones(2, 3, dtype=torch.long)
+    cases = [
+        (
+            dict(attention_mask=torch.ones(2, 4, dtype=torch.long)),
+            ValueError,
+            r"attention_mask has shape \(2, 4\); expected .* \(2, 3\)",
+        ),
+        (
+            dict(attention_mask=torch.ones(1, 3, dtype=torch.long)),
+            ValueError,
+            r"attention_mask has shape \(1, 3\)",
+        ),
+        (
+            dict(repetition_penalty=0.0),
+            ValueError,
+            "repetition_penalty=0.0 must be a strictly positive float",
+        ),
+        (dict(repetition_penalty=-1.2), ValueError, "repetition_penalty=-1.2 must be a strictly positive"),
+        (
+            dict(eos_token_id="2"),
+            TypeError,
+            "eos_token_id must be a token id or a list of them, found str '2'",
+        ),
+        (dict(eos_token_id=[2, "3"]), TypeError, "eos_token_id must be a token id"),
+        (dict(num_return_sequences=0), ValueError, "num_return_sequences=0 must be an integer >= 1"),
+        (dict(temperature="0.7"), TypeError, "temperature must be a number, found str '0.7'"),
+        (dict(temperature="0.7", do_sample=True), TypeError, "temperature must be a number"),
+        (dict(max_new_tokens=2.5), TypeError, "max_new_tokens must be an integer, found float 2.5"),
+        (dict(top_k="5", do_sample=True), TypeError, "top_k must be an integer"),
+        (dict(num_beams=2), ValueError, "num_beams=2: beam search is not implemented"),
+        (dict(stop_strings=[""], tokenizer=object()), TypeError, "stop_strings must be non-empty strings"),
+        (dict(generation_config={"typical_p": 0.5}), ValueError, r"generation_config sets \['typical_p'\]"),
+    ]
+    for kwargs, error, match in cases:
+        with pytest.raises(error, match=match):
+            generate(model, ids, **{"max_new_tokens": 2, **kwargs})
+    with pytest.raises(ValueError, match="pass the prompt once"):
+        generate(model, ids, inputs=ids)
+
+
+def test_transformers_keyword_arguments(hf_folder):
+    """inputs=, use_cache, num_beams=1, generation_config (below explicit arguments), min_length,
+    no_repeat_ngram_size, and the number types transformers takes: each against transformers."""
+    import numpy as np
+    import transformers
+
+    ref, folder = hf_folder(seed=3)
+    ours = BambaForCausalLM.from_pretrained(folder)
+    torch.manual_seed(1)
+    ids, mask = left_pad([torch.randint(3, 97, (n,)) for n in (7, 4)])
+    greedy = ref.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
+
+    def same(expected: torch.Tensor, **kw) -> None:
+        got = generate(ours, **{"input_ids": ids, "attention_mask": mask, **kw})
+        assert torch.equal(got, expected), kw
+
+    same(greedy, max_new_tokens=10, use_cache=False, num_beams=1)
+    same(greedy, input_ids=None, inputs=ids, max_new_tokens=10)
+    same(greedy, max_new_tokens=10.0)  # an integral float, as transformers
+    gen_cfg = transformers.GenerationConfig(max_new_tokens=4, repetition_penalty=1.5, do_sample=False)
+    same(ref.generate(ids, attention_mask=mask, generation_config=gen_cfg), generation_config=gen_cfg)
+    expected = ref.generate(
+        ids, attention_mask=mask, max_new_tokens=10, repetition_penalty=1.5, do_sample=False
+    )
+    same(expected, generation_config=gen_cfg, max_new_tokens=10)  # explicit wins
+    same(expected, generation_config={"max_new_tokens": 10, "repetition_penalty": 1.5})
+    assert not torch.equal(expected, greedy)  # the penalty (left padding ignored, as there) matters here
+    assert ref.generation_config.use_cache  # transformers' use_cache=False recomputes: the same tokens
+    assert torch.equal(
+        ref.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, use_cache=False), greedy
+    )
+
+    for n in (1, 2, 3):
+        expected = ref.generate(
+            ids, attention_mask=mask, max_new_tokens=12, do_sample=False, no_repeat_ngram_size=n
+        )
+        same(expected, max_new_tokens=12, no_repeat_ngram_size=n)
+        if n == 2:  # greedy repeats a bigram in row 1 here: the ban matters
+            assert not torch.equal(expected[:, :17], greedy)
+
+    stop = int(greedy[0, 7])  # row 0's first new token
+    for kw in (dict(min_length=10), dict(min_length=9, min_new_tokens=1), dict(min_length=3)):
+        expected = ref.generate(
+            ids, attention_mask=mask, max_new_tokens=6, do_sample=False, eos_token_id=stop, **kw
+        )
+        same(expected, max_new_tokens=6, eos_token_id=stop, **kw)
+    assert expected[0, 7] == stop and not expected[0, 8:].any()  # min_length=3 < the prompt: stops at once
+
+    # numpy and tensor numbers
+    eos = int(greedy[1, 8])
+    expected = ref.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, eos_token_id=eos)
+    same(expected, max_new_tokens=np.int64(10), eos_token_id=torch.tensor(eos))
+    unused = next(i for i in range(3, 97) if i not in greedy)
+    same(expected, max_new_tokens=10, eos_token_id=torch.tensor([eos, unused]))
+    same(
+        expected,
+        max_new_tokens=10,
+        eos_token_id=np.int32(eos),
+        top_k=np.int64(5),
+        temperature=np.float32(0.5),
+    )
+
+
+def test_scores_and_logits_as_transformers(hf_folder):
+    """return_dict_in_generate with output_scores / output_logits: per step (batch, vocab) processed
+    scores and raw logits, rows that finished early included, as transformers' GenerateDecoderOnlyOutput."""
+    ref, folder = hf_folder(seed=3)
+    ours = BambaForCausalLM.from_pretrained(folder)
+    torch.manual_seed(1)
+    ids, mask = left_pad([torch.randint(3, 97, (n,)) for n in (7, 4, 5)])
+    free = generate(ours, ids, attention_mask=mask, max_new_tokens=8, eos_token_id=[])
+    eos = int(free[1, 9])  # row 1 finishes at its 3rd new token, the others later or never
+    for kw in (dict(), dict(repetition_penalty=1.3, no_repeat_ngram_size=2, min_new_tokens=2)):
+        common = dict(attention_mask=mask, max_new_tokens=8, eos_token_id=eos, pad_token_id=0, **kw)
+        theirs = ref.generate(
+            ids,
+            do_sample=False,
+            return_dict_in_generate=True,
+            output_scores=True,
+            output_logits=True,
+            **common,
+        )
+        got = generate(
+            ours, ids, return_dict_in_generate=True, output_scores=True, output_logits=True, **common
+        )
+        assert torch.equal(got.sequences, theirs.sequences)
+        assert len(got.scores) == len(theirs.scores) == len(got.logits) == got.sequences.shape[1] - 7
+        for mine, expected in [(got.scores, theirs.scores), (got.logits, theirs.logits)]:
+            for a, e in zip(mine, expected):
+                assert a.shape == e.shape == (3, 97)
+                torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-5)
+        assert torch.equal(
+            got["sequences"], generate(ours, ids, **common)
+        )  # dropping finished rows: same ids
+    only = generate(ours, ids, attention_mask=mask, max_new_tokens=2, return_dict_in_generate=True)
+    assert only.scores is None and only.logits is None and only.sequences.shape == (3, 9)
+
+    # sampling: the scores are the warped ones
+    sample = dict(
+        attention_mask=mask, max_new_tokens=4, do_sample=True, top_k=20, temperature=0.7, eos_token_id=[]
+    )
+    torch.manual_seed(5)
+    theirs = ref.generate(ids, return_dict_in_generate=True, output_scores=True, **sample)
+    torch.manual_seed(5)
+    got = generate(ours, ids, return_dict_in_generate=True, output_scores=True, **sample)
+    assert torch.equal(got.sequences, theirs.sequences)
+    for a, e in zip(got.scores, theirs.scores):
+        assert torch.equal(torch.isinf(a), torch.isinf(e))
+        torch.testing.assert_close(a[~torch.isinf(a)], e[~torch.isinf(e)], atol=1e-5, rtol=1e-5)
+
+
+def test_streamers_as_transformers(demo, capsys):
+    """Defaults as transformers': the prompt is streamed too, TextStreamer ends with a newline, and extra
+    keyword arguments go to decode."""
+    import threading
+
+    import transformers
+
+    ours, ref, tok, htok = demo
+    ids = torch.tensor([tok.encode("ROMEO:\n")])
+    ref.generate(ids, max_new_tokens=8, do_sample=False, streamer=transformers.TextStreamer(htok))
+    expected = capsys.readouterr().out
+    assert expected.startswith("<|bos|>ROMEO:\n") and expected.endswith("\n")
+    generate(ours, ids, max_new_tokens=8, streamer=TextStreamer(tok))
+    assert capsys.readouterr().out == expected
+    kw = dict(skip_prompt=True, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    ref.generate(ids, max_new_tokens=8, do_sample=False, streamer=transformers.TextStreamer(htok, **kw))
+    expected = capsys.readouterr().out
+    generate(ours, ids, max_new_tokens=8, streamer=TextStreamer(tok, **kw))
+    assert capsys.readouterr().out == expected
+    with pytest.raises(TypeError, match=r"streamer decode options \['colour'\]"):
+        TextStreamer(tok, colour="red")
+
+    texts = []
+    for model, streamer in [
+        (ref, transformers.TextIteratorStreamer(htok, timeout=10)),
+        (ours, TextIteratorStreamer(tok, timeout=10)),
+    ]:
+        th = threading.Thread(
+            target=model.generate,
+            args=(ids,),
+            kwargs=dict(max_new_tokens=8, do_sample=False, streamer=streamer),
+        )
+        th.start()
+        texts.append("".join(streamer))
+        th.join()
+    assert texts[0] == texts[1] and texts[0].startswith("<|bos|>ROMEO:\n")

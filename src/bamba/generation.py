@@ -2,48 +2,88 @@
 
 The prompt is prefilled once (logits of the last position only), then one token per step is fed through
 the cache. Rows that finish (EOS or a stop string) are dropped from the batch and the cache, so they stop
-costing compute; their output is filled with the pad token, as transformers does.
+costing compute; their output is filled with the pad token, as transformers does. (When per-step scores
+or logits are requested, finished rows stay in the batch and are fed the pad token, as in transformers,
+so that every step's scores cover the whole batch.)
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
+import inspect
+import numbers
+import os
 import queue
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ParamSpec, TypeVar
 
 import torch
 from torch import Tensor
 
 from .cache import HybridMambaAttentionDynamicCache
 from .quantize import SHORT_NAMES
+from .tokenizer import DecodeStream
 
 
 # ----- streamers ---------------------------------------------------------------------------------------
+class _FunctionDecodeStream(DecodeStream):
+    """A `DecodeStream` whose decoding is any `ids -> text` function (a tokenizer's decode with options)."""
+
+    def __init__(self, decode: Callable[[list[int]], str]) -> None:
+        super().__init__(tokenizer=None)  # type: ignore[arg-type]  # only _decode reads the tokenizer
+        self._decode_fn = decode
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._decode_fn(ids)
+
+
+def _stream_decoder(tokenizer: Any, skip_special_tokens: bool, options: dict[str, Any]) -> DecodeStream:
+    """An incremental decoder for `tokenizer` with transformers-style decode options."""
+    if not options and hasattr(tokenizer, "stream_decoder"):
+        return tokenizer.stream_decoder(skip_special_tokens=skip_special_tokens)
+    try:  # does the tokenizer's decode take these options (transformers' tokenizers take them all)?
+        inspect.signature(tokenizer.decode).bind([], skip_special_tokens=skip_special_tokens, **options)
+    except TypeError:
+        raise TypeError(
+            f"streamer decode options {sorted(options)} are not arguments of "
+            f"{type(tokenizer).__name__}.decode"
+        ) from None
+    return _FunctionDecodeStream(
+        lambda ids: tokenizer.decode(ids, skip_special_tokens=skip_special_tokens, **options)
+    )
+
+
 class TextStreamer:
     """Receives token ids as they are generated and emits text as soon as it is complete.
 
-    Decoding goes through the tokenizer's `stream_decoder()` (a `bamba.tokenizer.DecodeStream`): a
-    multi-byte character split over several byte-level tokens is held back until its last byte arrives,
-    so no broken character is ever emitted. `on_text(piece)` is called with each new piece; the default
-    prints it to stdout.
+    As transformers' TextStreamer: the prompt is emitted too unless `skip_prompt`, extra keyword arguments
+    go to the tokenizer's decode (e.g. `clean_up_tokenization_spaces`), and the default output prints to
+    stdout with a newline at the end of each generation. Decoding is incremental: a multi-byte character
+    split over several byte-level tokens is held back until its last byte arrives, so no broken character
+    is ever emitted. `on_text(piece)`, if given, replaces printing: it gets each non-empty piece and no
+    final newline. Subclasses may override `on_finalized_text(text, stream_end)` instead, as in transformers.
     """
 
     def __init__(
         self,
         tokenizer: Any,
-        skip_prompt: bool = True,
+        skip_prompt: bool = False,
         on_text: Callable[[str], None] | None = None,
         skip_special_tokens: bool = False,
+        **decode_kwargs: Any,
     ) -> None:
         self.tokenizer = tokenizer
         self.skip_prompt = skip_prompt
-        self.on_text = on_text or (lambda s: print(s, end="", flush=True))
+        self.on_text = on_text
         self.skip_special_tokens = skip_special_tokens
-        self._stream: Any = None
+        self.decode_kwargs = decode_kwargs
+        _stream_decoder(tokenizer, skip_special_tokens, decode_kwargs)  # bad options fail here, not later
+        self._stream: DecodeStream | None = None
         self._prompt_pending = skip_prompt
 
     def put(self, ids: Tensor | Sequence[int]) -> None:
@@ -56,31 +96,45 @@ class TextStreamer:
             self._prompt_pending = False
             return
         if self._stream is None:
-            self._stream = self.tokenizer.stream_decoder(skip_special_tokens=self.skip_special_tokens)
+            self._stream = _stream_decoder(self.tokenizer, self.skip_special_tokens, self.decode_kwargs)
         for i in ids:
             if piece := self._stream.step(i):
-                self.on_text(piece)
+                self.on_finalized_text(piece)
 
     def end(self) -> None:
-        if self._stream is not None and (piece := self._stream.flush()):
-            self.on_text(piece)
+        piece = self._stream.flush() if self._stream is not None else ""
         self._stream = None
         self._prompt_pending = self.skip_prompt  # the next generate starts with its prompt again
+        self.on_finalized_text(piece, stream_end=True)
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        """Emit `text`; `stream_end` marks the end of a generation (printing then ends the line)."""
+        if self.on_text is not None:
+            if text:
+                self.on_text(text)
+        else:
+            print(text, end="\n" if stream_end else "", flush=True)
 
 
 class TextIteratorStreamer(TextStreamer):
     """A streamer that is iterated (e.g. while `generate` runs in another thread): yields text pieces."""
 
     def __init__(
-        self, tokenizer: Any, skip_prompt: bool = True, timeout: float | None = None, **decode_kwargs: Any
+        self,
+        tokenizer: Any,
+        skip_prompt: bool = False,
+        timeout: float | None = None,
+        **decode_kwargs: Any,
     ) -> None:
         self._queue: queue.Queue[str | None] = queue.Queue()
         self.timeout = timeout
-        super().__init__(tokenizer, skip_prompt, on_text=self._queue.put, **decode_kwargs)
+        super().__init__(tokenizer, skip_prompt, **decode_kwargs)
 
-    def end(self) -> None:
-        super().end()
-        self._queue.put(None)
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        if text:
+            self._queue.put(text)
+        if stream_end:
+            self._queue.put(None)
 
     def __iter__(self) -> Iterator[str]:
         while (piece := self._queue.get(timeout=self.timeout)) is not None:
@@ -103,25 +157,48 @@ def process_logits(
     with excluded tokens at -inf.
     """
     if repetition_penalty != 1.0:
-        seen = logits.gather(1, history)
+        seen = logits.gather(1, history)  # (b, t)
         seen = torch.where(seen < 0, seen * repetition_penalty, seen / repetition_penalty)
         logits = logits.scatter(1, history, seen)
     if temperature != 1.0:
         logits = logits / temperature
     if top_k is not None and 0 < top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (b, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=False)
+        sorted_logits, order = logits.sort(dim=-1, descending=False)  # (b, vocab) each
         cum = sorted_logits.softmax(-1).cumsum(-1)
         drop_sorted = cum <= 1 - top_p
         drop_sorted[:, -1] = False  # always keep the most likely token
         logits = logits.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
     if min_p is not None and min_p > 0:
         probs = logits.softmax(-1)
-        limit = min_p * probs.max(dim=-1, keepdim=True).values
+        limit = min_p * probs.max(dim=-1, keepdim=True).values  # (b, 1)
         logits = logits.masked_fill(probs < limit, float("-inf"))
     return logits
+
+
+def ban_repeated_ngrams(logits: Tensor, history: Tensor, n: int) -> Tensor:
+    """As transformers' NoRepeatNGramLogitsProcessor: no n-gram may occur twice in a row's sequence.
+
+    logits: (b, vocab); history: (b, t) the whole sequence so far (prompt included). A token is banned
+    when it would complete an n-gram that already occurs: its first n-1 ids are the row's last n-1 ids.
+    """
+    rows: list[int] = []
+    cols: list[int] = []
+    for r, seq in enumerate(history.tolist()):
+        if len(seq) + 1 < n:
+            continue
+        tail = seq[len(seq) - n + 1 :]  # the n-1 ids a new token would extend ([] for n == 1)
+        for i in range(len(seq) - n + 1):
+            if seq[i : i + n - 1] == tail:
+                rows.append(r)
+                cols.append(seq[i + n - 1])
+    if not rows:
+        return logits
+    banned = torch.zeros_like(logits, dtype=torch.bool)
+    banned[torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)] = True
+    return logits.masked_fill(banned, float("-inf"))
 
 
 def _generation_default(model: Any, key: str) -> Any:
@@ -153,17 +230,154 @@ def _ended(streamer: TextStreamer | None) -> Iterator[None]:
             streamer.end()
 
 
-def _as_list(value: int | Sequence[int] | None) -> list[int]:
+def _as_list(value: Any, name: str = "eos_token_id") -> list[int]:
+    """Token ids as a list: None, an int (numpy ints too), a sequence of ints, or a 0-d / 1-d int tensor."""
     if value is None:
         return []
-    return [int(value)] if isinstance(value, int) else [int(v) for v in value]
+    if isinstance(value, Tensor):
+        if value.dim() > 1 or value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+            raise TypeError(
+                f"{name} must be a token id or a list of them, found a {value.dtype} tensor of shape "
+                f"{tuple(value.shape)}"
+            )
+        return [int(v) for v in value.reshape(-1).tolist()]
+    if isinstance(value, (str, bytes)) or isinstance(value, bool):
+        raise TypeError(
+            f"{name} must be a token id or a list of them, found {type(value).__name__} {value!r}"
+        )
+    if isinstance(value, numbers.Integral):
+        return [int(value)]
+    try:
+        items = list(value)
+    except TypeError:
+        raise TypeError(
+            f"{name} must be a token id or a list of them, found {type(value).__name__} {value!r}"
+        ) from None
+    bad = [v for v in items if isinstance(v, bool) or not isinstance(v, numbers.Integral)]
+    if bad:
+        raise TypeError(f"{name} must be a token id or a list of them, found {value!r}")
+    return [int(v) for v in items]
+
+
+def _as_int(name: str, value: Any, minimum: int | None = None, hint: str = "") -> int:
+    """An integer argument: ints, numpy ints, 1-element int tensors and integral floats (2.0) pass."""
+    if isinstance(value, Tensor) and value.numel() == 1:
+        value = value.item()
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not (isinstance(value, numbers.Integral) or float(value).is_integer())
+    ):
+        raise TypeError(f"{name} must be an integer, found {type(value).__name__} {value!r}")
+    value = int(value)
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name}={value} must be an integer >= {minimum}{hint}")
+    return value
+
+
+def _as_float(name: str, value: Any) -> float:
+    """A real-number argument: floats, ints, numpy scalars and 1-element tensors pass; strings do not."""
+    if isinstance(value, Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, found {type(value).__name__} {value!r}")
+    return float(value)
 
 
 # ----- generate -----------------------------------------------------------------------------------------
+@dataclass
+class GenerateOutput:
+    """`generate(..., return_dict_in_generate=True)`: as transformers' GenerateDecoderOnlyOutput.
+
+    sequences: (b * num_return_sequences, prompt + new) ids. scores (with output_scores=True) and logits
+    (output_logits=True): one (b * num_return_sequences, vocab) fp32 tensor per generated token: the scores
+    after the logits processors (penalties, bans, and when sampling temperature / top-k / top-p / min-p),
+    and the model's raw logits.
+    """
+
+    sequences: Tensor
+    scores: tuple[Tensor, ...] | None = None
+    logits: tuple[Tensor, ...] | None = None
+
+    def __getitem__(self, key: str) -> Any:
+        return getattr(self, key)
+
+
+# generation_config fields that generate() takes, and those that do not change a decoder-only generation
+_CONFIG_FIELDS = (
+    "max_new_tokens",
+    "max_length",
+    "min_new_tokens",
+    "min_length",
+    "do_sample",
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "repetition_penalty",
+    "no_repeat_ngram_size",
+    "eos_token_id",
+    "pad_token_id",
+    "stop_strings",
+    "num_return_sequences",
+    "num_beams",
+    "use_cache",
+    "return_dict_in_generate",
+    "output_scores",
+    "output_logits",
+)
+_CONFIG_IGNORED = ("transformers_version", "_from_model_config", "_commit_hash", "bos_token_id")
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def generation_config_fields(config: Any) -> dict[str, Any]:
+    """The fields a GenerationConfig (its non-default ones) or a dict sets, checked against what we support."""
+    if isinstance(config, dict):
+        fields = dict(config)
+    elif hasattr(config, "to_diff_dict"):  # transformers.GenerationConfig: the fields set, not its defaults
+        fields = config.to_diff_dict()
+    else:
+        raise TypeError(
+            f"generation_config must be a transformers GenerationConfig or a dict, found {type(config).__name__}"
+        )
+    unknown = sorted(k for k in fields if k not in _CONFIG_FIELDS and k not in _CONFIG_IGNORED)
+    if unknown:
+        raise ValueError(
+            f"generation_config sets {unknown}, which bamba's generate does not support; it supports "
+            f"{list(_CONFIG_FIELDS)}"
+        )
+    return {k: v for k, v in fields.items() if k in _CONFIG_FIELDS}
+
+
+def _with_generation_config(fn: Callable[P, R]) -> Callable[P, R]:
+    """`generation_config`'s fields become defaults of `fn`: explicitly passed arguments win."""
+    signature = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            bound = signature.bind(*args, **kwargs)
+            config = bound.arguments.pop("generation_config", None)
+            if config is not None:
+                for key, value in generation_config_fields(config).items():
+                    bound.arguments.setdefault(key, value)
+        except Exception:
+            streamer = kwargs.get("streamer")
+            if streamer is not None:  # an iterating consumer must not wait forever
+                streamer.end()  # type: ignore[attr-defined]
+            raise
+        return fn(*bound.args, **bound.kwargs)
+
+    return wrapper
+
+
+@_with_generation_config
 @torch.inference_mode()
 def generate(
     model: Any,
-    input_ids: Tensor,
+    input_ids: Tensor | None = None,
     attention_mask: Tensor | None = None,
     max_new_tokens: int | None = None,
     min_new_tokens: int = 0,
@@ -173,7 +387,7 @@ def generate(
     top_p: float | None = None,
     min_p: float | None = None,
     repetition_penalty: float = 1.0,
-    eos_token_id: int | Sequence[int] | None = None,
+    eos_token_id: int | Sequence[int] | Tensor | None = None,
     pad_token_id: int | None = None,
     stop_strings: str | Sequence[str] | None = None,
     tokenizer: Any = None,
@@ -183,23 +397,82 @@ def generate(
     streamer: TextStreamer | None = None,
     max_length: int | None = None,
     prefill_chunk_size: int | None = None,
-) -> Tensor:
+    *,
+    inputs: Tensor | None = None,
+    generation_config: Any = None,
+    min_length: int = 0,
+    no_repeat_ngram_size: int = 0,
+    num_beams: int = 1,
+    use_cache: bool = True,
+    return_dict_in_generate: bool = False,
+    output_scores: bool = False,
+    output_logits: bool = False,
+) -> Tensor | GenerateOutput:
     """Continue each prompt; returns (b * num_return_sequences, prompt + new) ids, like transformers.
 
-    input_ids: (b, t), left-padded when `attention_mask` (b, t) has zeros. Greedy unless `do_sample`
+    input_ids (or `inputs`, transformers' name): (b, t). Left-padded rows are marked by zeros in
+    `attention_mask` (b, t); without a mask one is inferred as transformers does: `input_ids != pad`
+    when the pad id occurs in input_ids and is not an eos id, else all ones. Greedy unless `do_sample`
     (then top_k=50 unless given, as transformers). New tokens: `max_new_tokens`, else `max_length` minus
-    the prompt, else 20. Generation of a row stops at any of `eos_token_id` (default: the checkpoint's
-    generation_config.json, else the config's) or when its new text contains one of `stop_strings` (needs
+    the prompt, else 20; at least `min_new_tokens` new and `min_length` in all (prompt included) before
+    an eos may come. `no_repeat_ngram_size` bans repeated n-grams (prompt included). Generation of a row
+    stops at any of `eos_token_id` (default: the checkpoint's generation_config.json, else the config's)
+    or when the sequence (prompt included) ends with one of `stop_strings` right after a new token (needs
     `tokenizer`). `streamer.put` receives the prompt, then each new token (batch size 1 only).
+
+    `generation_config` (a transformers GenerationConfig or a dict): the fields it sets are defaults under
+    the arguments passed explicitly. `num_beams` must be 1 (no beam search). `use_cache=False` is accepted
+    and ignored: the cache changes only the speed, not the result. With `return_dict_in_generate=True`
+    the result is a `GenerateOutput` (`.sequences`, and `.scores` / `.logits` when `output_scores` /
+    `output_logits`).
     """
     with _ended(streamer):  # also on an error or with nothing to generate: an iterating consumer returns
         cfg = model.config
+        if inputs is not None:
+            if input_ids is not None:
+                raise ValueError("pass the prompt once: as input_ids or as inputs (its transformers name)")
+            input_ids = inputs
+        if not isinstance(input_ids, Tensor):
+            raise TypeError(
+                f"input_ids must be a (batch, length) tensor of token ids, found {type(input_ids).__name__}"
+            )
+        if input_ids.is_floating_point() or input_ids.dtype == torch.bool:
+            raise TypeError(f"input_ids must hold integer token ids, found dtype {input_ids.dtype}")
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise ValueError(
                 f"input_ids must be (batch, length) with length >= 1, found shape {tuple(input_ids.shape)}"
             )
+        if attention_mask is not None:
+            if not isinstance(attention_mask, Tensor):
+                raise TypeError(f"attention_mask must be a tensor, found {type(attention_mask).__name__}")
+            if attention_mask.dim() == 1:
+                attention_mask = attention_mask[None]
+            if attention_mask.shape != input_ids.shape:
+                raise ValueError(
+                    f"attention_mask has shape {tuple(attention_mask.shape)}; expected the shape of "
+                    f"input_ids {tuple(input_ids.shape)}"
+                )
+        # numbers: types first (a string temperature is an error even when greedy), then ranges
+        max_new_tokens = None if max_new_tokens is None else _as_int("max_new_tokens", max_new_tokens)
+        max_length = None if max_length is None else _as_int("max_length", max_length)
+        min_new_tokens = _as_int("min_new_tokens", min_new_tokens or 0)
+        min_length = _as_int("min_length", min_length or 0, 0)
+        no_repeat_ngram_size = _as_int("no_repeat_ngram_size", no_repeat_ngram_size or 0, 0)
+        num_return_sequences = _as_int(
+            "num_return_sequences", 1 if num_return_sequences is None else num_return_sequences, 1
+        )
+        num_beams = _as_int("num_beams", 1 if num_beams is None else num_beams, 1)
+        if num_beams > 1:
+            raise ValueError(f"num_beams={num_beams}: beam search is not implemented; use num_beams=1")
+        top_k = None if top_k is None else _as_int("top_k", top_k, 0, " (0 or None: no top-k)")
+        temperature = _as_float("temperature", 1.0 if temperature is None else temperature)
+        top_p = None if top_p is None else _as_float("top_p", top_p)
+        min_p = None if min_p is None else _as_float("min_p", min_p)
+        repetition_penalty = _as_float(
+            "repetition_penalty", 1.0 if repetition_penalty is None else repetition_penalty
+        )
         if max_new_tokens is None:
             if max_length is not None and max_length < input_ids.shape[1]:
                 raise ValueError(
@@ -217,53 +490,93 @@ def generate(
             )
         if do_sample and temperature <= 0:
             raise ValueError(f"temperature={temperature} must be > 0 when sampling")
-        if top_k is not None and (not isinstance(top_k, int) or top_k < 0):
-            raise ValueError(f"top_k={top_k!r} must be an integer >= 0 (0 or None: no top-k)")
         if top_p is not None and not 0 < top_p <= 1:
             raise ValueError(f"top_p={top_p!r} must be in (0, 1]")
         if min_p is not None and not 0 <= min_p <= 1:
             raise ValueError(f"min_p={min_p!r} must be in [0, 1]")
+        if not repetition_penalty > 0:
+            raise ValueError(
+                f"repetition_penalty={repetition_penalty} must be a strictly positive float (1.0: no penalty)"
+            )
         stops = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings or [])
+        if any(not isinstance(s, str) or not s for s in stops):
+            raise TypeError(f"stop_strings must be non-empty strings, found {stop_strings!r}")
         if stops and tokenizer is None:
             raise ValueError("stop_strings needs a tokenizer")
         eos = _as_list(eos_token_id) if eos_token_id is not None else default_eos_ids(model)
         if pad_token_id is None:
             pad_token_id = _generation_default(model, "pad_token_id")
+        if pad_token_id is not None:
+            pad_token_id = _as_int("pad_token_id", pad_token_id)
         pad = pad_token_id if pad_token_id is not None else (eos or [0])[0]
         device = model.device
         input_ids = input_ids.to(device)
         if attention_mask is not None:
             attention_mask = attention_mask.to(device).long()
+        elif pad_token_id is not None and pad_token_id not in eos and bool((input_ids == pad_token_id).any()):
+            # as transformers: a pad id that is not an eos id marks padding (a pad equal to eos could be real)
+            attention_mask = (input_ids != pad_token_id).long()  # (b, t)
         if num_return_sequences > 1:
             input_ids = input_ids.repeat_interleave(num_return_sequences, dim=0)
             if attention_mask is not None:
                 attention_mask = attention_mask.repeat_interleave(num_return_sequences, dim=0)
+        b, t = input_ids.shape
+        # where each row's tokens start (its left padding is ignored by the repetition penalty and the stop
+        # strings, as transformers' penalty ignores it): (b,)
+        starts = (
+            (attention_mask != 0).long().argmax(dim=1)
+            if attention_mask is not None
+            else torch.zeros(b, dtype=torch.long, device=device)
+        )
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None
         if generator is None and seed is not None:
             generator = torch.Generator(device=device).manual_seed(seed)
+        keep_all = bool(return_dict_in_generate) and bool(output_scores or output_logits)
+        all_scores: list[Tensor] = []
+        all_logits: list[Tensor] = []
+
+        def result(ids: Tensor) -> Tensor | GenerateOutput:
+            if not return_dict_in_generate:
+                return ids
+            return GenerateOutput(
+                ids,
+                tuple(all_scores) if output_scores else None,
+                tuple(all_logits) if output_logits else None,
+            )
+
         if streamer is not None:
             streamer.put(input_ids.cpu())
-        b, t = input_ids.shape
         out = torch.full((b, t + max_new_tokens), pad, dtype=torch.long, device=device)
         out[:, :t] = input_ids
         if max_new_tokens == 0:
-            return out
+            return result(out)
         active = torch.arange(b, device=device)  # rows of `out` still generating, in cache order
+        finished = torch.zeros(b, dtype=torch.bool, device=device)  # keep_all: rows done, fed the pad
         cache = HybridMambaAttentionDynamicCache(cfg)
         mask = attention_mask
         eos_t = torch.tensor(eos, device=device) if eos else None
+        positions = torch.arange(t + max_new_tokens, device=device)  # (t + max_new,)
+        stop_window = max((len(s.encode("utf-8")) for s in stops), default=0) + 8  # tokens: >= 1 byte each
 
         logits = _prefill(model, input_ids, mask, cache, prefill_chunk_size)  # (b, vocab)
         n_new = 0
         for step in range(max_new_tokens):
-            scores = logits.float()
-            if step < min_new_tokens and eos:
-                scores[:, eos] = float("-inf")
+            raw = logits.float()  # (active, vocab)
+            history = out[active, : t + step]  # (active, t + step)
+            scores = raw
+            if eos and (step < min_new_tokens or t + step < min_length):
+                scores = scores.index_fill(1, eos_t, float("-inf"))
+            if no_repeat_ngram_size:
+                scores = ban_repeated_ngrams(scores, history, no_repeat_ngram_size)
             if do_sample or repetition_penalty != 1.0:
+                if repetition_penalty != 1.0:
+                    # left padding is not part of the history (as in transformers): put the last id there
+                    pad_part = positions[None, : t + step] < starts[active, None]  # (active, t + step)
+                    history = torch.where(pad_part, history[:, -1:], history)
                 scores = process_logits(
                     scores,
-                    out[active, : t + step],
+                    history,
                     temperature if do_sample else 1.0,
                     top_k if do_sample else None,
                     top_p if do_sample else None,
@@ -273,30 +586,44 @@ def generate(
             if do_sample:
                 nxt = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(-1)  # (active,)
             else:
-                nxt = scores.argmax(-1)
+                nxt = scores.argmax(-1)  # (active,)
+            if keep_all:
+                all_scores.append(scores)
+                all_logits.append(raw)
+                nxt = nxt.masked_fill(finished, pad)
             out[active, t + step] = nxt
             n_new = step + 1
             if streamer is not None:
                 streamer.put(nxt.cpu())
             done = torch.isin(nxt, eos_t) if eos_t is not None else torch.zeros_like(nxt, dtype=torch.bool)
             if stops:
-                done = done | _hit_stop(tokenizer, out[active, t : t + step + 1], stops)
-            if step + 1 == max_new_tokens:
-                break
-            if bool(done.any()):
-                keep = ~done
-                if not bool(keep.any()):
+                check = active[~finished] if keep_all else active
+                hit = _hit_stop(tokenizer, out, check, starts, t + step + 1, stops, stop_window)
+                if keep_all:
+                    done[~finished] |= hit
+                else:
+                    done |= hit
+            if keep_all:
+                finished |= done
+                if step + 1 == max_new_tokens or bool(finished.all()):
                     break
-                active, nxt = active[keep], nxt[keep]
-                cache.select_batch(keep)
-                if mask is not None:
-                    mask = mask[keep]
+            else:
+                if step + 1 == max_new_tokens:
+                    break
+                if bool(done.any()):
+                    keep = ~done
+                    if not bool(keep.any()):
+                        break
+                    active, nxt = active[keep], nxt[keep]
+                    cache.select_batch(keep)
+                    if mask is not None:
+                        mask = mask[keep]
             if mask is not None:
                 mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
             logits = model(nxt[:, None], attention_mask=mask, past_key_values=cache, use_cache=True).logits[
                 :, -1
             ]
-        return out[:, : t + n_new]
+        return result(out[:, : t + n_new])
 
 
 def _prefill(
@@ -316,11 +643,25 @@ def _prefill(
     return logits[:, -1]
 
 
-def _hit_stop(tokenizer: Any, new_ids: Tensor, stops: list[str]) -> Tensor:
-    """Per row: does the generated text (last tokens only, enough to hold any stop string) contain a stop string?"""
-    window = max(len(s) for s in stops) + 8  # tokens: at least one character each
-    texts = [tokenizer.decode(row[-window:].tolist()) for row in new_ids]
-    return torch.tensor([any(s in text for s in stops) for text in texts], device=new_ids.device)
+def _hit_stop(
+    tokenizer: Any, out: Tensor, rows: Tensor, starts: Tensor, end: int, stops: list[str], window: int
+) -> Tensor:
+    """Per row of `rows`: does out[row, :end] (prompt and generated) end with a stop string that its last
+    token completes? As transformers' StopStringCriteria: the string must overlap the last token's text
+    (it may run past it), so a string lying wholly in earlier tokens (the prompt, say) does not fire.
+
+    Only the last `window` tokens are decoded (after the row's left padding): enough for any stop string,
+    since a byte-level token holds at least one byte of text.
+    """
+    hits = []
+    for r in rows.tolist():
+        ids = out[r, max(int(starts[r]), end - window) : end].tolist()
+        text = tokenizer.decode(ids)
+        before = tokenizer.decode(ids[:-1])
+        # the text before the last token: the common prefix (an unfinished character decodes to U+FFFD)
+        settled = len(os.path.commonprefix([before, text]))
+        hits.append(any((i := text.rfind(s)) >= 0 and i + len(s) > settled for s in stops))
+    return torch.tensor(hits, dtype=torch.bool, device=out.device)
 
 
 # ----- command line -------------------------------------------------------------------------------------
@@ -546,6 +887,7 @@ def chat(
             tokenizer=tok,
             streamer=TextStreamer(
                 tok,
+                skip_prompt=True,
                 on_text=lambda s, pieces=pieces: (pieces.append(s), output_fn(s)),
                 skip_special_tokens=True,
             ),
