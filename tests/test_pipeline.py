@@ -61,6 +61,80 @@ def test_chat_messages(folder):
     assert len(n) == 3
 
 
+@pytest.fixture(scope="module")
+def pipes(folder):
+    """(ours, transformers') pipelines on the same folder, built once for the module."""
+    import transformers
+
+    return pipeline("text-generation", model=folder), transformers.pipeline("text-generation", model=folder)
+
+
+def test_chat_ending_with_the_assistant_is_continued_as_transformers(pipes):
+    ours, ref = pipes
+    prefill = [{"role": "user", "content": "ROMEO?"}, {"role": "assistant", "content": "JULIET "}]
+    for chat, cont in [(prefill, None), (prefill, True), (prefill, False), (prefill[:1], True)]:
+        for extra in ({}, {"return_full_text": False}, {"return_tensors": True}):
+            kw = dict(max_new_tokens=5, do_sample=False, continue_final_message=cont, **extra)
+            assert ours(chat, **kw) == ref(chat, **kw), (cont, extra)
+    out = ours(prefill, max_new_tokens=3)[0]["generated_text"]
+    assert len(out) == 2 and out[1]["content"].startswith("JULIET ")  # merged, not a second reply
+
+
+def test_transformers_pipeline_arguments(pipes):
+    import transformers
+
+    ours, ref = pipes
+    prompts = ["ROMEO: what", "ay"]
+    greedy = dict(max_new_tokens=6, do_sample=False)
+    cases = [
+        dict(greedy, return_tensors=True),
+        dict(greedy, return_text=True),
+        dict(greedy, prefix="JULIET: "),
+        dict(greedy, prefix="JULIET: ", return_full_text=False),
+        dict(greedy, stop_sequence="igh", max_new_tokens=12),
+        dict(greedy, stop_sequence=["zz", "igh"], max_new_tokens=12),
+        dict(greedy, clean_up_tokenization_spaces=True),
+        dict(greedy, skip_special_tokens=False),
+        dict(generation_config=transformers.GenerationConfig(max_new_tokens=3, do_sample=False)),
+        dict(greedy, generation_config=transformers.GenerationConfig(max_new_tokens=3)),  # explicit wins
+    ]
+    for kw in cases:
+        assert ours(prompts[0], **kw) == ref(prompts[0], **kw), kw
+    stopped = ours(prompts[0], **cases[4])[0]["generated_text"]
+    assert stopped.endswith("igh") and len(stopped) < len(
+        ours(prompts[0], **dict(greedy, max_new_tokens=12))[0]["generated_text"]
+    )
+    # a prompt list: prompts one by one (transformers' default) or in left-padded batches of batch_size
+    for kw in ({}, {"batch_size": 2}, {"batch_size": 1}):
+        for extra in ({}, {"return_tensors": True}):
+            args = {"max_new_tokens": 6, "do_sample": False, **kw, **extra}
+            assert ours(prompts, **args) == ref(prompts, **args), args
+    assert ours(prompts[1], prefix="JULIET: ", max_length=8) == ref(
+        prompts[1], prefix="JULIET: ", max_length=8, do_sample=False
+    )
+    # a dict works too (transformers' pipeline needs a GenerationConfig); explicit arguments win
+    assert ours("ay", generation_config={"max_new_tokens": 3}) == ref("ay", max_new_tokens=3, do_sample=False)
+    with pytest.raises(ValueError, match="exclude each other"):
+        ours("ay", return_text=True, return_full_text=False)
+    with pytest.raises(ValueError, match="penalty_alpha"):
+        ours("ay", generation_config={"penalty_alpha": 0.6})  # contrastive search: not in bamba's generate
+    with pytest.raises(TypeError, match="unknown argument.*'colour'"):
+        ours("ay", colour="red")
+
+
+def test_inputs_of_the_wrong_form_say_what_is_accepted(folder):
+    ours = pipeline(model=folder, max_new_tokens=2)
+    with pytest.raises(TypeError, match="single message dict .* list of messages"):
+        ours({"role": "user", "content": "hi"})
+    for bad in (None, 5):
+        with pytest.raises(
+            TypeError, match="must be a string, a list of strings, a chat .* or a list of chats"
+        ):
+            ours(bad)
+    with pytest.raises(ValueError, match="needs 'role' and 'content'"):
+        ours([{"role": "user"}])
+
+
 def test_bad_task_and_input(folder):
     with pytest.raises(ValueError, match="only 'text-generation'"):
         pipeline("summarization", model=folder)

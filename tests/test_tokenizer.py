@@ -186,10 +186,32 @@ def test_train_tokenizer_rejects_bad_arguments(corpus, tmp_path):
         train_tokenizer([corpus], vocab_size=400, out_dir=str(tmp_path), special_tokens=("<a>", "<b>"))
     with pytest.raises(FileNotFoundError, match="nope.txt"):
         train_tokenizer([str(tmp_path / "nope.txt")], vocab_size=400, out_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="min_frequency=-1 must be an integer >= 0"):
+        train_tokenizer([corpus], vocab_size=400, out_dir=str(tmp_path), min_frequency=-1)
+    with pytest.raises(ValueError, match="vocab_size=30000000000 must be an integer <= 16777216"):
+        train_tokenizer([corpus], vocab_size=30_000_000_000, out_dir=str(tmp_path))  # aborted the process
     latin1 = tmp_path / "latin1.txt"
     latin1.write_bytes("caf\u00e9 au lait\n".encode("latin-1"))
     with pytest.raises(ValueError, match="latin1.txt: not UTF-8 text \\(near byte 3"):
         train_tokenizer([str(latin1)], vocab_size=400, out_dir=str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("--min-frequency", "-1", "min_frequency=-1 must be"),
+        ("--vocab-size", "30000000000", "vocab_size=30000000000"),
+    ],
+)
+def test_train_tokenizer_command_rejects_bad_numbers_in_one_line(
+    corpus, tmp_path, capsys, option, value, message
+):
+    from bamba.cli import main
+
+    args = ["train-tokenizer", corpus, "--vocab-size", "400", "--out", str(tmp_path / "tok"), option, value]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
 
 
 # ---- parity with transformers -------------------------------------------------------------------------------------
@@ -284,7 +306,7 @@ def test_save_pretrained_round_trip(llama3, tmp_path):
     assert again.encode(TEXTS[2]) == ours.encode(TEXTS[2])
     assert again.config["model_input_names"] == ["input_ids", "attention_mask"]  # unknown keys kept
     assert again.model_max_length == 131072
-    assert again.apply_chat_template(CHAT) == hf.apply_chat_template(CHAT, tokenize=False)
+    assert again.apply_chat_template(CHAT, tokenize=False) == hf.apply_chat_template(CHAT, tokenize=False)
 
 
 # ---- chat template ----------------------------------------------------------------------------------------------
@@ -293,12 +315,63 @@ def test_save_pretrained_round_trip(llama3, tmp_path):
 def test_chat_template_matches_transformers(trained):
     ours, hf = Tokenizer.from_pretrained(trained), _hf(trained)
     for gen in (False, True):
-        text = ours.apply_chat_template(CHAT, add_generation_prompt=gen)
+        text = ours.apply_chat_template(CHAT, add_generation_prompt=gen, tokenize=False)
         assert text == hf.apply_chat_template(CHAT, add_generation_prompt=gen, tokenize=False)
-        ids = ours.apply_chat_template(CHAT, add_generation_prompt=gen, tokenize=True)
+        ids = ours.apply_chat_template(CHAT, add_generation_prompt=gen, return_dict=False)
         assert ids == hf.apply_chat_template(CHAT, add_generation_prompt=gen)["input_ids"]
     assert text.startswith("<|bos|><|system|>\nYou are terse.<|eos|>\n") and text.endswith("<|assistant|>\n")
     assert ids.count(ours.bos_token_id) == 1
+
+
+def test_chat_template_outputs_and_arguments_match_transformers(trained, llama3, tmp_path):
+    ours, hf = Tokenizer.from_pretrained(trained), _hf(trained)
+    short = [{"role": "user", "content": "Who?"}]
+    # transformers 5: tokenize=True and return_dict=True by default
+    assert ours.apply_chat_template(CHAT) == dict(hf.apply_chat_template(CHAT))
+    for kw in (
+        dict(return_dict=False),
+        dict(tokenize=False, continue_final_message=True),
+        dict(return_dict=False, continue_final_message=True),
+        dict(tokenize=False, answer="42"),  # any other keyword is a template variable
+        dict(tokenize=False, chat_template="{{ messages[0]['role'] }}|{{ answer }}", answer="42"),
+    ):
+        assert ours.apply_chat_template(CHAT, **kw) == hf.apply_chat_template(CHAT, **kw), kw
+    for kw in (dict(return_dict=False), dict(tokenize=False), dict(padding=True)):  # a list of chats
+        expected = hf.apply_chat_template([CHAT, short], **kw)
+        assert ours.apply_chat_template([CHAT, short], **kw) == (
+            dict(expected) if "padding" in kw else expected
+        )
+    got, expected = (t.apply_chat_template(CHAT, return_tensors="pt") for t in (ours, hf))
+    assert set(got) == set(expected) and all(torch.equal(got[k], expected[k]) for k in expected)
+    got = ours.apply_chat_template([CHAT, short], padding=True, return_tensors="pt", return_dict=False)
+    assert torch.equal(
+        got, hf.apply_chat_template([CHAT, short], padding=True, return_tensors="pt", return_dict=False)
+    )
+    with pytest.raises(ValueError, match="exclude each other"):
+        ours.apply_chat_template(CHAT, add_generation_prompt=True, continue_final_message=True)
+    with pytest.raises(ValueError, match="truncation is not supported"):
+        ours.apply_chat_template(CHAT, truncation=True, max_length=4)
+    # a template that trims the message: the continued text is cut before the trimmed spaces, as transformers
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes(open(f"{llama3}/{name}", "rb").read())
+    (tmp_path / "chat_template.jinja").write_text(LLAMA3_TEMPLATE, encoding="utf-8")
+    ours, hf = Tokenizer.from_pretrained(tmp_path), _hf(str(tmp_path))
+    chat = [*CHAT[:2], {"role": "assistant", "content": "The king is  "}]
+    kw = dict(tokenize=False, continue_final_message=True)
+    assert ours.apply_chat_template(chat, **kw) == hf.apply_chat_template(chat, **kw)
+    assert ours.apply_chat_template(chat, **kw).endswith("The king is")
+
+
+def test_decode_of_a_batch_gives_a_list_as_transformers(trained):
+    ours, hf = Tokenizer.from_pretrained(trained), _hf(trained)
+    ids = ours(["the king is dead", "a queen"], padding_side="right")["input_ids"]  # (2, L) tensor
+    for skip in (False, True):
+        assert ours.decode(ids, skip_special_tokens=skip) == hf.decode(ids, skip_special_tokens=skip)
+        assert ours.decode(ids.tolist(), skip_special_tokens=skip) == hf.decode(
+            ids.tolist(), skip_special_tokens=skip
+        )
+    assert ours.decode(ids[0, 1]) == hf.decode(ids[0, 1])  # a 0-d tensor: one token
+    assert ours.decode([]) == hf.decode([]) == ""
 
 
 def test_chat_template_jinja_file(llama3, tmp_path):
@@ -306,14 +379,14 @@ def test_chat_template_jinja_file(llama3, tmp_path):
         (tmp_path / name).write_bytes(open(f"{llama3}/{name}", "rb").read())
     (tmp_path / "chat_template.jinja").write_text(LLAMA3_TEMPLATE, encoding="utf-8")
     ours, hf = Tokenizer.from_pretrained(tmp_path), _hf(str(tmp_path))
-    text = ours.apply_chat_template(CHAT, add_generation_prompt=True)
+    text = ours.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=False)
     assert text == hf.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=False)
     assert text.startswith(
         "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nYou are terse.<|eot_id|>"
     )
     assert "Who is the king?<|eot_id|>" in text  # `trim` applied
     assert "[tool calls]" not in text  # `tool_calls: None` is dropped, as transformers does
-    ids = ours.apply_chat_template(CHAT, tokenize=True)
+    ids = ours.apply_chat_template(CHAT, tokenize=True)["input_ids"]
     assert ids[:2] == [ours.bos_token_id, ours.token_to_id("<|start_header_id|>")]
     with pytest.raises(jinja2.TemplateError, match="unknown role tool"):
         ours.apply_chat_template([{"role": "tool", "content": "x"}])
@@ -327,7 +400,9 @@ def test_saving_keeps_a_chat_template_jinja_file_current(llama3, tmp_path):
     tok.chat_template = "NEW {{ messages[0]['content'] }}"
     tok.save_pretrained(tmp_path)  # the file loading prefers must not bring the old template back
     assert (
-        Tokenizer.from_pretrained(tmp_path).apply_chat_template([{"role": "user", "content": "hi"}])
+        Tokenizer.from_pretrained(tmp_path).apply_chat_template(
+            [{"role": "user", "content": "hi"}], tokenize=False
+        )
         == "NEW hi"
     )
     tok.chat_template = None

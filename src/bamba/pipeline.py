@@ -2,19 +2,59 @@
 
 from __future__ import annotations
 
+import inspect
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .generation import eos_ids_with, generate
+from .generation import eos_ids_with, generate, generation_config_fields
 from .model import BambaForCausalLM
 from .tokenizer import Tokenizer
 
 Chat = list[dict[str, str]]
+_INPUT_FORMS = (
+    "a string, a list of strings, a chat (a list of {'role': ..., 'content': ...} dicts) or a list of chats"
+)
 
 
 def _is_chat(x: Any) -> bool:
-    return isinstance(x, list | tuple) and len(x) > 0 and all(isinstance(m, dict) and "role" in m for m in x)
+    return isinstance(x, list | tuple) and len(x) > 0 and all(isinstance(m, dict) for m in x)
+
+
+def _check_chat(chat: Any, where: str) -> None:
+    for i, m in enumerate(chat):
+        if "role" not in m or "content" not in m:
+            raise ValueError(
+                f"{where}[{i}]: a chat message needs 'role' and 'content' keys, found {sorted(m)}"
+            )
+
+
+def _as_batch(inputs: Any) -> tuple[bool, list]:
+    """(single, items): the pipeline's input as a list of prompts (str) and chats, checked."""
+    if isinstance(inputs, str):
+        return True, [inputs]
+    if isinstance(inputs, dict):
+        raise TypeError(
+            "pipeline inputs: a single message dict is not a chat; pass a list of messages, "
+            f"[{{'role': ..., 'content': ...}}]. The pipeline takes {_INPUT_FORMS}"
+        )
+    if not isinstance(inputs, list | tuple):
+        raise TypeError(f"pipeline inputs must be {_INPUT_FORMS}; found {type(inputs).__name__}")
+    if not inputs:
+        raise ValueError("the pipeline got an empty list of inputs")
+    if _is_chat(inputs):
+        _check_chat(inputs, "inputs")
+        return True, [list(inputs)]
+    for i, item in enumerate(inputs):
+        if _is_chat(item):
+            _check_chat(item, f"inputs[{i}]")
+        elif not isinstance(item, str):
+            raise ValueError(
+                f"pipeline inputs[{i}] must be a string or a list of chat messages ({{'role', 'content'}} "
+                f"dicts), found {type(item).__name__}"
+            )
+    return False, list(inputs)
 
 
 class TextGenerationPipeline:
@@ -22,8 +62,17 @@ class TextGenerationPipeline:
 
     Returns, per input, a list of `{"generated_text": ...}` (one per returned sequence): the prompt plus
     its continuation when `return_full_text` (default), else the continuation alone; for a chat, the
-    messages with the assistant's reply appended. A single input gives the list alone, as transformers.
-    Generation keyword arguments are those of `bamba.generation.generate` (default max_new_tokens=50).
+    messages with the assistant's reply appended, or, when the chat ends with an assistant message
+    (`continue_final_message`, default: whether the last role is "assistant"), that message continued.
+    `return_tensors=True` gives `{"generated_token_ids": [...]}` (prompt and continuation) instead.
+    A single input gives the list alone, as transformers. Also as in transformers' pipeline: `prefix`
+    (text put before each string prompt, not shown in the output), `stop_sequence` (stop strings),
+    `skip_special_tokens` (default True) and `clean_up_tokenization_spaces` for decoding,
+    `add_special_tokens` for string prompts, `tools` / `documents` for chat templates, `batch_size`
+    (prompts generated together, left-padded; default: all of them, with each prompt's output as if it
+    ran alone), and `generation_config` (a GenerationConfig or a dict, its fields below explicit
+    arguments). Other keyword arguments are those of `bamba.generation.generate` (default
+    max_new_tokens=50).
     """
 
     def __init__(self, model: BambaForCausalLM, tokenizer: Tokenizer, **generate_defaults: Any) -> None:
@@ -32,66 +81,148 @@ class TextGenerationPipeline:
         self.generate_defaults = generate_defaults
 
     def __call__(
-        self, inputs: str | list[str] | Chat | list[Chat], return_full_text: bool = True, **kwargs: Any
+        self, inputs: str | list[str] | Chat | list[Chat], return_full_text: bool | None = None, **kwargs: Any
     ) -> list:
-        single = isinstance(inputs, str) or _is_chat(inputs)
-        batch = [inputs] if single else list(inputs)
-        if not batch:
-            raise ValueError("the pipeline got an empty list of inputs")
-        budget = {**self.generate_defaults, **kwargs}
-        if budget.get("max_new_tokens") is None and budget.get("max_length") is not None and len(batch) > 1:
-            # max_length counts each prompt's own tokens (as transformers' pipeline, which runs them one by
-            # one), not the padded width of a batch
-            return [self(item, return_full_text, **kwargs) for item in batch]
-        prompts = []
+        single, batch = _as_batch(inputs)
+        options = {**self.generate_defaults, **kwargs}
+        if return_full_text is not None:
+            options["return_full_text"] = return_full_text
+        if options.get("generation_config") is not None:
+            options = {**generation_config_fields(options.pop("generation_config")), **options}
+        options.pop("generation_config", None)
+        pop = options.pop
+        return_full_text, return_tensors, return_text = (
+            pop("return_full_text", None),
+            pop("return_tensors", None),
+            pop("return_text", None),
+        )
+        # transformers' rules: return_tensors (any value but None) asks for ids; the three exclude each other
+        if return_full_text is not None and (return_text is not None or return_tensors is not None):
+            other = "return_text" if return_text is not None else "return_tensors"
+            raise ValueError(f"return_full_text and {other} exclude each other")
+        if return_tensors is not None and return_text is not None:
+            raise ValueError("return_text and return_tensors exclude each other")
+        output = (
+            "ids" if return_tensors is not None else "full" if return_full_text in (None, True) else "new"
+        )
+        run = _Run(
+            output=output,
+            prefix=pop("prefix", None) or "",
+            continue_final_message=pop("continue_final_message", None),
+            add_special_tokens=pop("add_special_tokens", True),
+            skip_special_tokens=pop("skip_special_tokens", None),
+            clean_up_tokenization_spaces=pop("clean_up_tokenization_spaces", None),
+            template_kwargs={k: v for k in ("tools", "documents") if (v := pop(k, None)) is not None},
+        )
+        stop_sequence = pop("stop_sequence", None)
+        if stop_sequence is not None:  # as transformers: stop strings (the stop text stays in the output)
+            options["stop_strings"] = (
+                [stop_sequence] if isinstance(stop_sequence, str) else list(stop_sequence)
+            )
+        batch_size = pop("batch_size", None)
+        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+            raise ValueError(f"batch_size={batch_size!r} must be an integer >= 1")
+        unknown = sorted(set(options) - set(inspect.signature(generate).parameters))
+        if unknown:
+            raise TypeError(
+                f"pipeline: unknown argument(s) {unknown}; it takes transformers' pipeline arguments (see "
+                "TextGenerationPipeline) and those of bamba.generation.generate"
+            )
+        if batch_size is None:
+            # All prompts at once, unless a row's output would depend on the others: max_length counts each
+            # prompt's own tokens, and token ids would carry the batch's padding (transformers runs prompts
+            # one by one by default).
+            alone = output == "ids" or (
+                options.get("max_new_tokens") is None and options.get("max_length") is not None
+            )
+            batch_size = 1 if alone else len(batch)
+        results = []
+        for i in range(0, len(batch), batch_size):
+            results += self._generate(batch[i : i + batch_size], run, options)
+        return results[0] if single else results
+
+    def _generate(self, batch: list, run: _Run, options: dict[str, Any]) -> list[list[dict[str, Any]]]:
+        """One left-padded `generate` over `batch`; per item, its list of outputs."""
+        tok = self.tokenizer
+        enc, continued = [], []
         for item in batch:
-            if _is_chat(item):
-                prompts.append(
-                    self.tokenizer.apply_chat_template(item, add_generation_prompt=True, tokenize=False)
-                )
-            elif isinstance(item, str):
-                prompts.append(item)
-            else:
-                raise ValueError(
-                    f"pipeline input must be a string or a list of chat messages, found {type(item).__name__}"
-                )
-        chat = [_is_chat(item) for item in batch]
-        enc = [self.tokenizer.encode(p, add_special_tokens=not c) for p, c in zip(prompts, chat)]
+            if isinstance(item, str):
+                enc.append(tok.encode(run.prefix + item, add_special_tokens=run.add_special_tokens))
+                continued.append(False)
+                continue
+            cont = run.continue_final_message
+            cont = item[-1]["role"] == "assistant" if cont is None else cont
+            text = tok.apply_chat_template(
+                item,
+                add_generation_prompt=not cont,
+                continue_final_message=cont,
+                tokenize=False,
+                **run.template_kwargs,
+            )
+            enc.append(tok.encode(text, add_special_tokens=False))
+            continued.append(bool(cont))
         if any(len(e) == 0 for e in enc):
             raise ValueError("a prompt encodes to zero tokens")
         width = max(len(e) for e in enc)
-        pad = (
-            self.tokenizer.pad_token_id
-            if self.tokenizer.pad_token_id is not None
-            else self.tokenizer.eos_token_id
-        )
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         ids = torch.full((len(enc), width), pad if pad is not None else 0, dtype=torch.long)
         mask = torch.zeros(len(enc), width, dtype=torch.long)
         for i, e in enumerate(enc):  # left padding
             ids[i, width - len(e) :] = torch.tensor(e)
             mask[i, width - len(e) :] = 1
         options = {
-            "eos_token_id": eos_ids_with(self.model, self.tokenizer),
+            "eos_token_id": eos_ids_with(self.model, tok),
             "pad_token_id": pad,
-            "tokenizer": self.tokenizer,
-            **budget,
+            "tokenizer": tok,
+            **options,
         }
         if options.get("max_new_tokens") is None and options.get("max_length") is None:
             options["max_new_tokens"] = 50
+        if run.prefix:  # as transformers: a total length counts the prefix's tokens too
+            for length, new_tokens in (("max_length", "max_new_tokens"), ("min_length", "min_new_tokens")):
+                if options.get(length) is not None and options.get(new_tokens) is None:
+                    options[length] += len(tok.encode(run.prefix, add_special_tokens=False))
         n = options.get("num_return_sequences", 1)
         out = generate(self.model, ids, attention_mask=mask, **options)
+        out = getattr(
+            out, "sequences", out
+        )  # (len(batch) * n, width + new); also with return_dict_in_generate
+        skip = True if run.skip_special_tokens is None else run.skip_special_tokens
         results = []
         for i, item in enumerate(batch):
-            row = []
-            for j in range(n):
-                new = self.tokenizer.decode(out[i * n + j, width:].tolist(), skip_special_tokens=True)
-                if chat[i]:
-                    text: Any = [*item, {"role": "assistant", "content": new}] if return_full_text else new
-                else:
-                    text = item + new if return_full_text else new
+            row: list[dict[str, Any]] = []
+            for seq in out[i * n : (i + 1) * n]:
+                if run.output == "ids":
+                    row.append({"generated_token_ids": seq.tolist()})
+                    continue
+                new = tok.decode(
+                    seq[width:],
+                    skip_special_tokens=skip,
+                    clean_up_tokenization_spaces=run.clean_up_tokenization_spaces,
+                )
+                text: Any = new
+                if run.output == "full" and isinstance(item, str):
+                    text = item + new
+                elif run.output == "full" and continued[i]:
+                    text = [*item[:-1], {"role": item[-1]["role"], "content": item[-1]["content"] + new}]
+                elif run.output == "full":
+                    text = [*item, {"role": "assistant", "content": new}]
                 row.append({"generated_text": text})
             results.append(row)
-        return results[0] if single else results
+        return results
+
+
+@dataclass
+class _Run:
+    """The pipeline's own options for one call (the rest go to `generate`)."""
+
+    output: str  # "full" (prompt + new text), "new" (new text), "ids" (token ids)
+    prefix: str
+    continue_final_message: bool | None
+    add_special_tokens: bool
+    skip_special_tokens: bool | None
+    clean_up_tokenization_spaces: bool | None
+    template_kwargs: dict[str, Any]
 
 
 def pipeline(

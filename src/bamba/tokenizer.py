@@ -44,6 +44,7 @@ SPECIAL_TOKEN_NAMES = (
     "mask_token",
 )
 _NO_MAX_LENGTH = int(1e30)  # transformers' model_max_length when the config has none
+MAX_TRAINED_VOCAB_SIZE = 1 << 24  # train_tokenizer's limit (the BPE trainer preallocates per token)
 
 # Role header, content, EOS; BOS once at the start, because chat text is encoded without special tokens.
 DEFAULT_CHAT_TEMPLATE = (
@@ -51,6 +52,17 @@ DEFAULT_CHAT_TEMPLATE = (
     "{{ '<|' + message['role'] + '|>\n' + message['content'] + eos_token + '\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
 )
+
+
+# transformers' apply_chat_template arguments that have no counterpart here: an error when set, rather
+# than being passed to the template as variables.
+_UNSUPPORTED_CHAT_ARGS = (
+    "truncation",
+    "max_length",
+    "return_assistant_tokens_mask",
+    "sanitize_control_tokens",
+)
+_CONTINUE_MARKER = "BAMBA_CONTINUE_FINAL_MESSAGE "
 
 
 def _read_json_object(path: str) -> dict[str, Any]:
@@ -359,21 +371,40 @@ class Tokenizer:
             "attention_mask": torch.tensor(masks, dtype=torch.long).view(len(rows), width),  # (B, L)
         }
 
-    def decode(self, ids: int | Iterable[int] | torch.Tensor, skip_special_tokens: bool = False) -> str:
-        if isinstance(ids, torch.Tensor):
+    def decode(
+        self,
+        ids: int | Iterable[int] | Iterable[Iterable[int]] | torch.Tensor,
+        skip_special_tokens: bool = False,
+        clean_up_tokenization_spaces: bool | None = None,
+    ) -> str | list[str]:
+        """Text of one sequence of ids; a batch (2-d tensor, list of lists) gives a list of texts, as transformers.
+
+        `clean_up_tokenization_spaces` (None: the tokenizer's setting) never applies to BPE models.
+        """
+        if hasattr(ids, "tolist"):  # a tensor or an array, 0-d included
             ids = ids.tolist()
         ids = [ids] if isinstance(ids, int) else list(ids)
+        if ids and isinstance(ids[0], list | tuple):
+            return self.batch_decode(ids, skip_special_tokens, clean_up_tokenization_spaces)
         text = self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
-        if self.clean_up_tokenization_spaces and not isinstance(self.backend.model, models.BPE):
+        clean = (
+            self.clean_up_tokenization_spaces
+            if clean_up_tokenization_spaces is None
+            else clean_up_tokenization_spaces
+        )
+        if clean and not isinstance(self.backend.model, models.BPE):
             text = _clean_up_spaces(text)
         return text
 
     def batch_decode(
-        self, batch: Iterable[Iterable[int]] | torch.Tensor, skip_special_tokens: bool = False
+        self,
+        batch: Iterable[Iterable[int]] | torch.Tensor,
+        skip_special_tokens: bool = False,
+        clean_up_tokenization_spaces: bool | None = None,
     ) -> list[str]:
         if isinstance(batch, torch.Tensor):
             batch = batch.tolist()
-        return [self.decode(ids, skip_special_tokens=skip_special_tokens) for ids in batch]
+        return [self.decode(list(ids), skip_special_tokens, clean_up_tokenization_spaces) for ids in batch]
 
     def stream_decoder(self, skip_special_tokens: bool = False) -> DecodeStream:
         """A `DecodeStream` over this tokenizer, for printing generated tokens as they come."""
@@ -383,29 +414,117 @@ class Tokenizer:
 
     def apply_chat_template(
         self,
-        messages: Sequence[dict[str, Any]],
+        messages: Sequence[dict[str, Any]] | Sequence[Sequence[dict[str, Any]]],
         add_generation_prompt: bool = False,
-        tokenize: bool = False,
+        tokenize: bool = True,
+        *,
+        continue_final_message: bool | str = False,
+        tools: Sequence[dict[str, Any]] | None = None,
+        documents: Sequence[dict[str, Any]] | None = None,
+        chat_template: str | None = None,
+        padding: bool | str = False,
+        return_tensors: str | None = None,
+        return_dict: bool = True,
+        tokenizer_kwargs: dict[str, Any] | None = None,
         **kwargs: Any,
-    ) -> str | list[int]:
-        """Render `messages` with the chat template (the same variables as transformers); ids if `tokenize`.
+    ) -> str | list[str] | list[int] | list[list[int]] | torch.Tensor | dict[str, Any]:
+        """Render a chat (or a list of chats) with the chat template; the defaults and outputs of transformers 5.
 
-        The rendered text is encoded without special tokens: the template writes its own BOS.
+        `tokenize=False` gives the text (a list of texts for a list of chats). `tokenize=True` (default)
+        encodes it without special tokens (the template writes its own BOS) and gives, with `return_dict`
+        (default), {"input_ids", "attention_mask"}, else the ids alone: lists, or (B, L) tensors with
+        `return_tensors="pt"`. A list of chats of different lengths needs `padding=True` for tensors (padded
+        on the config's `padding_side`, default right). `continue_final_message` leaves the last message
+        open (no end-of-turn after it) so that generation continues it; a string names the field to
+        continue instead of "content". Other keyword arguments are template variables, as in transformers.
         """
-        if self.chat_template is None:
+        unsupported = sorted(k for k in _UNSUPPORTED_CHAT_ARGS if kwargs.get(k))
+        if unsupported:
+            raise ValueError(f"apply_chat_template: {', '.join(unsupported)} is not supported here")
+        for k in _UNSUPPORTED_CHAT_ARGS:
+            kwargs.pop(k, None)  # passed as False / None: the default, nothing to do
+        template = chat_template if chat_template is not None else self.chat_template
+        if template is None:
             raise ValueError(
                 f"tokenizer {self.name_or_path!r} has no chat template: neither a 'chat_template' entry in "
                 f"{CONFIG_FILE} nor a {CHAT_TEMPLATE_FILE} file"
             )
         if not messages:
             raise ValueError("cannot apply a chat template to an empty list of messages")
+        if continue_final_message and add_generation_prompt:
+            raise ValueError(
+                "continue_final_message and add_generation_prompt exclude each other: the first continues the "
+                "last message, the second starts a new assistant message"
+            )
+        if tools is not None and not all(isinstance(t, dict) for t in tools):
+            raise TypeError("apply_chat_template: tools should be JSON-schema dicts")
+        batched = isinstance(messages[0], list | tuple)
+        chats = list(messages) if batched else [messages]
+        variables = {**self.special_tokens_map, **kwargs}
+        texts = [
+            self._render_chat(
+                chat, template, add_generation_prompt, continue_final_message, tools, documents, variables
+            )
+            for chat in chats
+        ]
+        if not tokenize:
+            return texts if batched else texts[0]
+        call_kwargs = {"padding_side": self.config.get("padding_side", "right"), **(tokenizer_kwargs or {})}
+        unknown = set(call_kwargs) - {"padding_side", "add_special_tokens"}
+        if unknown:
+            raise ValueError(
+                f"apply_chat_template: tokenizer_kwargs {sorted(unknown)} are not supported here"
+            )
+        if padding not in (True, False, "longest", "do_not_pad"):
+            raise ValueError(f"apply_chat_template: padding={padding!r} is not supported; use True or False")
+        call_kwargs.setdefault("add_special_tokens", False)
+        enc = self(texts, padding=padding in (True, "longest"), return_tensors=return_tensors, **call_kwargs)
+        if not batched and return_tensors is None:
+            enc = {k: v[0] for k, v in enc.items()}  # one chat: flat lists
+        return enc if return_dict else enc["input_ids"]
+
+    def _render_chat(
+        self,
+        chat: Sequence[dict[str, Any]],
+        template: str,
+        add_generation_prompt: bool,
+        continue_final_message: bool | str,
+        tools: Sequence[dict[str, Any]] | None,
+        documents: Sequence[dict[str, Any]] | None,
+        variables: dict[str, Any],
+    ) -> str:
+        """One chat rendered; with `continue_final_message`, cut right after the final message's text."""
+        if not chat:
+            raise ValueError("cannot apply a chat template to an empty list of messages")
         # transformers drops None-valued keys: templates test `'key' in message`, not `is none`.
-        messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
-        variables = {"tools": None, "documents": None, **self.special_tokens_map, **kwargs}
-        text = _compile_template(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt, **variables
+        chat = [{k: v for k, v in m.items() if v is not None} for m in chat]
+        field = continue_final_message if isinstance(continue_final_message, str) else "content"
+        if continue_final_message:
+            final = chat[-1].get(field)
+            if not isinstance(final, str):
+                raise ValueError(
+                    f"continue_final_message: the final message has no string {field!r} to continue"
+                )
+            # A marker after the final text shows where it ends in the rendered chat. Its trailing space
+            # tells whether the template trimmed the message: then the text is cut with its spaces trimmed.
+            chat[-1] = {**chat[-1], field: final + _CONTINUE_MARKER}
+        compiled = _compile_template(template)
+        text = compiled.render(
+            messages=chat,
+            tools=tools,
+            documents=documents,
+            add_generation_prompt=add_generation_prompt,
+            **variables,
         )
-        return self.encode(text, add_special_tokens=False) if tokenize else text
+        if not continue_final_message:
+            return text
+        at = text.rfind(_CONTINUE_MARKER.strip())
+        if at < 0 or final.strip() not in text:
+            raise ValueError(
+                f"continue_final_message: the chat template does not write the final message's {field!r} as "
+                f"it is, so it cannot be continued (rendered: {text[:200]!r})"
+            )
+        return text[:at] if text.startswith(_CONTINUE_MARKER, at) else text[:at].rstrip()
 
 
 class DecodeStream:
@@ -464,6 +583,13 @@ def train_tokenizer(
     if len(special_tokens) < 3:
         raise ValueError(f"special_tokens should be (pad, bos, eos, *extra), got {tuple(special_tokens)}")
     alphabet = pre_tokenizers.ByteLevel.alphabet()
+    if not isinstance(min_frequency, int) or min_frequency < 0:
+        raise ValueError(
+            f"min_frequency={min_frequency!r} must be an integer >= 0 (merges seen fewer times are not learnt)"
+        )
+    if not isinstance(vocab_size, int) or vocab_size > MAX_TRAINED_VOCAB_SIZE:
+        # the trainer allocates memory for every requested token up front: a huge value aborts the process
+        raise ValueError(f"vocab_size={vocab_size!r} must be an integer <= {MAX_TRAINED_VOCAB_SIZE}")
     if vocab_size < len(alphabet) + len(special_tokens):
         raise ValueError(
             f"vocab_size={vocab_size} is below the {len(alphabet)} byte tokens + {len(special_tokens)} special tokens"
