@@ -131,3 +131,34 @@ def test_cache_to_moves_devices_only():
     with pytest.raises(TypeError, match="moves between devices only; its SSM states stay fp32"):
         cache.to(torch.bfloat16)
     assert cache.to("cpu") is cache
+
+
+def test_gradients_through_a_long_prompt_in_eval_mode_and_with_checkpointing():
+    """In eval mode a prompt longer than prefill_chunk_size went through the cache in pieces even with
+    gradients on, and backward failed on the overwritten states; now it runs whole there. With gradient
+    checkpointing, use_cache=True is turned off as transformers does (the recomputation wrote the cache
+    twice)."""
+    model = tiny()
+    model.model.prefill_chunk_size = 4
+    ids = torch.randint(1, 97, (2, 13))
+    model.zero_grad()
+    model(ids, labels=ids).loss.backward()  # eval mode: use_cache defaults to True
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model(ids, labels=ids, use_cache=False).loss.backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n], msg=n)
+
+    model.train()
+    model.gradient_checkpointing_enable()
+    assert model.is_gradient_checkpointing and model.model.gradient_checkpointing
+    model.zero_grad()
+    out = model(ids, labels=ids, use_cache=True)
+    out.loss.backward()
+    assert out.past_key_values is None
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n], msg=n)
+    with pytest.raises(ValueError, match="gradient checkpointing recomputes the layers"):
+        model(ids, past_key_values=HybridMambaAttentionDynamicCache(model.config))
+    model.gradient_checkpointing_disable()
+    assert not model.is_gradient_checkpointing

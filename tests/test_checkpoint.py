@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import TINY
 
-from bamba import BambaConfig, BambaForCausalLM, BambaModel
+from bamba import BambaConfig, BambaForCausalLM, BambaModel, HybridMambaAttentionDynamicCache
 from bamba.checkpoint import CheckpointError, SafetensorsFile, save_safetensors
 
 
@@ -340,3 +340,34 @@ def test_a_non_float_dtype_is_refused_when_saving_and_loading(saved, tmp_path, d
     assert not (tmp_path / "x" / "config.json").exists()
     with pytest.raises(ValueError, match="is not a floating-point torch dtype"):
         BambaForCausalLM.from_pretrained(folder, dtype=dtype)
+
+
+def test_input_types_are_widened_or_named(saved):
+    """Narrow integer ids are widened for the embedding (int16 / uint8 raised deep in torch); wrong types of
+    input_ids, labels and inputs_embeds, and a cache of another batch size, are named."""
+    model, _ = saved
+    ids = torch.randint(1, 97, (2, 5))
+    with torch.no_grad():
+        expected = model(ids).logits
+        for dtype in (torch.int8, torch.int16, torch.uint8, torch.int32):
+            torch.testing.assert_close(model(ids.to(dtype)).logits, expected)
+        with pytest.raises(TypeError, match="input_ids must be a torch tensor"):
+            model([[1, 2, 3]])
+        with pytest.raises(
+            ValueError, match="input_ids must be an integer tensor, found dtype torch.float32"
+        ):
+            model(ids.float())
+        for labels in (ids.float(), ids.bool()):
+            with pytest.raises(ValueError, match="labels must be an integer tensor"):
+                model(ids, labels=labels)
+        torch.testing.assert_close(model(ids, labels=ids.int()).loss, model(ids, labels=ids).loss)
+        embeds = model.model.embed_tokens(ids)
+        with pytest.raises(ValueError, match="inputs_embeds has dtype torch.float64"):
+            model(inputs_embeds=embeds.double())
+        cache = HybridMambaAttentionDynamicCache(model.config)
+        model(ids, past_key_values=cache)
+        with pytest.raises(ValueError, match="past_key_values holds 2 rows; the input has batch size 1"):
+            model(ids[:1, :1], past_key_values=cache)
+        cache.reset()  # as transformers' reset: a new sequence
+        torch.testing.assert_close(model(ids, past_key_values=cache).logits, expected)
+        assert cache.get_seq_length() == 5

@@ -112,3 +112,41 @@ def test_initialization_matches_transformers_scheme():
     ours_keys = {k: v.shape for k, v in m.state_dict().items()}
     ref_keys = {k: v.shape for k, v in hf.state_dict().items()}
     assert ours_keys == ref_keys
+
+
+def test_logits_to_keep_2d_and_tuple_outputs_as_transformers(hf_folder):
+    """2-D logits_to_keep (positions per row, or a bool mask), return_dict=False and the output's
+    mapping behaviour, as transformers'."""
+    ref_model, folder = hf_folder()
+    ours = BambaForCausalLM.from_pretrained(folder)
+    ids = torch.randint(1, 97, (2, 9))
+    rows = torch.tensor([[0, 1], [2, 3]])
+    mask = torch.zeros(2, 9, dtype=torch.bool)
+    mask[0, 3], mask[1, 1], mask[1, 8] = True, True, True
+    with torch.no_grad():
+        for keep in (rows, mask):
+            expected = ref_model(ids, logits_to_keep=keep, use_cache=False).logits
+            got = ours(ids, logits_to_keep=keep).logits
+            assert got.shape == expected.shape
+            assert_logits_close(got, expected)
+        ref = ref_model(ids, labels=ids, use_cache=False, return_dict=False)
+        out = ours(ids, labels=ids, use_cache=False, return_dict=False)
+        mapping = ours(ids, labels=ids, use_cache=False)
+        base = ours.model(ids, use_cache=False, return_dict=False)
+    assert isinstance(out, tuple) and len(out) == len(ref) == 2
+    torch.testing.assert_close(out[0], ref[0])
+    assert_logits_close(out[1], ref[1])
+    assert isinstance(base, tuple) and len(base) == 1
+    assert len(mapping) == 2 and "logits" in mapping and "past_key_values" not in mapping
+    assert list(mapping) == ["loss", "logits"] and mapping.get("attentions", 7) == 7
+    assert torch.equal(dict(mapping.items())["logits"], mapping.logits)
+
+
+def test_odd_rotary_dims_as_transformers(hf_folder):
+    """head_dim 10 with partial_rotary_factor 0.5: 5 rotary dims, of which transformers rotates 6."""
+    ref_model, folder = hf_folder(hidden_size=40, num_attention_heads=4, num_key_value_heads=2)
+    ours = BambaForCausalLM.from_pretrained(folder)
+    assert ours.config.rotary_dim == 5
+    ids = torch.randint(1, 97, (2, 11))
+    with torch.no_grad():
+        assert_logits_close(ours(ids).logits, ref_model(ids, use_cache=False).logits)

@@ -115,6 +115,14 @@ class HybridMambaAttentionDynamicCache:
                 if t is not None:
                     lst[i] = fn(t)
 
+    def reset(self) -> None:
+        """Empty the cache (as transformers' `reset`): the next forward starts a new sequence."""
+        n = self.config.num_hidden_layers
+        self._keys, self._values = [None] * n, [None] * n
+        self.conv_states, self.ssm_states = [None] * n, [None] * n
+        self._kv_lens = [0] * n
+        self.seen_tokens = 0
+
     def reorder_cache(self, beam_idx: Tensor) -> None:
         """Reorder (or repeat) the batch rows, e.g. for beam search: row j becomes old row beam_idx[j]."""
         self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))

@@ -146,8 +146,17 @@ class BambaConfig:
                 )
         if len(set(self.attn_layer_indices or ())) != len(self.attn_layer_indices or ()):
             raise bad("attn_layer_indices", "indices must be unique")
-        if not 0.0 < self.partial_rotary_factor <= 1.0 or self.rotary_dim % 2:
-            raise bad("partial_rotary_factor", "must be in (0, 1] and give an even number of rotary dims")
+        # An odd rotary_dim rotates rotary_dim + 1 dims (its frequencies still over rotary_dim), as in
+        # transformers: they must fit in the head.
+        if (
+            not 0.0 < self.partial_rotary_factor <= 1.0
+            or self.rotary_dim + self.rotary_dim % 2 > self.attention_head_dim
+        ):
+            raise bad(
+                "partial_rotary_factor",
+                f"must be in (0, 1], with the rotated dims ({self.rotary_dim}, rounded up to even) within "
+                f"the head ({self.attention_head_dim})",
+            )
         if self.hidden_act != "silu":
             raise bad("hidden_act", "only 'silu' is supported (the activation of every released Bamba)")
         if self.time_step_limit is not None:

@@ -7,6 +7,7 @@ one to one onto `state_dict()` keys. Modules hold weights only; decoding state l
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -37,6 +38,25 @@ class _Output:
 
     def keys(self) -> list[str]:
         return [f.name for f in fields(self) if getattr(self, f.name) is not None]
+
+    # The mapping behaviour of transformers' ModelOutput: the fields that are set, in order.
+    def values(self) -> list[Any]:
+        return [getattr(self, k) for k in self.keys()]
+
+    def items(self) -> list[tuple[str, Any]]:
+        return [(k, getattr(self, k)) for k in self.keys()]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return getattr(self, key) if key in self.keys() else default
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self.keys())
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.keys()
 
     @property
     def cache(self) -> Cache | None:  # the name transformers 5 uses
@@ -414,6 +434,29 @@ class BambaPreTrainedModel(nn.Module):
     # stop tokens); `generate` takes its defaults from it, else from the config.
     generation_config: dict[str, Any] | None = None
 
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Recompute each layer in the backward pass instead of keeping its activations (training only;
+        the cache is then off). `gradient_checkpointing_kwargs` other than use_reentrant=False are refused:
+        layers are checkpointed non-reentrantly."""
+        extra = {
+            k: v
+            for k, v in (gradient_checkpointing_kwargs or {}).items()
+            if (k, v) != ("use_reentrant", False)
+        }
+        if extra:
+            raise ValueError(f"gradient_checkpointing_kwargs={extra}: only use_reentrant=False is supported")
+        self._base_model().gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self._base_model().gradient_checkpointing = False
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self._base_model().gradient_checkpointing
+
+    def _base_model(self) -> BambaModel:
+        return self if isinstance(self, BambaModel) else self.model
+
     @torch.no_grad()
     def init_weights(self) -> None:
         std = self.config.initializer_range
@@ -500,19 +543,24 @@ class BambaModel(BambaPreTrainedModel):
         max_length_q: int | None = None,
         max_length_k: int | None = None,
         cache: Cache | None = None,
+        return_dict: bool = True,
         **unused: Any,
-    ) -> BambaModelOutput:
+    ) -> BambaModelOutput | tuple:
         cfg = self.config
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if input_ids is not None:
-            check_token_ids(input_ids, cfg.vocab_size)
+            input_ids = check_token_ids(input_ids, cfg.vocab_size)
             inputs_embeds = self.embed_tokens(input_ids)
         x = inputs_embeds  # (b, l, d)
-        if x.dim() != 3 or x.shape[-1] != cfg.hidden_size:
+        if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != cfg.hidden_size:
             raise ValueError(
-                f"inputs_embeds must be (batch, length, hidden_size={cfg.hidden_size}), found {tuple(x.shape)}"
+                f"inputs_embeds must be a (batch, length, hidden_size={cfg.hidden_size}) tensor, found "
+                f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}"
             )
+        weight_dtype = self.embed_tokens.weight.dtype
+        if x.dtype != weight_dtype:
+            raise ValueError(f"inputs_embeds has dtype {x.dtype}; the model's weights are {weight_dtype}")
         b, l, _ = x.shape
         if l == 0:
             raise ValueError("input has sequence length 0")
@@ -525,10 +573,20 @@ class BambaModel(BambaPreTrainedModel):
                 )
             position_ids = position_ids.view(-1, l)  # (b|1, l)
         past_key_values = past_key_values if past_key_values is not None else cache
-        if use_cache is None:
+        checkpointing = self.gradient_checkpointing and self.training
+        if checkpointing and past_key_values is not None:
+            raise ValueError(
+                "gradient checkpointing recomputes the layers, which would write past_key_values twice: "
+                "train without a cache, or turn checkpointing off (gradient_checkpointing_disable)"
+            )
+        if use_cache is None or checkpointing:  # as transformers: no cache when checkpointing
             use_cache = cfg.use_cache and not self.training
         if use_cache and past_key_values is None:
             past_key_values = HybridMambaAttentionDynamicCache(cfg)
+        if past_key_values is not None and past_key_values.batch_size not in (None, b):
+            raise ValueError(
+                f"past_key_values holds {past_key_values.batch_size} rows; the input has batch size {b}"
+            )
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
 
         # Padding: a 2-D mask over past + current tokens.
@@ -575,7 +633,11 @@ class BambaModel(BambaPreTrainedModel):
             and position_ids is None
             and seq_idx is None
             and not (output_hidden_states or output_attentions or self.training)
-        ):
+            and not (
+                torch.is_grad_enabled()
+                and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+            )
+        ):  # (a backward pass would need the states that each piece overwrites)
             # A long prompt goes through the cache in pieces: activations stay O(chunk), not O(l).
             pieces = [
                 self(
@@ -606,7 +668,7 @@ class BambaModel(BambaPreTrainedModel):
             if all_hidden is not None:
                 all_hidden.append(x)
             args = (x, rope, attn_mask, pad_mask, seq_idx, past_key_values, output_attentions)
-            if self.gradient_checkpointing and self.training:
+            if checkpointing:
                 x, w = checkpoint(layer, *args, use_reentrant=False)
             else:
                 x, w = layer(*args)
@@ -617,12 +679,13 @@ class BambaModel(BambaPreTrainedModel):
             all_hidden.append(x)  # (embeddings, layer 0 .. n-2 outputs, final normed), as transformers
         if past_key_values is not None:
             past_key_values.seen_tokens += l
-        return BambaModelOutput(
+        out = BambaModelOutput(
             last_hidden_state=x,
             past_key_values=past_key_values,
             hidden_states=tuple(all_hidden) if all_hidden is not None else None,
             attentions=tuple(all_attn) if all_attn is not None else None,
         )
+        return out if return_dict else out.to_tuple()
 
 
 class BambaForCausalLM(BambaPreTrainedModel):
@@ -651,8 +714,9 @@ class BambaForCausalLM(BambaPreTrainedModel):
         output_attentions: bool = False,
         logits_to_keep: int | Tensor = 0,
         num_items_in_batch: int | Tensor | None = None,
+        return_dict: bool = True,
         **kwargs: Any,
-    ) -> CausalLMOutput:
+    ) -> CausalLMOutput | tuple:
         """Logits (b, kept, vocab) in the weights' dtype; loss (fp32): shifted cross-entropy, -100 ignored,
         plus z_loss_coefficient * mean(logsumexp(logits)^2) when the coefficient is > 0."""
         out = self.model(
@@ -666,22 +730,18 @@ class BambaForCausalLM(BambaPreTrainedModel):
             output_attentions=output_attentions,
             **kwargs,
         )
-        h = out.last_hidden_state
-        if isinstance(logits_to_keep, int):
-            h = h[:, -logits_to_keep:] if logits_to_keep > 0 else h
-        else:
-            h = h[:, logits_to_keep]
-        logits = self.lm_head(h)  # (b, kept, vocab)
+        logits = self.lm_head(keep_positions(out.last_hidden_state, logits_to_keep))  # (b, kept, vocab)
         loss = None
         if labels is not None:
             loss = causal_lm_loss(logits, labels, num_items_in_batch, self.config.z_loss_coefficient)
-        return CausalLMOutput(
+        result = CausalLMOutput(
             loss=loss,
             logits=logits,
             past_key_values=out.past_key_values,
             hidden_states=out.hidden_states,
             attentions=out.attentions,
         )
+        return result if return_dict else result.to_tuple()
 
     def generate(self, *args: Any, **kwargs: Any) -> Tensor:
         """Generate continuations; see `bamba.generation.generate`."""
@@ -691,6 +751,25 @@ class BambaForCausalLM(BambaPreTrainedModel):
 
 
 # ----- helpers ------------------------------------------------------------------------------------------------
+def keep_positions(h: Tensor, logits_to_keep: int | Tensor) -> Tensor:
+    """The positions of h (b, l, d) whose logits are wanted, as transformers reads `logits_to_keep`:
+    an int keeps the last n (0: all); a 1-D tensor, those positions of every row -> (b, n, d); a 2-D
+    integer tensor (b, n), each row's own positions -> (b, n, d); a 2-D bool mask (b, l), the True
+    positions flattened -> (n_true, d)."""
+    if isinstance(logits_to_keep, int):
+        return h[:, -logits_to_keep:] if logits_to_keep > 0 else h
+    if not isinstance(logits_to_keep, Tensor) or logits_to_keep.dim() not in (1, 2):
+        raise ValueError(
+            f"logits_to_keep must be an int, a 1-D tensor of positions, or a 2-D tensor (positions per row, "
+            f"or a bool mask (batch, length)); found {logits_to_keep!r}"
+        )
+    if logits_to_keep.dim() == 1:
+        return h[:, logits_to_keep]
+    if logits_to_keep.dtype == torch.bool:
+        return h[logits_to_keep]  # (n_true, d)
+    return torch.take_along_dim(h, logits_to_keep[..., None], dim=1)  # (b, n, d)
+
+
 def causal_lm_loss(
     logits: Tensor,
     labels: Tensor,
@@ -702,6 +781,15 @@ def causal_lm_loss(
     With `num_items_in_batch` the sum is divided by it (gradient accumulation); else the mean.
     z-loss (mean over every position of logsumexp(logits)^2) is added times `z_loss_coefficient`.
     """
+    if (
+        not isinstance(labels, Tensor)
+        or labels.is_floating_point()
+        or labels.is_complex()
+        or labels.dtype == torch.bool
+    ):
+        found = labels.dtype if isinstance(labels, Tensor) else type(labels).__name__
+        raise ValueError(f"labels must be an integer tensor of token ids (-100: ignored), found {found}")
+    labels = labels.long()
     if labels.shape != logits.shape[:-1]:
         raise ValueError(
             f"labels have shape {tuple(labels.shape)}, logits {tuple(logits.shape)}: expected labels (b, l)"
@@ -728,17 +816,24 @@ def causal_lm_loss(
     return loss
 
 
-def check_token_ids(input_ids: Tensor, vocab_size: int) -> None:
-    if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+def check_token_ids(input_ids: Tensor, vocab_size: int) -> Tensor:
+    """input_ids checked (an integer tensor (b, l) of ids in the vocabulary), as int64 or int32 (the types
+    the embedding takes; narrower integer types are widened)."""
+    if not isinstance(input_ids, Tensor):
+        raise TypeError(f"input_ids must be a torch tensor (batch, length), found {type(input_ids).__name__}")
+    if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
         raise ValueError(f"input_ids must be an integer tensor, found dtype {input_ids.dtype}")
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be 2-D (batch, length), found shape {tuple(input_ids.shape)}")
+    if input_ids.dtype not in (torch.int64, torch.int32):
+        input_ids = input_ids.long()
     if input_ids.numel() == 0:
-        return
+        return input_ids
     lo, hi = int(input_ids.min()), int(input_ids.max())
     if lo < 0 or hi >= vocab_size:
         bad = lo if lo < 0 else hi
         raise ValueError(f"input_ids contain token id {bad}, outside the vocabulary [0, {vocab_size})")
+    return input_ids
 
 
 def packed_seq_idx(
