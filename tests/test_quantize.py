@@ -265,7 +265,28 @@ def test_quantizing_again_the_same_way_is_a_no_op_and_another_way_is_an_error(me
             quantize(model, method, group_size=32)
 
 
-@pytest.mark.parametrize("group_size", [0, -128, 1.5, True])
-def test_int4_group_size_must_be_a_positive_integer(group_size):
-    with pytest.raises(ValueError, match=f"group_size={group_size!r}: expected a positive integer"):
+@pytest.mark.parametrize("group_size", [0, -128, 1.5, True, 128.0, 512, 96])
+def test_int4_group_size_must_be_one_the_kernel_takes(group_size):
+    """0 raised ZeroDivisionError; 512 quantized, then generation failed inside the CPU kernel."""
+    with pytest.raises(ValueError, match=rf"group_size={group_size!r}: expected one of \(32, 64, 128, 256\)"):
         quantize(tiny(), "int4", group_size=group_size)
+
+
+@pytest.mark.parametrize("in_features", [8, 24, 40, 72, 200])
+@pytest.mark.parametrize("rows", [1, 3, 64])
+def test_int8_kernel_is_skipped_for_widths_it_cannot_read(in_features, rows):
+    """The int8 kernel reads inputs in blocks of 16: other widths gave garbage or crashed the process."""
+    torch.manual_seed(in_features)
+    q, s = quantize_int8(torch.randn(33, in_features))
+    x = torch.randn(rows, in_features)
+    torch.testing.assert_close(linear_int8(x, q, s), linear_int8_reference(x, q, s), atol=1e-4, rtol=1e-4)
+
+
+def test_a_packed_model_is_refused_instead_of_left_unquantized():
+    from bamba.linear import PackedLinear
+
+    model = tiny().to(torch.bfloat16)
+    model.model.layers[0].feed_forward.down_proj = PackedLinear(model.model.layers[0].feed_forward.down_proj)
+    with pytest.raises(ValueError, match=r"hold packed weights \(pack=True\); load the model without pack"):
+        quantize(model, "int8")
+    assert getattr(model, "quantization_config", None) is None

@@ -1,7 +1,7 @@
 """Quantization of the Linear layers (int8 per channel, int4 per group) by swapping `nn.Linear` modules.
 
     from bamba import quantize
-    quantize.quantize(model, "int4_weight_only", group_size=128)   # in place; or
+    quantize(model, "int4_weight_only", group_size=128)   # in place; or
     BambaForCausalLM.from_pretrained(folder, quantization="int8_weight_only")
     bamba generate --quantize int4 ...   # short names: int8, int4, int8dq (SHORT_NAMES)
 
@@ -79,13 +79,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .linear import X86, dense_linear, is_tied_lm_head, replace_module
+from .linear import X86, PackedLinear, dense_linear, is_tied_lm_head, replace_module
 
 METHODS = ("int8_weight_only", "int4_weight_only", "int8_dynamic_activation_int8_weight")
 SHORT_NAMES = {"int8": METHODS[0], "int4": METHODS[1], "int8dq": METHODS[2]}  # command-line names
 INT8_KERNEL_MAX_ROWS = 64  # inputs with at most this many rows use the packed int8 kernel (decode)
 INT4_KERNEL_MAX_ROWS = 256  # the same for the int4 kernel
 INT4_BLOCK_N = 64  # rows per block of the int4 layout
+INT4_GROUP_SIZES = (32, 64, 128, 256)  # the group sizes PyTorch's CPU int4 kernel takes
+INT8_KERNEL_IN_MULTIPLE = 16  # the int8 kernel's in_features must be a multiple of this
 
 
 # ----- int8: per output channel -----------------------------------------------------------------------------
@@ -112,7 +114,9 @@ def linear_int8(x: Tensor, q: Tensor, scales: Tensor, bias: Tensor | None = None
     rows = x.numel() // x.shape[-1]
     if x.device.type != "cpu":
         return linear_int8_reference(x, q, scales, bias)
-    if rows > INT8_KERNEL_MAX_ROWS:  # prompts: dequantize, then the fastest dense GEMM
+    # Prompts, and widths the kernel cannot read (it reads the input in blocks of 16: other widths gave
+    # garbage or crashed): dequantize, then the fastest dense GEMM.
+    if rows > INT8_KERNEL_MAX_ROWS or q.shape[1] % INT8_KERNEL_IN_MULTIPLE:
         return dense_linear(x, dequantize_int8(q, scales, x.dtype), bias)
     x2 = x.reshape(rows, x.shape[-1]).to(torch.bfloat16).contiguous()
     if scales.dtype != torch.bfloat16:  # a model cast after quantizing
@@ -284,10 +288,12 @@ def int4_kernel_layout_matches() -> bool:
 
 
 def _check_int4_shape(n: int, k: int, group_size: int) -> None:
-    if n % INT4_BLOCK_N or k % group_size or group_size % 32:
+    if group_size not in INT4_GROUP_SIZES:
+        raise ValueError(f"int4 group_size={group_size!r}: expected one of {INT4_GROUP_SIZES}")
+    if n % INT4_BLOCK_N or k % group_size:
         raise ValueError(
             f"int4 weight (out={n}, in={k}): out must be a multiple of {INT4_BLOCK_N}, in a multiple of "
-            f"group_size={group_size} (itself a multiple of 32)"
+            f"group_size={group_size}"
         )
 
 
@@ -439,10 +445,16 @@ def quantize(model: nn.Module, method: str = "int8_weight_only", group_size: int
     method = SHORT_NAMES.get(method, method)
     if method not in METHODS:
         raise ValueError(f"quantization={method!r}: expected one of {METHODS} or {tuple(SHORT_NAMES)}")
-    if method == "int4_weight_only" and (
-        isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1
-    ):
-        raise ValueError(f"group_size={group_size!r}: expected a positive integer (e.g. 32, 64, 128)")
+    if method == "int4_weight_only" and (type(group_size) is not int or group_size not in INT4_GROUP_SIZES):
+        raise ValueError(
+            f"group_size={group_size!r}: expected one of {INT4_GROUP_SIZES} (the CPU int4 kernel's sizes)"
+        )
+    packed = [name for name, mod in model.named_modules() if isinstance(mod, PackedLinear)]
+    if packed:
+        raise ValueError(
+            f"quantize: {len(packed)} layers (e.g. {packed[0]}) hold packed weights (pack=True); load the "
+            "model without pack to quantize it"
+        )
     done = getattr(model, "quantization_config", None)
     if done is not None:
         same_groups = method != "int4_weight_only" or done.get("group_size") == group_size
