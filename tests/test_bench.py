@@ -60,3 +60,18 @@ def test_bench_without_transformers_says_so_before_creating_anything(tmp_path, m
     with pytest.raises(ValueError, match="transformers, which is not installed.*--no-transformers"):
         bench(checkpoint=str(tmp_path / "never-created"))
     assert not (tmp_path / "never-created").exists()
+
+
+def test_bench_checks_its_arguments_before_measuring(tmp_path):
+    """A typo in --checkpoint created a 1.35 GB random model there; --threads 0 failed in a child after
+    the checkpoints were built; an unwritable --json path lost the whole run at its end."""
+    BambaForCausalLM(BambaConfig(**TINY)).save_pretrained(tmp_path / "m")
+    with pytest.raises(ValueError, match="checkpoint='.*typo': no config.json there"):
+        bench(checkpoint=str(tmp_path / "typo"), transformers=False)
+    assert not (tmp_path / "typo").exists()
+    for threads in (0, -2, 1.5):
+        with pytest.raises(ValueError, match=f"threads={threads!r}: expected an integer >= 1"):
+            bench(checkpoint=str(tmp_path / "m"), threads=threads, transformers=False)
+    with pytest.raises(ValueError, match="is not a writable folder"):
+        bench(checkpoint=str(tmp_path / "m"), json_path=str(tmp_path / "no" / "r.json"), transformers=False)
+    assert not (tmp_path / "m-int8").exists()  # nothing was built

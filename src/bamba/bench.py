@@ -392,6 +392,12 @@ def bench(
     `bamba.runtime.tune_cpu_allocator`, as the `bamba` command line does for itself)."""
     if allocator not in ("default", "tuned"):
         raise ValueError(f"allocator={allocator!r}: expected 'default' or 'tuned'")
+    if type(threads) is not int or threads < 1:
+        raise ValueError(f"threads={threads!r}: expected an integer >= 1")
+    if json_path:  # checked now, not after minutes of measuring
+        parent = os.path.dirname(os.path.abspath(json_path))
+        if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+            raise ValueError(f"json_path={json_path!r}: {parent} is not a writable folder")
     for v in variants:
         if v not in ("fp32", "bf16", *QUANT):
             raise ValueError(f"variant {v!r}: expected one of fp32, bf16, {', '.join(QUANT)}")
@@ -400,7 +406,12 @@ def bench(
             "bench compares with transformers, which is not installed: pip install transformers (or "
             'pip install -e ".[test]"), or pass --no-transformers to measure this project alone'
         )
-    from .checkpoint import read_config
+    if checkpoint is not None and not os.path.isfile(os.path.join(checkpoint, "config.json")):
+        raise ValueError(
+            f"checkpoint={checkpoint!r}: no config.json there; give a checkpoint folder, or leave it out to "
+            f"create (once) and use the random bench-small one under {DEFAULT_DIR}/"
+        )
+    from .checkpoint import atomic_write, read_config
 
     folder = ensure_checkpoint(checkpoint or os.path.join(DEFAULT_DIR, PRESET))
     cfg = read_config(folder)
@@ -427,11 +438,10 @@ def bench(
         "rows": _rows(runs, cfg, limits),
         "runs": runs,
     }
-    if json_path:
-        with open(json_path, "w") as f:
-            json.dump(report, f, indent=2)
     print(format_table(report))
     print(json.dumps({k: report[k] for k in ("checkpoint", "threads", "allocator", "limits", "rows")}))
+    if json_path:
+        atomic_write(json_path, lambda f: json.dump(report, f, indent=2))
     return report
 
 
