@@ -120,12 +120,16 @@ def test_info(folder, capsys, tmp_path):
         (["generate", "--device", "toaster", "hi"], "is not a torch device"),
         (["generate", "   "], "the prompt is empty"),
         (["generate", "to be " * 40], "longer than the model's context"),
+        (["generate", "--temperature", "nan", "hi"], "--temperature nan must be >= 0"),  # was greedy
+        (["generate", "--model", "", "hi"], "an empty path is not a checkpoint folder"),  # was the demo
+        (["info", ""], "an empty path is not a checkpoint folder"),
+        (["bench", "--threads", "0", "--no-transformers"], "threads=0: expected an integer >= 1"),
     ],
 )
 def test_errors_are_one_line_and_nonzero(folder, capsys, args, message):
     if "cuda" in args and torch.cuda.is_available():
         pytest.skip("CUDA is available here")
-    if "--model" not in args:
+    if "--model" not in args and args[0] == "generate":
         args = [args[0], "--model", folder, *args[1:]]
     assert main(args) == 2
     err = capsys.readouterr().err

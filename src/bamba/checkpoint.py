@@ -60,6 +60,8 @@ def resolve_folder(path_or_repo_id: str | os.PathLike, revision: str | None = No
     raises a FileNotFoundError that says so.
     """
     path = os.fspath(path_or_repo_id)
+    if not path:
+        raise FileNotFoundError("an empty path is not a checkpoint folder")
     if os.path.isdir(path):
         return path
     if os.path.exists(path):

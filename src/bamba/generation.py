@@ -674,7 +674,7 @@ def load_for_cli(
     from .model import BambaForCausalLM
     from .tokenizer import Tokenizer
 
-    folder = resolve_folder(model) if model else demo_path()
+    folder = resolve_folder(model) if model is not None else demo_path()
     if device is not None:
         try:
             dev = torch.device(device)
@@ -694,7 +694,7 @@ def cli_sampling(
     """generate() options for the CLI's sampling flags: temperature 0 means greedy."""
     if top_k is not None and top_k < 0:
         raise ValueError(f"--top-k {top_k} must be >= 0 (0: no top-k)")
-    if temperature < 0:
+    if not temperature >= 0:  # nan too
         raise ValueError(f"--temperature {temperature} must be >= 0 (0: greedy)")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"--top-p {top_p} must be in (0, 1]")

@@ -17,7 +17,7 @@ def model_info(model: str | None = None) -> dict[str, Any]:
     from .demo import demo_path
     from .model import BambaForCausalLM
 
-    folder = resolve_folder(model) if model else demo_path()
+    folder = resolve_folder(model) if model is not None else demo_path()
     config = read_config(folder)
     with torch.device("meta"):
         lm = BambaForCausalLM(config, init=False)
