@@ -468,6 +468,51 @@ def test_scores_and_logits_as_transformers(hf_folder):
         assert torch.equal(torch.isinf(a), torch.isinf(e))
         torch.testing.assert_close(a[~torch.isinf(a)], e[~torch.isinf(e)], atol=1e-5, rtol=1e-5)
 
+    # sampling a batch in which a row finishes early: the same seed draws the same tokens as transformers,
+    # with or without scores (finished rows used to be dropped, which shifted the others' draws)
+    sample = dict(attention_mask=mask, max_new_tokens=10, do_sample=True, pad_token_id=0)
+    torch.manual_seed(0)
+    free = ref.generate(ids, eos_token_id=None, **sample)
+    eos = int(free[0, 8])  # row 0's second new token
+    torch.manual_seed(0)
+    theirs = ref.generate(ids, eos_token_id=eos, **sample)
+    assert theirs[0, 9:].eq(0).all() and not theirs[1:, 9:].eq(0).all()  # row 0 ended, the others went on
+    for extra in (dict(), dict(return_dict_in_generate=True, output_scores=True)):
+        torch.manual_seed(0)
+        got = generate(ours, ids, eos_token_id=eos, **sample, **extra)
+        assert torch.equal(got["sequences"] if extra else got, theirs)
+
+
+def test_generate_output_and_generation_config_as_transformers(hf_folder):
+    """GenerateOutput behaves as transformers' (out[0], `in`, keys, get); a checkpoint's own
+    generation_config (which holds output_attentions: false) is accepted; min_new_tokens, when given, wins
+    over min_length."""
+    import transformers
+
+    ref, folder = hf_folder(seed=4)
+    ours = BambaForCausalLM.from_pretrained(folder)
+    ids = torch.randint(3, 97, (1, 5))
+    out = generate(ours, ids, max_new_tokens=3, return_dict_in_generate=True, output_scores=True)
+    assert torch.equal(out[0], out.sequences) and "scores" in out and "logits" not in out
+    assert out.keys() == ["sequences", "scores"] and out.get("logits") is None and len(out) == 2
+    config = transformers.GenerationConfig.from_pretrained(folder)
+    assert "output_attentions" in config.to_diff_dict()
+    config.max_new_tokens = 4
+    expected = ref.generate(ids, generation_config=config, do_sample=False)
+    assert torch.equal(generate(ours, ids, generation_config=config), expected)
+    free = generate(ours, ids, max_new_tokens=6, eos_token_id=[])
+    eos = int(free[0, 6])  # the second new token
+    for kw in (
+        dict(min_new_tokens=1, min_length=9),
+        dict(min_new_tokens=0, min_length=10),
+        dict(min_length=9),
+    ):
+        expected = ref.generate(
+            ids, max_new_tokens=6, do_sample=False, eos_token_id=eos, pad_token_id=0, **kw
+        )
+        got = generate(ours, ids, max_new_tokens=6, eos_token_id=eos, pad_token_id=0, **kw)
+        assert torch.equal(got, expected), kw
+
 
 def test_streamers_as_transformers(demo, capsys):
     """Defaults as transformers': the prompt is streamed too, TextStreamer ends with a newline, and extra

@@ -371,6 +371,8 @@ def test_decode_of_a_batch_gives_a_list_as_transformers(trained):
             ids.tolist(), skip_special_tokens=skip
         )
     assert ours.decode(ids[0, 1]) == hf.decode(ids[0, 1])  # a 0-d tensor: one token
+    rows = [ids[0, :3], ids[1, :2]]  # a list of 1-d tensors: a batch too
+    assert ours.decode(rows) == hf.decode(rows)
     assert ours.decode([]) == hf.decode([]) == ""
 
 

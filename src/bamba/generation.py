@@ -1,10 +1,11 @@
 """Text generation: `generate` (greedy / sampling over the hybrid cache), streamers, and `bamba generate|chat`.
 
 The prompt is prefilled once (logits of the last position only), then one token per step is fed through
-the cache. Rows that finish (EOS or a stop string) are dropped from the batch and the cache, so they stop
-costing compute; their output is filled with the pad token, as transformers does. (When per-step scores
-or logits are requested, finished rows stay in the batch and are fed the pad token, as in transformers,
-so that every step's scores cover the whole batch.)
+the cache. In greedy decoding, rows that finish (EOS or a stop string) are dropped from the batch and the
+cache, so they stop costing compute; their output is filled with the pad token, as transformers does.
+When sampling a batch, or when per-step scores or logits are requested, finished rows stay in the batch
+and are fed the pad token, as in transformers: the same seed then draws the same tokens, and every step's
+scores cover the whole batch.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 from torch import Tensor
 
 from .cache import HybridMambaAttentionDynamicCache
+from .model import ModelOutput
 from .quantize import SHORT_NAMES
 from .tokenizer import DecodeStream
 
@@ -286,7 +288,7 @@ def _as_float(name: str, value: Any) -> float:
 
 # ----- generate -----------------------------------------------------------------------------------------
 @dataclass
-class GenerateOutput:
+class GenerateOutput(ModelOutput):
     """`generate(..., return_dict_in_generate=True)`: as transformers' GenerateDecoderOnlyOutput.
 
     sequences: (b * num_return_sequences, prompt + new) ids. scores (with output_scores=True) and logits
@@ -298,9 +300,6 @@ class GenerateOutput:
     sequences: Tensor
     scores: tuple[Tensor, ...] | None = None
     logits: tuple[Tensor, ...] | None = None
-
-    def __getitem__(self, key: str) -> Any:
-        return getattr(self, key)
 
 
 # generation_config fields that generate() takes, and those that do not change a decoder-only generation
@@ -327,6 +326,21 @@ _CONFIG_FIELDS = (
     "output_logits",
 )
 _CONFIG_IGNORED = ("transformers_version", "_from_model_config", "_commit_hash", "bos_token_id")
+# fields that change nothing at these values (transformers writes some of them into every
+# generation_config.json): dropped rather than refused
+_CONFIG_NEUTRAL = {
+    "output_attentions": False,
+    "output_hidden_states": False,
+    "num_beam_groups": 1,
+    "length_penalty": 1.0,
+    "renormalize_logits": False,
+    "remove_invalid_values": False,
+    "diversity_penalty": 0.0,
+    "encoder_repetition_penalty": 1.0,
+    "typical_p": 1.0,
+    "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0,
+}
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -342,6 +356,7 @@ def generation_config_fields(config: Any) -> dict[str, Any]:
         raise TypeError(
             f"generation_config must be a transformers GenerationConfig or a dict, found {type(config).__name__}"
         )
+    fields = {k: v for k, v in fields.items() if k not in _CONFIG_NEUTRAL or v != _CONFIG_NEUTRAL[k]}
     unknown = sorted(k for k in fields if k not in _CONFIG_FIELDS and k not in _CONFIG_IGNORED)
     if unknown:
         raise ValueError(
@@ -380,7 +395,7 @@ def generate(
     input_ids: Tensor | None = None,
     attention_mask: Tensor | None = None,
     max_new_tokens: int | None = None,
-    min_new_tokens: int = 0,
+    min_new_tokens: int | None = None,
     do_sample: bool = False,
     temperature: float = 1.0,
     top_k: int | None = 50,
@@ -414,8 +429,8 @@ def generate(
     `attention_mask` (b, t); without a mask one is inferred as transformers does: `input_ids != pad`
     when the pad id occurs in input_ids and is not an eos id, else all ones. Greedy unless `do_sample`
     (then top_k=50 unless given, as transformers). New tokens: `max_new_tokens`, else `max_length` minus
-    the prompt, else 20; at least `min_new_tokens` new and `min_length` in all (prompt included) before
-    an eos may come. `no_repeat_ngram_size` bans repeated n-grams (prompt included). Generation of a row
+    the prompt, else 20; before an eos may come, at least `min_new_tokens` new tokens when it is given,
+    else `min_length` in all (prompt included), as transformers. `no_repeat_ngram_size` bans repeated n-grams (prompt included). Generation of a row
     stops at any of `eos_token_id` (default: the checkpoint's generation_config.json, else the config's)
     or when the sequence (prompt included) ends with one of `stop_strings` right after a new token (needs
     `tokenizer`). `streamer.put` receives the prompt, then each new token (batch size 1 only).
@@ -457,7 +472,7 @@ def generate(
         # numbers: types first (a string temperature is an error even when greedy), then ranges
         max_new_tokens = None if max_new_tokens is None else _as_int("max_new_tokens", max_new_tokens)
         max_length = None if max_length is None else _as_int("max_length", max_length)
-        min_new_tokens = _as_int("min_new_tokens", min_new_tokens or 0)
+        min_new_tokens = None if min_new_tokens is None else _as_int("min_new_tokens", min_new_tokens)
         min_length = _as_int("min_length", min_length or 0, 0)
         no_repeat_ngram_size = _as_int("no_repeat_ngram_size", no_repeat_ngram_size or 0, 0)
         num_return_sequences = _as_int(
@@ -479,7 +494,7 @@ def generate(
                     f"max_length={max_length} is shorter than the prompt ({input_ids.shape[1]} tokens)"
                 )
             max_new_tokens = max_length - input_ids.shape[1] if max_length is not None else 20
-        if max_new_tokens < 0 or min_new_tokens < 0:
+        if max_new_tokens < 0 or (min_new_tokens or 0) < 0:
             raise ValueError(
                 f"max_new_tokens={max_new_tokens} and min_new_tokens={min_new_tokens} must be >= 0"
             )
@@ -532,7 +547,10 @@ def generate(
             attention_mask = None
         if generator is None and seed is not None:
             generator = torch.Generator(device=device).manual_seed(seed)
-        keep_all = bool(return_dict_in_generate) and bool(output_scores or output_logits)
+        # Finished rows stay in the batch (fed the pad token) when per-step scores are asked for, and when
+        # sampling a batch: transformers draws for them too, so the random stream, and with it every
+        # row's tokens, matches its for the same seed. Greedy batches drop them (the results are the same).
+        keep_all = bool(return_dict_in_generate and (output_scores or output_logits)) or (do_sample and b > 1)
         all_scores: list[Tensor] = []
         all_logits: list[Tensor] = []
 
@@ -559,13 +577,16 @@ def generate(
         positions = torch.arange(t + max_new_tokens, device=device)  # (t + max_new,)
         stop_window = max((len(s.encode("utf-8")) for s in stops), default=0) + 8  # tokens: >= 1 byte each
 
+        # eos is barred until this total length; min_new_tokens, when given (even 0), overrides min_length
+        # (as in transformers)
+        min_total = t + min_new_tokens if min_new_tokens is not None else min_length
         logits = _prefill(model, input_ids, mask, cache, prefill_chunk_size)  # (b, vocab)
         n_new = 0
         for step in range(max_new_tokens):
             raw = logits.float()  # (active, vocab)
             history = out[active, : t + step]  # (active, t + step)
             scores = raw
-            if eos and (step < min_new_tokens or t + step < min_length):
+            if eos and t + step < min_total:
                 scores = scores.index_fill(1, eos_t, float("-inf"))
             if no_repeat_ngram_size:
                 scores = ban_repeated_ngrams(scores, history, no_repeat_ngram_size)

@@ -27,7 +27,10 @@ Cache = HybridMambaAttentionDynamicCache
 
 # ----- outputs -----------------------------------------------------------------------------------------
 @dataclass
-class _Output:
+class ModelOutput:
+    """The outputs' base: attributes, and transformers' ModelOutput behaviour (out[0], out["logits"],
+    `in`, len, keys, get), over the fields that are set."""
+
     def __getitem__(self, key: str | int) -> Any:
         if isinstance(key, str):
             return getattr(self, key)
@@ -64,7 +67,7 @@ class _Output:
 
 
 @dataclass
-class BambaModelOutput(_Output):
+class BambaModelOutput(ModelOutput):
     last_hidden_state: Tensor
     past_key_values: Cache | None = None
     hidden_states: tuple[Tensor, ...] | None = None
@@ -72,7 +75,7 @@ class BambaModelOutput(_Output):
 
 
 @dataclass
-class CausalLMOutput(_Output):
+class CausalLMOutput(ModelOutput):
     loss: Tensor | None = None
     logits: Tensor | None = None
     past_key_values: Cache | None = None

@@ -384,8 +384,9 @@ class Tokenizer:
         if hasattr(ids, "tolist"):  # a tensor or an array, 0-d included
             ids = ids.tolist()
         ids = [ids] if isinstance(ids, int) else list(ids)
-        if ids and isinstance(ids[0], list | tuple):
-            return self.batch_decode(ids, skip_special_tokens, clean_up_tokenization_spaces)
+        if ids and (isinstance(ids[0], list | tuple) or (hasattr(ids[0], "tolist") and ids[0].ndim > 0)):
+            rows = [row.tolist() if hasattr(row, "tolist") else list(row) for row in ids]  # tensors, arrays
+            return self.batch_decode(rows, skip_special_tokens, clean_up_tokenization_spaces)
         text = self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
         clean = (
             self.clean_up_tokenization_spaces
