@@ -3,7 +3,7 @@
 - `Linear` is `nn.Linear` (same parameters, same state_dict) with two CPU fast paths:
   * bf16 weights on a CPU where bf16 GEMM is slower than fp32 (`bf16_gemm_is_fast()` False): inputs
     of more than 8 rows (prefill) run in fp32 from weight tiles upcast on the fly (`linear_upcast`),
-    so the weights stay bf16 (half the memory and bandwidth); fewer rows use the bf16 GEMV.
+    so the weights stay bf16 (half the memory and bandwidth); fewer rows (decoding) use bf16 directly.
   * fp32 weights, no gradient needed, on x86: oneDNN's matmul (`onednn_linear`, through `dense_linear`)
     for 4..256 rows (batched decoding, short prompts), where F.linear's MKL call is slow: on the
     2-core AVX-512 Xeon we measured (bench-small shapes, weights out of cache) 1.2-1.35x more time at

@@ -787,7 +787,11 @@ def _wrap(model: nn.Module, world: int, dev: torch.device, fsdp: bool) -> nn.Mod
         if not dist.is_initialized():
             raise ValueError("train: fsdp=True needs a distributed launch (torchrun --nproc-per-node N)")
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+
+        try:
+            from torch.distributed.fsdp import fully_shard
+        except ImportError:  # torch 2.5: FSDP2 was not public yet
+            from torch.distributed._composable.fsdp import fully_shard
 
         # The mesh of the training device: left to itself, FSDP2 picks CUDA wherever a GPU exists, even for
         # processes training on the CPU (which then fail to select GPUs the machine does not have).
