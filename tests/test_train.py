@@ -278,12 +278,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(corpus,
 
 
 def test_micro_batches_with_nothing_to_predict_are_skipped(corpus, tmp_path):
-    # Rows of 1 token: every example is one token, whose label is -100 -> no loss, no update, no NaN.
-    metrics = run(corpus, tmp_path, row_tokens=1, max_steps=3, eval_fraction=0.0)
-    records = list(iter_log(tmp_path / "log.jsonl"))
-    assert [r["step"] for r in records] == [1, 2, 3] and all("skipped" in r for r in records)
-    assert metrics["step"] == 3 and not metrics["loss"] == metrics["loss"]  # nan: no step was trained
-
+    # (Rows of 1 token, where nothing at all is predicted, are refused: see test_bad_inputs_have_clear_messages.)
     # Documents "<bos> cat <eos>" in rows of 2 tokens alternate rows [<bos> cat] (1 target) and [<eos>] (none).
     words = tmp_path / "words.txt"
     words.write_text("\n\n".join(["cat"] * 40))
@@ -324,6 +319,18 @@ def test_bad_inputs_have_clear_messages(corpus, tmp_path):
         run(corpus, tmp_path / "o6", max_examples=-1)
     with pytest.raises(ValueError, match="clip=-1.0 must be >= 0"):
         run(corpus, tmp_path / "o6", clip=-1.0)
+    for kwargs, message in [
+        (dict(row_tokens=1), "row_tokens=1 must be >= 2"),  # trained nothing and logged NaN
+        (dict(clip=float("nan")), "clip=nan must be >= 0"),  # disabled clipping
+        (dict(lr=-1.0), "lr=-1.0 must be a finite number > 0"),
+        (dict(min_lr_ratio=-1.0), r"min_lr_ratio=-1.0 must be in \[0, 1\]"),  # the lr went negative
+        (dict(weight_decay=-1.0), "weight_decay=-1.0 must be >= 0"),
+        (dict(warmup_steps=-3), "warmup_steps=-3 must be >= 0"),
+        (dict(eval_every=-1), "eval_every=-1 must be >= 0"),
+        (dict(max_steps=4, warmup_steps=100), "warmup_steps=100 exceeds max_steps=4"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            run(corpus, tmp_path / "o6", **kwargs)
     quantized = tmp_path / "q"
     bamba.quantize(BambaForCausalLM(BambaConfig(**TINY)), "int8").save_pretrained(quantized)
     with pytest.raises(ValueError, match="holds a quantized model .* cannot be trained"):
@@ -476,3 +483,10 @@ def test_final_is_never_older_than_checkpoint_last(corpus, tmp_path, monkeypatch
     assert run(corpus, out, max_steps=4)["step"] == 4
     assert_same_weights(out / "final", out / "checkpoint-last")
     assert json.loads((out / "checkpoint-last" / "trainer_state.json").read_text())["step"] == 4
+
+
+def test_split_eval_holds_out_the_stated_fraction():
+    """ceil(0.07 * 100) was 8: the float product is 7.000000000000001."""
+    docs = [[i] for i in range(100)]
+    for fraction, n in ((0.07, 7), (0.14, 14), (0.05, 5), (0.001, 1)):
+        assert len(bamba.train.split_eval(docs, fraction, seed=0)[1]) == n

@@ -244,10 +244,12 @@ def _iter_jsonl(path: Path) -> Iterator[str]:
                 raise ValueError(
                     f"{path}:{line_no + 1}: not UTF-8 text ({e.reason}); convert it to UTF-8"
                 ) from e
-            for line in text.splitlines():  # \r\n and lone \r end lines too
+            # \r\n and lone \r end lines too, but not U+2028, U+2029 or U+0085, which JSON strings may hold
+            body = text.removesuffix("\n").removesuffix("\r")  # the line's own end
+            for line in body.replace("\r\n", "\n").replace("\r", "\n").split("\n"):
                 line_no += 1
-                if line.strip():
-                    yield _jsonl_text(path, line_no, line)
+                if line.strip() and (text := _jsonl_text(path, line_no, line)).strip():
+                    yield text  # (an empty text is no document, as a blank stretch of a .txt file)
 
 
 def _jsonl_text(path: Path, line_no: int, line: str) -> str:

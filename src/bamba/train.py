@@ -92,7 +92,7 @@ def split_eval(docs: list[list[int]], fraction: float, seed: int) -> tuple[list[
     """(train, eval): a seeded random `fraction` of the documents (at least one) is held out, order kept."""
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"train: eval_fraction={fraction} must be in [0, 1)")
-    n_eval = math.ceil(fraction * len(docs)) if fraction > 0 else 0
+    n_eval = math.ceil(fraction * len(docs) - 1e-9) if fraction > 0 else 0  # 0.07 * 100 is 7.000000000000001
     if n_eval == 0:
         return docs, []
     if n_eval >= len(docs):
@@ -488,14 +488,32 @@ def train(
     crash). Returns {"step", "loss", "eval_loss", "eval_ppl", "tokens", "elapsed_s", "tokens_per_s",
     "final_dir"}.
     """
-    for name, value in (("row_tokens", row_tokens), ("batch_rows", batch_rows), ("grad_accum", grad_accum)):
+    for name, value in (("batch_rows", batch_rows), ("grad_accum", grad_accum)):
         if value < 1:
             raise ValueError(f"train: {name}={value} must be >= 1")
+    if row_tokens < 2:
+        raise ValueError(f"train: row_tokens={row_tokens} must be >= 2 (a token predicts the next one)")
     for name, value in (("max_steps", max_steps), ("max_examples", max_examples)):
         if value is not None and value < 1:
             raise ValueError(f"train: {name}={value} must be >= 1 (or None)")
-    if clip < 0:
+    # `not x >= 0` also catches nan
+    if not clip >= 0:
         raise ValueError(f"train: clip={clip} must be >= 0 (0: no clipping)")
+    if not (lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"train: lr={lr} must be a finite number > 0")
+    if not 0 <= min_lr_ratio <= 1:
+        raise ValueError(f"train: min_lr_ratio={min_lr_ratio} must be in [0, 1] (the final lr over the peak)")
+    if not weight_decay >= 0:
+        raise ValueError(f"train: weight_decay={weight_decay} must be >= 0")
+    for name, value in (
+        ("warmup_steps", warmup_steps),
+        ("eval_every", eval_every),
+        ("save_every", save_every),
+    ):
+        if value is not None and value < 0:
+            raise ValueError(f"train: {name}={value} must be >= 0")
+    if warmup_steps is not None and max_steps is not None and warmup_steps > max_steps:
+        raise ValueError(f"train: warmup_steps={warmup_steps} exceeds max_steps={max_steps}")
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"train: dtype={dtype!r}; expected 'float32' or 'bfloat16'")
     if not data:
@@ -595,8 +613,12 @@ def train(
 
         def log(record: dict[str, Any]) -> None:
             if main:
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
+                with open(log_path, "a") as f:  # strict JSON: a nan (no eval tokens) is written as null
+                    clean = {
+                        k: None if isinstance(v, float) and not math.isfinite(v) else v
+                        for k, v in record.items()
+                    }
+                    f.write(json.dumps(clean) + "\n")
 
         def save(name: str, with_state: bool = True) -> None:
             model_state, optim_state = _full_state_dicts(wrapped if fsdp else model, optimizer, fsdp)
