@@ -162,3 +162,44 @@ def test_gradients_through_a_long_prompt_in_eval_mode_and_with_checkpointing():
         model(ids, past_key_values=HybridMambaAttentionDynamicCache(model.config))
     model.gradient_checkpointing_disable()
     assert not model.is_gradient_checkpointing
+
+
+def test_review_regressions_of_this_stop():
+    """Found in review: backward through a long masked decode step (the in-place nan_to_num broke
+    autograd); generate with gradient checkpointing on in train mode (no recomputation without grad);
+    bf16 inputs_embeds on an fp32 model (as transformers); return_dict=False on a chunked prompt; the
+    output's cache under transformers 5's key "cache"."""
+    from bamba.model import DECODE_MATMUL_MIN_KEYS
+
+    model = tiny()
+    ids = torch.randint(1, 97, (2, DECODE_MATMUL_MIN_KEYS + 3))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    cache = HybridMambaAttentionDynamicCache(model.config)
+    with torch.no_grad():
+        model(ids, attention_mask=mask, past_key_values=cache)
+    step_mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], dim=1)
+    out = model(ids[:, :1], attention_mask=step_mask, past_key_values=cache)
+    out.logits.logsumexp(-1).sum().backward()
+    assert model.model.embed_tokens.weight.grad is not None
+
+    model.train()
+    model.gradient_checkpointing_enable()
+    torch.manual_seed(5)
+    with_checkpointing = model.generate(ids[:1, :6], max_new_tokens=3)
+    model.gradient_checkpointing_disable()
+    torch.manual_seed(5)
+    assert torch.equal(with_checkpointing, model.generate(ids[:1, :6], max_new_tokens=3))
+    model.eval()
+
+    with torch.no_grad():
+        embeds = model.model.embed_tokens(ids[:, :5])
+        low = model(inputs_embeds=embeds.bfloat16()).logits  # the first norm's output is rounded to bf16
+        assert low.dtype == torch.float32
+        torch.testing.assert_close(low, model(inputs_embeds=embeds).logits, atol=1e-2, rtol=1e-2)
+        model.model.prefill_chunk_size = 4
+        h, c = model.model(ids[:, :9], return_dict=False)
+        assert isinstance(h, torch.Tensor) and h.shape == (2, 9, 32) and c.get_seq_length() == 9
+        out = model(ids[:, :5])
+        assert out.keys() == ["logits", "cache"] and out.get("cache") is out.cache is out.past_key_values
+        assert "cache" in out and "past_key_values" in out and out["past_key_values"] is out.cache

@@ -362,7 +362,9 @@ def test_input_types_are_widened_or_named(saved):
                 model(ids, labels=labels)
         torch.testing.assert_close(model(ids, labels=ids.int()).loss, model(ids, labels=ids).loss)
         embeds = model.model.embed_tokens(ids)
-        with pytest.raises(ValueError, match="inputs_embeds has dtype torch.float64"):
+        with pytest.raises(
+            ValueError, match="inputs_embeds has dtype torch.float64; expected floating point no wider"
+        ):
             model(inputs_embeds=embeds.double())
         cache = HybridMambaAttentionDynamicCache(model.config)
         model(ids, past_key_values=cache)

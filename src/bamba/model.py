@@ -29,11 +29,14 @@ Cache = HybridMambaAttentionDynamicCache
 @dataclass
 class ModelOutput:
     """The outputs' base: attributes, and transformers' ModelOutput behaviour (out[0], out["logits"],
-    `in`, len, keys, get), over the fields that are set."""
+    `in`, len, keys, get), over the fields that are set. The cache is the field `cache`, as in
+    transformers 5; `past_key_values` is its other name there, and here."""
+
+    _ALIASES = {"past_key_values": "cache"}
 
     def __getitem__(self, key: str | int) -> Any:
         if isinstance(key, str):
-            return getattr(self, key)
+            return getattr(self, self._ALIASES.get(key, key))
         return self.to_tuple()[key]
 
     def to_tuple(self) -> tuple:
@@ -42,7 +45,6 @@ class ModelOutput:
     def keys(self) -> list[str]:
         return [f.name for f in fields(self) if getattr(self, f.name) is not None]
 
-    # The mapping behaviour of transformers' ModelOutput: the fields that are set, in order.
     def values(self) -> list[Any]:
         return [getattr(self, k) for k in self.keys()]
 
@@ -50,6 +52,7 @@ class ModelOutput:
         return [(k, getattr(self, k)) for k in self.keys()]
 
     def get(self, key: str, default: Any = None) -> Any:
+        key = self._ALIASES.get(key, key)
         return getattr(self, key) if key in self.keys() else default
 
     def __iter__(self) -> Iterator[str]:
@@ -59,17 +62,17 @@ class ModelOutput:
         return len(self.keys())
 
     def __contains__(self, key: object) -> bool:
-        return key in self.keys()
+        return self._ALIASES.get(key, key) in self.keys() if isinstance(key, str) else False
 
     @property
-    def cache(self) -> Cache | None:  # the name transformers 5 uses
-        return getattr(self, "past_key_values", None)
+    def past_key_values(self) -> Cache | None:
+        return getattr(self, "cache", None)
 
 
 @dataclass
 class BambaModelOutput(ModelOutput):
     last_hidden_state: Tensor
-    past_key_values: Cache | None = None
+    cache: Cache | None = None
     hidden_states: tuple[Tensor, ...] | None = None
     attentions: tuple[Tensor, ...] | None = None
 
@@ -78,7 +81,7 @@ class BambaModelOutput(ModelOutput):
 class CausalLMOutput(ModelOutput):
     loss: Tensor | None = None
     logits: Tensor | None = None
-    past_key_values: Cache | None = None
+    cache: Cache | None = None
     hidden_states: tuple[Tensor, ...] | None = None
     attentions: tuple[Tensor, ...] | None = None
 
@@ -267,7 +270,9 @@ def decode_attention_matmul(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None
         scores = scores.masked_fill(~mask, float("-inf"))
     probs = scores.softmax(-1)  # (b, kvh, r, t), contiguous
     if mask is not None:
-        probs = probs.nan_to_num_(0.0)  # rows with every key masked
+        probs = torch.nan_to_num(
+            probs, 0.0
+        )  # rows with every key masked (not in place: autograd keeps probs)
     return torch.matmul(probs, v)  # (b, kvh, r, hd)
 
 
@@ -562,8 +567,12 @@ class BambaModel(BambaPreTrainedModel):
                 f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}"
             )
         weight_dtype = self.embed_tokens.weight.dtype
-        if x.dtype != weight_dtype:
-            raise ValueError(f"inputs_embeds has dtype {x.dtype}; the model's weights are {weight_dtype}")
+        if not x.is_floating_point() or (x.dtype == torch.float64 and weight_dtype != torch.float64):
+            # (narrower floats are fine: the first norm computes in fp32, as in transformers)
+            raise ValueError(
+                f"inputs_embeds has dtype {x.dtype}; expected floating point no wider than the model's "
+                f"weights ({weight_dtype})"
+            )
         b, l, _ = x.shape
         if l == 0:
             raise ValueError("input has sequence length 0")
@@ -576,7 +585,7 @@ class BambaModel(BambaPreTrainedModel):
                 )
             position_ids = position_ids.view(-1, l)  # (b|1, l)
         past_key_values = past_key_values if past_key_values is not None else cache
-        checkpointing = self.gradient_checkpointing and self.training
+        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         if checkpointing and past_key_values is not None:
             raise ValueError(
                 "gradient checkpointing recomputes the layers, which would write past_key_values twice: "
@@ -648,9 +657,8 @@ class BambaModel(BambaPreTrainedModel):
                 ).last_hidden_state
                 for i in range(0, l, chunk)
             ]
-            return BambaModelOutput(
-                last_hidden_state=torch.cat(pieces, dim=1), past_key_values=past_key_values
-            )
+            out = BambaModelOutput(last_hidden_state=torch.cat(pieces, dim=1), cache=past_key_values)
+            return out if return_dict else out.to_tuple()
 
         if position_ids is None:
             if attention_mask is not None:
@@ -684,7 +692,7 @@ class BambaModel(BambaPreTrainedModel):
             past_key_values.seen_tokens += l
         out = BambaModelOutput(
             last_hidden_state=x,
-            past_key_values=past_key_values,
+            cache=past_key_values,
             hidden_states=tuple(all_hidden) if all_hidden is not None else None,
             attentions=tuple(all_attn) if all_attn is not None else None,
         )
@@ -740,7 +748,7 @@ class BambaForCausalLM(BambaPreTrainedModel):
         result = CausalLMOutput(
             loss=loss,
             logits=logits,
-            past_key_values=out.past_key_values,
+            cache=out.cache,
             hidden_states=out.hidden_states,
             attentions=out.attentions,
         )
