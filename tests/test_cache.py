@@ -169,7 +169,9 @@ def test_review_regressions_of_this_stop():
     autograd); generate with gradient checkpointing on in train mode (no recomputation without grad);
     bf16 inputs_embeds on an fp32 model (as transformers); return_dict=False on a chunked prompt; the
     output's cache under transformers 5's key "cache"."""
-    from bamba.model import DECODE_MATMUL_MIN_KEYS
+    import dataclasses
+
+    from bamba.model import DECODE_MATMUL_MIN_KEYS, CausalLMOutput
 
     model = tiny()
     ids = torch.randint(1, 97, (2, DECODE_MATMUL_MIN_KEYS + 3))
@@ -203,3 +205,13 @@ def test_review_regressions_of_this_stop():
         out = model(ids[:, :5])
         assert out.keys() == ["logits", "cache"] and out.get("cache") is out.cache is out.past_key_values
         assert "cache" in out and "past_key_values" in out and out["past_key_values"] is out.cache
+        # built, replaced and assigned under either name, as before and as in transformers
+        assert dataclasses.replace(out, past_key_values=None).cache is None
+        again = CausalLMOutput(logits=out.logits, past_key_values=out.cache)
+        again.cache = None
+        assert again.past_key_values is None and again.keys() == ["logits"]
+        bf16 = tiny().to(torch.bfloat16)
+        with pytest.raises(
+            ValueError, match="inputs_embeds has dtype torch.float32; expected floating point"
+        ):
+            bf16(inputs_embeds=embeds)  # fp32 into bf16 weights: a clear error, not a matmul's

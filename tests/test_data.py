@@ -245,7 +245,7 @@ def test_iter_text_files_txt_and_jsonl(tmp_path):
     ]
     jsonl.write_text("\n".join(records))  # a blank line inside, no newline at the end
     docs = list(iter_text_files([str(txt), jsonl]))
-    assert docs == ["first doc\nline two", "second", "third", "fourth", "x\n\ny", "last"]  # "" is no document
+    assert docs == ["first doc\nline two", "second", "third", "fourth", "x\n\ny", "", "last"]
 
 
 @pytest.mark.parametrize(
@@ -291,13 +291,13 @@ def test_iter_text_files_encodings(tmp_path):
     cr.write_bytes(b'{"text": "a"}\r{"text": "b"}\r\n{"text": "c"}')
     assert list(iter_text_files([cr])) == ["a", "b", "c"]  # any line ending, as text mode reads them
     # U+2028 / U+2029 / U+0085 may stand unescaped inside a JSON string (json.dumps(ensure_ascii=False)
-    # writes them so): they do not end a line. Empty texts are no documents, as in .txt files.
+    # writes them so): they do not end a line.
     seps = tmp_path / "seps.jsonl"
     texts = ["a\u2028b", "c\u2029d\u0085e", "", "  "]
     seps.write_text(
         "\n".join(json.dumps({"text": t}, ensure_ascii=False) for t in texts) + "\n", encoding="utf-8"
     )
-    assert list(iter_text_files([seps])) == texts[:2]
+    assert list(iter_text_files([seps])) == texts
     latin1 = tmp_path / "latin1.txt"
     latin1.write_bytes("caf\u00e9".encode("latin-1"))
     with pytest.raises(ValueError, match="latin1.txt: not UTF-8 text"):

@@ -488,5 +488,5 @@ def test_final_is_never_older_than_checkpoint_last(corpus, tmp_path, monkeypatch
 def test_split_eval_holds_out_the_stated_fraction():
     """ceil(0.07 * 100) was 8: the float product is 7.000000000000001."""
     docs = [[i] for i in range(100)]
-    for fraction, n in ((0.07, 7), (0.14, 14), (0.05, 5), (0.001, 1)):
+    for fraction, n in ((0.07, 7), (0.14, 14), (0.05, 5), (0.001, 1), (1e-12, 1)):
         assert len(bamba.train.split_eval(docs, fraction, seed=0)[1]) == n

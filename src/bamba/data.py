@@ -248,8 +248,8 @@ def _iter_jsonl(path: Path) -> Iterator[str]:
             body = text.removesuffix("\n").removesuffix("\r")  # the line's own end
             for line in body.replace("\r\n", "\n").replace("\r", "\n").split("\n"):
                 line_no += 1
-                if line.strip() and (text := _jsonl_text(path, line_no, line)).strip():
-                    yield text  # (an empty text is no document, as a blank stretch of a .txt file)
+                if line.strip():
+                    yield _jsonl_text(path, line_no, line)
 
 
 def _jsonl_text(path: Path, line_no: int, line: str) -> str:

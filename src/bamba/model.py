@@ -28,32 +28,32 @@ Cache = HybridMambaAttentionDynamicCache
 # ----- outputs -----------------------------------------------------------------------------------------
 @dataclass
 class ModelOutput:
-    """The outputs' base: attributes, and transformers' ModelOutput behaviour (out[0], out["logits"],
-    `in`, len, keys, get), over the fields that are set. The cache is the field `cache`, as in
-    transformers 5; `past_key_values` is its other name there, and here."""
+    """The outputs' base: attributes, and transformers 5's ModelOutput behaviour (out[0], out["logits"],
+    `in`, len, keys, get) over the fields that are set. transformers 5 keys the cache as "cache", with
+    "past_key_values" as its other name: both names work here too (the field is `past_key_values`)."""
 
-    _ALIASES = {"past_key_values": "cache"}
+    _KEYS = {"past_key_values": "cache"}  # field name -> the key transformers 5 shows
+    _FIELDS = {"cache": "past_key_values"}  # and back
 
     def __getitem__(self, key: str | int) -> Any:
         if isinstance(key, str):
-            return getattr(self, self._ALIASES.get(key, key))
+            return getattr(self, self._FIELDS.get(key, key))
         return self.to_tuple()[key]
 
     def to_tuple(self) -> tuple:
         return tuple(getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None)
 
     def keys(self) -> list[str]:
-        return [f.name for f in fields(self) if getattr(self, f.name) is not None]
+        return [self._KEYS.get(f.name, f.name) for f in fields(self) if getattr(self, f.name) is not None]
 
     def values(self) -> list[Any]:
-        return [getattr(self, k) for k in self.keys()]
+        return list(self.to_tuple())
 
     def items(self) -> list[tuple[str, Any]]:
-        return [(k, getattr(self, k)) for k in self.keys()]
+        return list(zip(self.keys(), self.to_tuple()))
 
     def get(self, key: str, default: Any = None) -> Any:
-        key = self._ALIASES.get(key, key)
-        return getattr(self, key) if key in self.keys() else default
+        return self[key] if key in self else default
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.keys())
@@ -62,17 +62,24 @@ class ModelOutput:
         return len(self.keys())
 
     def __contains__(self, key: object) -> bool:
-        return self._ALIASES.get(key, key) in self.keys() if isinstance(key, str) else False
+        if not isinstance(key, str):
+            return False
+        name = self._FIELDS.get(key, key)
+        return name in {f.name for f in fields(self)} and getattr(self, name) is not None
 
     @property
-    def past_key_values(self) -> Cache | None:
-        return getattr(self, "cache", None)
+    def cache(self) -> Cache | None:  # transformers 5's name
+        return getattr(self, "past_key_values", None)
+
+    @cache.setter
+    def cache(self, value: Cache | None) -> None:
+        self.past_key_values = value
 
 
 @dataclass
 class BambaModelOutput(ModelOutput):
     last_hidden_state: Tensor
-    cache: Cache | None = None
+    past_key_values: Cache | None = None
     hidden_states: tuple[Tensor, ...] | None = None
     attentions: tuple[Tensor, ...] | None = None
 
@@ -81,7 +88,7 @@ class BambaModelOutput(ModelOutput):
 class CausalLMOutput(ModelOutput):
     loss: Tensor | None = None
     logits: Tensor | None = None
-    cache: Cache | None = None
+    past_key_values: Cache | None = None
     hidden_states: tuple[Tensor, ...] | None = None
     attentions: tuple[Tensor, ...] | None = None
 
@@ -567,8 +574,9 @@ class BambaModel(BambaPreTrainedModel):
                 f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}"
             )
         weight_dtype = self.embed_tokens.weight.dtype
-        if not x.is_floating_point() or (x.dtype == torch.float64 and weight_dtype != torch.float64):
-            # (narrower floats are fine: the first norm computes in fp32, as in transformers)
+        narrower = weight_dtype in (torch.float32, torch.float64) and x.itemsize < weight_dtype.itemsize
+        if not x.is_floating_point() or not (x.dtype == weight_dtype or narrower):
+            # (narrower floats into fp32 weights are fine: the norms compute in fp32, as in transformers)
             raise ValueError(
                 f"inputs_embeds has dtype {x.dtype}; expected floating point no wider than the model's "
                 f"weights ({weight_dtype})"
@@ -657,7 +665,9 @@ class BambaModel(BambaPreTrainedModel):
                 ).last_hidden_state
                 for i in range(0, l, chunk)
             ]
-            out = BambaModelOutput(last_hidden_state=torch.cat(pieces, dim=1), cache=past_key_values)
+            out = BambaModelOutput(
+                last_hidden_state=torch.cat(pieces, dim=1), past_key_values=past_key_values
+            )
             return out if return_dict else out.to_tuple()
 
         if position_ids is None:
@@ -692,7 +702,7 @@ class BambaModel(BambaPreTrainedModel):
             past_key_values.seen_tokens += l
         out = BambaModelOutput(
             last_hidden_state=x,
-            cache=past_key_values,
+            past_key_values=past_key_values,
             hidden_states=tuple(all_hidden) if all_hidden is not None else None,
             attentions=tuple(all_attn) if all_attn is not None else None,
         )
@@ -748,7 +758,7 @@ class BambaForCausalLM(BambaPreTrainedModel):
         result = CausalLMOutput(
             loss=loss,
             logits=logits,
-            cache=out.cache,
+            past_key_values=out.past_key_values,
             hidden_states=out.hidden_states,
             attentions=out.attentions,
         )

@@ -92,7 +92,8 @@ def split_eval(docs: list[list[int]], fraction: float, seed: int) -> tuple[list[
     """(train, eval): a seeded random `fraction` of the documents (at least one) is held out, order kept."""
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"train: eval_fraction={fraction} must be in [0, 1)")
-    n_eval = math.ceil(fraction * len(docs) - 1e-9) if fraction > 0 else 0  # 0.07 * 100 is 7.000000000000001
+    # at least one; the 1e-9: 0.07 * 100 is 7.000000000000001, which must hold out 7, not 8
+    n_eval = max(1, math.ceil(fraction * len(docs) - 1e-9)) if fraction > 0 else 0
     if n_eval == 0:
         return docs, []
     if n_eval >= len(docs):
