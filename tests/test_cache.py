@@ -153,8 +153,12 @@ def test_gradients_through_a_long_prompt_in_eval_mode_and_with_checkpointing():
     model.gradient_checkpointing_enable()
     assert model.is_gradient_checkpointing and model.model.gradient_checkpointing
     model.zero_grad()
+    calls = []
+    hook = model.model.layers[0].register_forward_pre_hook(lambda *a: calls.append(1))
     out = model(ids, labels=ids, use_cache=True)
     out.loss.backward()
+    hook.remove()
+    assert len(calls) == 2  # the layer ran again in the backward pass: checkpointed
     assert out.past_key_values is None
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, grads[n], msg=n)

@@ -146,12 +146,18 @@ def test_grouped_decode_attention_matches_sdpa_with_gqa():
         torch.testing.assert_close(grouped_decode_attention(q, k, v, m), expected, atol=1e-6, rtol=1e-5)
 
 
-def test_decode_attention_matmul_matches_sdpa():
+def test_decode_attention_matmul_matches_sdpa(monkeypatch):
     """The CPU fp32 path for long caches (DECODE_MATMUL_MIN_KEYS keys or more), on strided cache views,
     with and without a padding mask, a fully masked row included (SDPA gives zeros there)."""
     import torch.nn.functional as F
 
+    import bamba.model
     from bamba.model import DECODE_MATMUL_MIN_KEYS, decode_attention_matmul, grouped_decode_attention
+
+    routed = []
+    monkeypatch.setattr(
+        bamba.model, "decode_attention_matmul", lambda *a: routed.append(1) or decode_attention_matmul(*a)
+    )
 
     torch.manual_seed(0)
     t = DECODE_MATMUL_MIN_KEYS + 7
@@ -166,3 +172,9 @@ def test_decode_attention_matmul_matches_sdpa():
         qg = q.reshape(3, 2, 4, 16)
         torch.testing.assert_close(decode_attention_matmul(qg, k, v, m).reshape(3, 8, 1, 16), expected)
     assert torch.equal(got[1], torch.zeros_like(got[1]))
+    assert len(routed) == 2  # grouped_decode_attention took the matmul path for both calls
+    grouped_decode_attention(
+        q, k[:, :, : DECODE_MATMUL_MIN_KEYS - 1], v[:, :, : DECODE_MATMUL_MIN_KEYS - 1], None
+    )
+    grouped_decode_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), None)
+    assert len(routed) == 2  # short caches and bf16 stay on SDPA

@@ -490,3 +490,16 @@ def test_split_eval_holds_out_the_stated_fraction():
     docs = [[i] for i in range(100)]
     for fraction, n in ((0.07, 7), (0.14, 14), (0.05, 5), (0.001, 1), (1e-12, 1)):
         assert len(bamba.train.split_eval(docs, fraction, seed=0)[1]) == n
+
+
+def test_the_log_is_strict_json_when_a_value_is_not_finite(corpus, tmp_path, monkeypatch):
+    """An eval with no predicted tokens gives nan: the log writes null (strict parsers refuse NaN)."""
+    monkeypatch.setattr(bamba.train, "evaluate", lambda *a: (float("nan"), 0))
+    run(corpus, tmp_path, max_steps=2, eval_every=1)
+    lines = (tmp_path / "log.jsonl").read_text().splitlines()
+
+    def refuse(name: str) -> None:
+        raise ValueError(f"not strict JSON: {name}")
+
+    records = [json.loads(line, parse_constant=refuse) for line in lines]
+    assert any("eval_loss" in r and r["eval_loss"] is None for r in records)
