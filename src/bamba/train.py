@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import hashlib
 import json
 import math
@@ -745,6 +746,11 @@ def train(
         bar.note(f"train: step {step}, saved {os.path.join(out_dir, FINAL_NAME)}")
         if world > 1:
             dist.barrier()  # every rank returns once the files are written
+        # DDP's reducer holds the process group. Freed after the group was destroyed (at this function's
+        # return), it ran the group's destructor with the GIL held, which waits for gloo's thread, which
+        # may be waiting for the GIL: a run hung there once. So it is freed now, while the group lives.
+        wrapped = None
+        gc.collect()
         return {
             "step": step,
             "loss": last_loss,
