@@ -550,3 +550,21 @@ def test_streamers_as_transformers(demo, capsys):
         texts.append("".join(streamer))
         th.join()
     assert texts[0] == texts[1] and texts[0].startswith("<|bos|>ROMEO:\n")
+
+
+def test_streamer_passes_extra_keyword_arguments_to_decode():
+    """TextStreamer(tok, **kwargs) decodes with those kwargs, as transformers' does (the BPE demo tokenizer
+    ignores clean_up_tokenization_spaces, so a recording tokenizer shows it)."""
+    seen = []
+
+    class Recording:
+        def decode(self, ids, skip_special_tokens=False, clean_up_tokenization_spaces=None):
+            seen.append(clean_up_tokenization_spaces)
+            return "".join(chr(97 + i) for i in ids)
+
+    pieces = []
+    streamer = TextStreamer(Recording(), on_text=pieces.append, clean_up_tokenization_spaces=True)
+    streamer.put(torch.tensor([[0, 1]]))  # the prompt (streamed too)
+    streamer.put(torch.tensor([2]))
+    streamer.end()
+    assert "".join(pieces) == "abc" and seen and all(v is True for v in seen)
