@@ -140,3 +140,19 @@ def test_bad_task_and_input(folder):
         pipeline("summarization", model=folder)
     with pytest.raises(ValueError, match="string or a list of chat messages"):
         pipeline(model=folder)([torch.ones(2)])
+
+
+def test_decode_options_reach_the_tokenizer(pipes, monkeypatch):
+    """skip_special_tokens and clean_up_tokenization_spaces go to decode (the demo's BPE tokenizer and
+    short greedy runs show no difference in text, so the calls are recorded)."""
+    ours, _ = pipes
+    calls = []
+    real = ours.tokenizer.decode
+    monkeypatch.setattr(ours.tokenizer, "decode", lambda ids, **kw: calls.append(kw) or real(ids, **kw))
+    ours("ROMEO:", max_new_tokens=2, skip_special_tokens=False, clean_up_tokenization_spaces=True)
+    assert calls and all(
+        kw["skip_special_tokens"] is False and kw["clean_up_tokenization_spaces"] is True for kw in calls
+    )
+    calls.clear()
+    ours("ROMEO:", max_new_tokens=2)
+    assert calls and all(kw["skip_special_tokens"] is True for kw in calls)  # transformers' default
