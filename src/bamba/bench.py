@@ -413,7 +413,7 @@ def bench(
         )
     from .checkpoint import atomic_write, read_config
 
-    folder = ensure_checkpoint(checkpoint or os.path.join(DEFAULT_DIR, PRESET))
+    folder = checkpoint or ensure_checkpoint(os.path.join(DEFAULT_DIR, PRESET))  # (a given one exists)
     cfg = read_config(folder)
     for v in variants:
         if v in QUANT:

@@ -34,13 +34,7 @@ class HybridMambaAttentionDynamicCache:
     ) -> None:
         self.config = config
         self.layers_block_type = config.layers_block_type
-        n = config.num_hidden_layers
-        self._keys: list[Tensor | None] = [None] * n
-        self._values: list[Tensor | None] = [None] * n
-        self.conv_states: list[Tensor | None] = [None] * n
-        self.ssm_states: list[Tensor | None] = [None] * n
-        self._kv_lens = [0] * n  # filled length of each attention layer's buffers
-        self.seen_tokens = 0  # tokens consumed so far (the cache's sequence length)
+        self.reset()
         if batch_size is not None:
             for i, kind in enumerate(self.layers_block_type):
                 if kind == "mamba":
@@ -118,10 +112,12 @@ class HybridMambaAttentionDynamicCache:
     def reset(self) -> None:
         """Empty the cache (as transformers' `reset`): the next forward starts a new sequence."""
         n = self.config.num_hidden_layers
-        self._keys, self._values = [None] * n, [None] * n
-        self.conv_states, self.ssm_states = [None] * n, [None] * n
-        self._kv_lens = [0] * n
-        self.seen_tokens = 0
+        self._keys: list[Tensor | None] = [None] * n
+        self._values: list[Tensor | None] = [None] * n
+        self.conv_states: list[Tensor | None] = [None] * n
+        self.ssm_states: list[Tensor | None] = [None] * n
+        self._kv_lens = [0] * n  # filled length of each attention layer's buffers
+        self.seen_tokens = 0  # tokens consumed so far (the cache's sequence length)
 
     def reorder_cache(self, beam_idx: Tensor) -> None:
         """Reorder (or repeat) the batch rows, e.g. for beam search: row j becomes old row beam_idx[j]."""

@@ -281,8 +281,10 @@ def load_pretrained(
             "the model's config now has tie_word_embeddings=False",
             stacklevel=3,
         )
-        config = dataclasses.replace(config, tie_word_embeddings=False)
-        model.config = config
+        old, config = config, dataclasses.replace(config, tie_word_embeddings=False)
+        for module in model.modules():  # every holder of the config (the layers keep it too)
+            if getattr(module, "config", None) is old:
+                module.config = config
     tied = {"lm_head.weight"} if config.tie_word_embeddings and prefix else set()
     missing = [k for k in expected if k not in loaded and k not in tied and k not in mismatched]
     problems = []

@@ -70,8 +70,14 @@ class BambaConfig:
             self.time_step_limit = tuple(float(v) for v in self.time_step_limit)
         if self.attn_layer_indices is not None:
             self.attn_layer_indices = sorted(self.attn_layer_indices)
-        _check_positive(self, "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers")
-        _check_positive(self, "max_position_embeddings")
+        _check_positive(
+            self,
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "max_position_embeddings",
+        )
         _check_positive(self, "num_attention_heads", "num_key_value_heads", "mamba_n_heads", "mamba_n_groups")
         _check_positive(self, "mamba_d_state", "mamba_d_conv", "mamba_expand", "mamba_chunk_size")
         if self.mamba_d_head == "auto":

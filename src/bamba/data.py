@@ -245,8 +245,8 @@ def _iter_jsonl(path: Path) -> Iterator[str]:
                     f"{path}:{line_no + 1}: not UTF-8 text ({e.reason}); convert it to UTF-8"
                 ) from e
             # \r\n and lone \r end lines too, but not U+2028, U+2029 or U+0085, which JSON strings may hold
-            body = text.removesuffix("\n").removesuffix("\r")  # the line's own end
-            for line in body.replace("\r\n", "\n").replace("\r", "\n").split("\n"):
+            # (the file's lines end at \n; within one, lone \r end lines too)
+            for line in text.removesuffix("\n").removesuffix("\r").split("\r"):
                 line_no += 1
                 if line.strip():
                     yield _jsonl_text(path, line_no, line)

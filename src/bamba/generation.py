@@ -146,7 +146,7 @@ class TextIteratorStreamer(TextStreamer):
 # ----- sampling -----------------------------------------------------------------------------------------
 def process_logits(
     logits: Tensor,
-    history: Tensor,
+    history: Tensor | None,
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
@@ -584,7 +584,10 @@ def generate(
         n_new = 0
         for step in range(max_new_tokens):
             raw = logits.float()  # (active, vocab)
-            history = out[active, : t + step]  # (active, t + step)
+            # the sequences so far, for the bans and the penalty only (a copy per step otherwise wasted)
+            history = (
+                out[active, : t + step] if no_repeat_ngram_size or repetition_penalty != 1.0 else None
+            )  # (active, t + step)
             scores = raw
             if eos and t + step < min_total:
                 scores = scores.index_fill(1, eos_t, float("-inf"))
@@ -609,8 +612,10 @@ def generate(
             else:
                 nxt = scores.argmax(-1)  # (active,)
             if keep_all:
-                all_scores.append(scores)
-                all_logits.append(raw)
+                if output_scores:
+                    all_scores.append(scores)
+                if output_logits:
+                    all_logits.append(raw)
                 nxt = nxt.masked_fill(finished, pad)
             out[active, t + step] = nxt
             n_new = step + 1
@@ -626,19 +631,19 @@ def generate(
                     done |= hit
             if keep_all:
                 finished |= done
-                if step + 1 == max_new_tokens or bool(finished.all()):
+            if step + 1 == max_new_tokens:
+                break
+            if keep_all:
+                if bool(finished.all()):
                     break
-            else:
-                if step + 1 == max_new_tokens:
+            elif bool(done.any()):
+                keep = ~done
+                if not bool(keep.any()):
                     break
-                if bool(done.any()):
-                    keep = ~done
-                    if not bool(keep.any()):
-                        break
-                    active, nxt = active[keep], nxt[keep]
-                    cache.select_batch(keep)
-                    if mask is not None:
-                        mask = mask[keep]
+                active, nxt = active[keep], nxt[keep]
+                cache.select_batch(keep)
+                if mask is not None:
+                    mask = mask[keep]
             if mask is not None:
                 mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
             logits = model(nxt[:, None], attention_mask=mask, past_key_values=cache, use_cache=True).logits[

@@ -30,10 +30,11 @@ References: each fast path equals F.linear in fp32 within rounding (tests/test_l
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -57,10 +58,17 @@ def _probe(*shape: int) -> Tensor:
     return torch.randn(*shape, generator=gen, dtype=torch.float32, device="cpu")
 
 
-def _best_time(fn: Any, *args: Any, reps: int = 3) -> float:
-    """Best of `reps` timed calls after a warm-up, outside autocast and autograd, whatever the caller's
-    context (the results are cached for the whole process)."""
+@contextlib.contextmanager
+def _isolated() -> Iterator[None]:
+    """Outside autocast and autograd, whatever the caller's context: the one-time checks below are
+    cached for the whole process."""
     with torch.autocast("cpu", enabled=False), torch.no_grad():
+        yield
+
+
+def _best_time(fn: Any, *args: Any, reps: int = 3) -> float:
+    """Best of `reps` timed calls after a warm-up (`_isolated`)."""
+    with _isolated():
         fn(*args)
         times = []
         for _ in range(reps):
@@ -113,7 +121,7 @@ def dense_linear(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
     """F.linear(x, w, bias) for fp32 on the CPU, through oneDNN where `use_onednn_fp32` says (inference)
     or `onednn_trains` says (autograd), on what `onednn_can_take`; F.linear itself (the reference)
     otherwise."""
-    if onednn_can_take(x, w, bias) and w.numel() > 0:
+    if onednn_can_take(x, w, bias):
         if not needs_grad(x, w, bias):
             if use_onednn_fp32(x.numel() // x.shape[-1], w.numel()):
                 return onednn_linear(x, w, bias)
@@ -123,16 +131,22 @@ def dense_linear(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
 
 
 def onednn_can_take(x: Tensor, *others: Tensor | None) -> bool:
-    """Can oneDNN's fp32 op serve these tensors here? Plain (not DTensor...), non-empty fp32 CPU tensors,
+    """Can oneDNN's fp32 op serve these tensors here? On x86 builds with oneDNN: plain (not DTensor...), non-empty fp32 CPU tensors,
     outside autocast (which must see F.linear or torch.matmul to cast), torch.func transforms and
     forward-mode AD (the op has no forward derivative), and torch.compile (whose inductor fails to lower
     the op, and picks its own kernels anyway)."""
-    tensors = [t for t in (x, *others) if t is not None]
     return (
-        x.numel() > 0
-        and all(type(t) in (Tensor, nn.Parameter) and t.device.type == "cpu" for t in tensors)
-        and all(t.dtype == torch.float32 for t in tensors)
-        and not torch.compiler.is_compiling()
+        not torch.compiler.is_compiling()  # first: dynamo would trace into the cached gate below
+        and onednn_available()  # cached; x86 builds with oneDNN only (most calls elsewhere stop here)
+        and X86
+        and all(
+            type(t) in (Tensor, nn.Parameter)
+            and t.device.type == "cpu"
+            and t.dtype == torch.float32
+            and t.numel() > 0
+            for t in (x, *others)
+            if t is not None
+        )
         and not torch.is_autocast_enabled("cpu")
         and not torch._C._are_functorch_transforms_active()
         and fwAD._current_level < 0  # no forward-mode AD level open
@@ -151,7 +165,7 @@ def onednn_takes_transposed() -> bool:
     """Does this PyTorch's oneDNN linear take transposed (strided) operands, as `OneDNNLinearFunction`'s
     backward passes them, and give F.linear's result? (Checked once on a small product; torch 2.13 does.)"""
     x, w = _probe(8, 6).t(), _probe(8, 5).t()  # (6, 8) and (5, 8), both transposed views
-    with torch.autocast("cpu", enabled=False), torch.no_grad():
+    with _isolated():
         try:
             out = onednn_linear(x, w)  # (6, 5)
         except RuntimeError:

@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .cache import HybridMambaAttentionDynamicCache
 from .config import BambaConfig
-from .linear import Linear
+from .linear import Linear, needs_grad
 from .ssd import causal_conv1d, causal_conv1d_step, ssd_chunked, ssd_step_inplace
 
 Cache = HybridMambaAttentionDynamicCache
@@ -33,7 +33,7 @@ class ModelOutput:
     "past_key_values" as its other name: both names work here too (the field is `past_key_values`)."""
 
     _KEYS = {"past_key_values": "cache"}  # field name -> the key transformers 5 shows
-    _FIELDS = {"cache": "past_key_values"}  # and back
+    _FIELDS = {v: k for k, v in _KEYS.items()}  # and back
 
     def __getitem__(self, key: str | int) -> Any:
         if isinstance(key, str):
@@ -62,10 +62,7 @@ class ModelOutput:
         return len(self.keys())
 
     def __contains__(self, key: object) -> bool:
-        if not isinstance(key, str):
-            return False
-        name = self._FIELDS.get(key, key)
-        return name in {f.name for f in fields(self)} and getattr(self, name) is not None
+        return isinstance(key, str) and self._KEYS.get(key, key) in self.keys()
 
     @property
     def cache(self) -> Cache | None:  # transformers 5's name
@@ -277,9 +274,8 @@ def decode_attention_matmul(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None
         scores = scores.masked_fill(~mask, float("-inf"))
     probs = scores.softmax(-1)  # (b, kvh, r, t), contiguous
     if mask is not None:
-        probs = torch.nan_to_num(
-            probs, 0.0
-        )  # rows with every key masked (not in place: autograd keeps probs)
+        # rows with every key masked; not in place: autograd keeps probs
+        probs = torch.nan_to_num(probs, 0.0)
     return torch.matmul(probs, v)  # (b, kvh, r, hd)
 
 
@@ -599,7 +595,9 @@ class BambaModel(BambaPreTrainedModel):
                 "gradient checkpointing recomputes the layers, which would write past_key_values twice: "
                 "train without a cache, or turn checkpointing off (gradient_checkpointing_disable)"
             )
-        if use_cache is None or checkpointing:  # as transformers: no cache when checkpointing
+        if checkpointing:  # as transformers: no cache when checkpointing
+            use_cache = False
+        elif use_cache is None:
             use_cache = cfg.use_cache and not self.training
         if use_cache and past_key_values is None:
             past_key_values = HybridMambaAttentionDynamicCache(cfg)
@@ -653,10 +651,7 @@ class BambaModel(BambaPreTrainedModel):
             and position_ids is None
             and seq_idx is None
             and not (output_hidden_states or output_attentions or self.training)
-            and not (
-                torch.is_grad_enabled()
-                and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
-            )
+            and not needs_grad(x, *self.parameters())
         ):  # (a backward pass would need the states that each piece overwrites)
             # A long prompt goes through the cache in pieces: activations stay O(chunk), not O(l).
             pieces = [

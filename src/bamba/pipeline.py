@@ -87,9 +87,9 @@ class TextGenerationPipeline:
         options = {**self.generate_defaults, **kwargs}
         if return_full_text is not None:
             options["return_full_text"] = return_full_text
-        if options.get("generation_config") is not None:
-            options = {**generation_config_fields(options.pop("generation_config")), **options}
-        options.pop("generation_config", None)
+        config = options.pop("generation_config", None)
+        if config is not None:  # its fields below the explicit arguments
+            options = {**generation_config_fields(config), **options}
         pop = options.pop
         return_full_text, return_tensors, return_text = (
             pop("return_full_text", None),
@@ -116,9 +116,7 @@ class TextGenerationPipeline:
         )
         stop_sequence = pop("stop_sequence", None)
         if stop_sequence is not None:  # as transformers: stop strings (the stop text stays in the output)
-            options["stop_strings"] = (
-                [stop_sequence] if isinstance(stop_sequence, str) else list(stop_sequence)
-            )
+            options["stop_strings"] = stop_sequence
         batch_size = pop("batch_size", None)
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
             raise ValueError(f"batch_size={batch_size!r} must be an integer >= 1")
@@ -179,9 +177,10 @@ class TextGenerationPipeline:
         if options.get("max_new_tokens") is None and options.get("max_length") is None:
             options["max_new_tokens"] = 50
         if run.prefix:  # as transformers: a total length counts the prefix's tokens too
+            prefix_len = len(tok.encode(run.prefix, add_special_tokens=False))
             for length, new_tokens in (("max_length", "max_new_tokens"), ("min_length", "min_new_tokens")):
                 if options.get(length) is not None and options.get(new_tokens) is None:
-                    options[length] += len(tok.encode(run.prefix, add_special_tokens=False))
+                    options[length] += prefix_len
         n = options.get("num_return_sequences", 1)
         out = generate(self.model, ids, attention_mask=mask, **options)
         out = getattr(

@@ -287,9 +287,15 @@ def int4_kernel_layout_matches() -> bool:
         return False
 
 
+def _check_int4_group_size(group_size: Any) -> None:
+    if type(group_size) is not int or group_size not in INT4_GROUP_SIZES:
+        raise ValueError(
+            f"group_size={group_size!r}: expected one of {INT4_GROUP_SIZES} (the CPU int4 kernel's sizes)"
+        )
+
+
 def _check_int4_shape(n: int, k: int, group_size: int) -> None:
-    if group_size not in INT4_GROUP_SIZES:
-        raise ValueError(f"int4 group_size={group_size!r}: expected one of {INT4_GROUP_SIZES}")
+    _check_int4_group_size(group_size)
     if n % INT4_BLOCK_N or k % group_size:
         raise ValueError(
             f"int4 weight (out={n}, in={k}): out must be a multiple of {INT4_BLOCK_N}, in a multiple of "
@@ -445,10 +451,8 @@ def quantize(model: nn.Module, method: str = "int8_weight_only", group_size: int
     method = SHORT_NAMES.get(method, method)
     if method not in METHODS:
         raise ValueError(f"quantization={method!r}: expected one of {METHODS} or {tuple(SHORT_NAMES)}")
-    if method == "int4_weight_only" and (type(group_size) is not int or group_size not in INT4_GROUP_SIZES):
-        raise ValueError(
-            f"group_size={group_size!r}: expected one of {INT4_GROUP_SIZES} (the CPU int4 kernel's sizes)"
-        )
+    if method == "int4_weight_only":
+        _check_int4_group_size(group_size)
     packed = [name for name, mod in model.named_modules() if isinstance(mod, PackedLinear)]
     if packed:
         raise ValueError(

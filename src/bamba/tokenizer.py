@@ -385,8 +385,7 @@ class Tokenizer:
             ids = ids.tolist()
         ids = [ids] if isinstance(ids, int) else list(ids)
         if ids and (isinstance(ids[0], list | tuple) or (hasattr(ids[0], "tolist") and ids[0].ndim > 0)):
-            rows = [row.tolist() if hasattr(row, "tolist") else list(row) for row in ids]  # tensors, arrays
-            return self.batch_decode(rows, skip_special_tokens, clean_up_tokenization_spaces)
+            return self.batch_decode(ids, skip_special_tokens, clean_up_tokenization_spaces)  # rows: any form
         text = self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
         clean = (
             self.clean_up_tokenization_spaces
@@ -405,7 +404,7 @@ class Tokenizer:
     ) -> list[str]:
         if isinstance(batch, torch.Tensor):
             batch = batch.tolist()
-        return [self.decode(list(ids), skip_special_tokens, clean_up_tokenization_spaces) for ids in batch]
+        return [self.decode(ids, skip_special_tokens, clean_up_tokenization_spaces) for ids in batch]
 
     def stream_decoder(self, skip_special_tokens: bool = False) -> DecodeStream:
         """A `DecodeStream` over this tokenizer, for printing generated tokens as they come."""

@@ -575,192 +575,201 @@ def train(
         elif init_from is not None:
             _load_weights(model, init_from)
         wrapped = _wrap(model, world, dev, fsdp)
-        optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=1e-8)
-        step, tokens_seen = 0, 0
-        changed_settings: dict[str, str] = {}  # what this call sets differently from the resumed run
-        if state is not None:
-            fresh = [{k: g[k] for k in ("weight_decay", "betas", "eps")} for g in optimizer.param_groups]
-            _load_optimizer(wrapped, optimizer, state["optimizer"], fsdp)
-            for group, settings in zip(optimizer.param_groups, fresh):
-                for k, v in settings.items():
-                    if group[k] != v:
-                        changed_settings[k] = f"{k} {group[k]} -> {v}"
-                group.update(settings)  # this call's settings win, as they do for the lr schedule
-            schedule = {"lr": lr, "warmup_steps": warmup_steps, "min_lr_ratio": min_lr_ratio}
-            before = {**state["schedule"], "max_steps": state["max_steps"]}
-            for k, v in {**schedule, "max_steps": max_steps}.items():
-                if before.get(k) != v:
-                    changed_settings[k] = f"{k} {before.get(k)} -> {v}"
-            step, tokens_seen = state["step"], state["tokens_seen"]
-            torch.set_rng_state(state["rng"]["torch"])
-            random.setstate(state["rng"]["python"])
-            if dev.type == "cuda" and state["rng"].get("cuda") is not None:
-                torch.cuda.set_rng_state(state["rng"]["cuda"], dev)
-        autocast = _autocast(dtype, dev)
-
-        # ----- logging, evaluation, checkpoints (rank 0 writes)
-        log_path = log_file or os.path.join(out_dir, "log.jsonl")
-        bar = _Progress(progress and main, progress_every)
-        if main:
-            os.makedirs(out_dir, exist_ok=True)
-            os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
-            _trim_log(log_path, step)
-            bar.note(
-                f"train: {model.num_parameters():,} parameters | {td.n_docs} documents, {td.n_tokens:,} tokens "
-                f"in {len(td.rows)} rows of <= {row_tokens} | eval {len(td.eval_rows)} rows | {rows_per_step} "
-                f"rows/step over {world} process(es)" + (f" | resuming {ckpt} at step {step}" if ckpt else "")
+        try:
+            optimizer = torch.optim.AdamW(
+                param_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=1e-8
             )
-            if changed_settings:
-                bar.warn(f"train: resuming with other settings: {'; '.join(changed_settings.values())}")
+            step, tokens_seen = 0, 0
+            changed_settings: dict[str, str] = {}  # what this call sets differently from the resumed run
+            if state is not None:
+                fresh = [{k: g[k] for k in ("weight_decay", "betas", "eps")} for g in optimizer.param_groups]
+                _load_optimizer(wrapped, optimizer, state["optimizer"], fsdp)
+                for group, settings in zip(optimizer.param_groups, fresh):
+                    for k, v in settings.items():
+                        if group[k] != v:
+                            changed_settings[k] = f"{k} {group[k]} -> {v}"
+                    group.update(settings)  # this call's settings win, as they do for the lr schedule
+                schedule = {"lr": lr, "warmup_steps": warmup_steps, "min_lr_ratio": min_lr_ratio}
+                before = {**state["schedule"], "max_steps": state["max_steps"]}
+                for k, v in {**schedule, "max_steps": max_steps}.items():
+                    if before.get(k) != v:
+                        changed_settings[k] = f"{k} {before.get(k)} -> {v}"
+                step, tokens_seen = state["step"], state["tokens_seen"]
+                torch.set_rng_state(state["rng"]["torch"])
+                random.setstate(state["rng"]["python"])
+                if dev.type == "cuda" and state["rng"].get("cuda") is not None:
+                    torch.cuda.set_rng_state(state["rng"]["cuda"], dev)
+            autocast = _autocast(dtype, dev)
 
-        def log(record: dict[str, Any]) -> None:
+            # ----- logging, evaluation, checkpoints (rank 0 writes)
+            log_path = log_file or os.path.join(out_dir, "log.jsonl")
+            bar = _Progress(progress and main, progress_every)
             if main:
-                with open(log_path, "a") as f:  # strict JSON: a nan (no eval tokens) is written as null
-                    clean = {
-                        k: None if isinstance(v, float) and not math.isfinite(v) else v
-                        for k, v in record.items()
-                    }
-                    f.write(json.dumps(clean) + "\n")
-
-        def save(name: str, with_state: bool = True) -> None:
-            model_state, optim_state = _full_state_dicts(wrapped if fsdp else model, optimizer, fsdp)
-            if not main:
-                return
-            trainer_state = {
-                **layout,
-                "step": step,
-                "tokens_seen": tokens_seen,
-                "max_steps": max_steps,
-                "schedule": {"lr": lr, "warmup_steps": warmup_steps, "min_lr_ratio": min_lr_ratio},
-                "optimizer": optim_state,
-                "rng": {
-                    "torch": torch.get_rng_state(),
-                    "python": random.getstate(),
-                    "cuda": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None,
-                },
-            }
-
-            def write(folder: str) -> None:
-                _save_model(folder, cfg, model_state)
-                tok.save_pretrained(folder)
-                if with_state:
-                    _write_trainer_state(trainer_state, folder)
-
-            save_folder_atomically(out_dir, name, write)
-
-        def run_eval() -> dict[str, Any]:
-            if not td.eval_rows:
-                return {}
-            loss, count = evaluate(wrapped if fsdp else model, td.eval_rows, rank, world, dev, autocast)
-            record = {
-                "step": step,
-                "eval_loss": loss,
-                "eval_ppl": math.exp(min(loss, 700.0)),
-                "eval_tokens": count,
-            }
-            log(record)
-            bar.note(f"step {step}: eval loss {loss:.4f} | ppl {record['eval_ppl']:.2f}")
-            return record
-
-        def stop(what: str, value: float) -> RuntimeError:
-            kept = find_checkpoint(out_dir)
-            return RuntimeError(
-                f"train: the {what} at step {step + 1} is {value} (not finite); stopped before updating the "
-                "weights. "
-                + (f"The last good checkpoint is {kept}." if kept else "No checkpoint was saved yet.")
-                + " Try a lower lr, a longer warmup or dtype float32."
-            )
-
-        # ----- the loop
-        last_loss = float("nan")
-        eval_record: dict[str, Any] = {}
-        t_start, tokens_start, start_step = time.perf_counter(), tokens_seen, step
-        if step >= max_steps:
-            bar.note(f"train: {ckpt} is already at step {step} of max_steps={max_steps}: nothing to train")
-        while step < max_steps:
-            t0 = time.perf_counter()
-            micro = [
-                flatten_rows(
-                    [
-                        td.rows[order[i]]
-                        for i in stream_positions(step, m, rank, batch_rows, world, grad_accum)
-                    ]
+                os.makedirs(out_dir, exist_ok=True)
+                os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
+                _trim_log(log_path, step)
+                bar.note(
+                    f"train: {model.num_parameters():,} parameters | {td.n_docs} documents, {td.n_tokens:,} tokens "
+                    f"in {len(td.rows)} rows of <= {row_tokens} | eval {len(td.eval_rows)} rows | {rows_per_step} "
+                    f"rows/step over {world} process(es)"
+                    + (f" | resuming {ckpt} at step {step}" if ckpt else "")
                 )
-                for m in range(grad_accum)
-            ]  # grad_accum batches: input_ids, labels, position_ids, seq_idx of shape (1, T_m)
-            counts = [count_targets(b["labels"]) for b in micro]
-            n_items, step_tokens = _all_sum(
-                [sum(counts), sum(b["input_ids"].shape[1] for b in micro)], world, dev
-            )
-            current_lr = lr * lr_factor(step, warmup_steps, max_steps, min_lr_ratio)
-            if n_items == 0:  # only 1-token examples: nothing to predict, no update
+                if changed_settings:
+                    bar.warn(f"train: resuming with other settings: {'; '.join(changed_settings.values())}")
+
+            def log(record: dict[str, Any]) -> None:
+                if main:
+                    with open(log_path, "a") as f:  # strict JSON: a nan (no eval tokens) is written as null
+                        clean = {
+                            k: None if isinstance(v, float) and not math.isfinite(v) else v
+                            for k, v in record.items()
+                        }
+                        f.write(json.dumps(clean) + "\n")
+
+            def save(name: str, with_state: bool = True) -> None:
+                model_state, optim_state = _full_state_dicts(wrapped if fsdp else model, optimizer, fsdp)
+                if not main:
+                    return
+                trainer_state = {
+                    **layout,
+                    "step": step,
+                    "tokens_seen": tokens_seen,
+                    "max_steps": max_steps,
+                    "schedule": {"lr": lr, "warmup_steps": warmup_steps, "min_lr_ratio": min_lr_ratio},
+                    "optimizer": optim_state,
+                    "rng": {
+                        "torch": torch.get_rng_state(),
+                        "python": random.getstate(),
+                        "cuda": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None,
+                    },
+                }
+
+                def write(folder: str) -> None:
+                    _save_model(folder, cfg, model_state)
+                    tok.save_pretrained(folder)
+                    if with_state:
+                        _write_trainer_state(trainer_state, folder)
+
+                save_folder_atomically(out_dir, name, write)
+
+            def run_eval() -> dict[str, Any]:
+                if not td.eval_rows:
+                    return {}
+                loss, count = evaluate(wrapped if fsdp else model, td.eval_rows, rank, world, dev, autocast)
+                record = {
+                    "step": step,
+                    "eval_loss": loss,
+                    "eval_ppl": math.exp(min(loss, 700.0)),
+                    "eval_tokens": count,
+                }
+                log(record)
+                bar.note(f"step {step}: eval loss {loss:.4f} | ppl {record['eval_ppl']:.2f}")
+                return record
+
+            def stop(what: str, value: float) -> RuntimeError:
+                kept = find_checkpoint(out_dir)
+                return RuntimeError(
+                    f"train: the {what} at step {step + 1} is {value} (not finite); stopped before updating the "
+                    "weights. "
+                    + (f"The last good checkpoint is {kept}." if kept else "No checkpoint was saved yet.")
+                    + " Try a lower lr, a longer warmup or dtype float32."
+                )
+
+            # ----- the loop
+            last_loss = float("nan")
+            eval_record: dict[str, Any] = {}
+            t_start, tokens_start, start_step = time.perf_counter(), tokens_seen, step
+            if step >= max_steps:
+                bar.note(
+                    f"train: {ckpt} is already at step {step} of max_steps={max_steps}: nothing to train"
+                )
+            while step < max_steps:
+                t0 = time.perf_counter()
+                micro = [
+                    flatten_rows(
+                        [
+                            td.rows[order[i]]
+                            for i in stream_positions(step, m, rank, batch_rows, world, grad_accum)
+                        ]
+                    )
+                    for m in range(grad_accum)
+                ]  # grad_accum batches: input_ids, labels, position_ids, seq_idx of shape (1, T_m)
+                counts = [count_targets(b["labels"]) for b in micro]
+                n_items, step_tokens = _all_sum(
+                    [sum(counts), sum(b["input_ids"].shape[1] for b in micro)], world, dev
+                )
+                current_lr = lr * lr_factor(step, warmup_steps, max_steps, min_lr_ratio)
+                if n_items == 0:  # only 1-token examples: nothing to predict, no update
+                    step += 1
+                    log({"step": step, "skipped": "no predicted tokens in this step's rows"})
+                    continue
+                for group in optimizer.param_groups:
+                    group["lr"] = current_lr
+                loss_value = _forward_backward(
+                    wrapped, micro, counts, int(n_items), world, fsdp, dev, autocast
+                )
+                if not math.isfinite(loss_value):
+                    raise stop("loss", loss_value)
+                grad_norm = _clip(model, clip)
+                if not math.isfinite(grad_norm):
+                    raise stop("gradient norm", grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
                 step += 1
-                log({"step": step, "skipped": "no predicted tokens in this step's rows"})
-                continue
-            for group in optimizer.param_groups:
-                group["lr"] = current_lr
-            loss_value = _forward_backward(wrapped, micro, counts, int(n_items), world, fsdp, dev, autocast)
-            if not math.isfinite(loss_value):
-                raise stop("loss", loss_value)
-            grad_norm = _clip(model, clip)
-            if not math.isfinite(grad_norm):
-                raise stop("gradient norm", grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            tokens_seen += int(step_tokens)
-            last_loss = loss_value
+                tokens_seen += int(step_tokens)
+                last_loss = loss_value
 
-            dt = time.perf_counter() - t0
-            record = {
-                "step": step,
-                "loss": loss_value,
-                "lr": current_lr,
-                "grad_norm": grad_norm,
-                "tokens": tokens_seen,
-                "tokens_per_s": step_tokens / dt,
-                "epoch": step * rows_per_step / len(td.rows),
-            }
-            log(record)
-            bar.step(
-                step,
-                max_steps,
-                f"loss {loss_value:.4f} | lr {current_lr:.2e} | {step_tokens / dt:,.0f} tok/s",
-            )
-            if eval_every > 0 and step % eval_every == 0 and step < max_steps:
-                eval_record = run_eval()
-            if save_every > 0 and step % save_every == 0 and step < max_steps:
+                dt = time.perf_counter() - t0
+                record = {
+                    "step": step,
+                    "loss": loss_value,
+                    "lr": current_lr,
+                    "grad_norm": grad_norm,
+                    "tokens": tokens_seen,
+                    "tokens_per_s": step_tokens / dt,
+                    "epoch": step * rows_per_step / len(td.rows),
+                }
+                log(record)
+                bar.step(
+                    step,
+                    max_steps,
+                    f"loss {loss_value:.4f} | lr {current_lr:.2e} | {step_tokens / dt:,.0f} tok/s",
+                )
+                if eval_every > 0 and step % eval_every == 0 and step < max_steps:
+                    eval_record = run_eval()
+                if save_every > 0 and step % save_every == 0 and step < max_steps:
+                    save(CHECKPOINT_NAME)
+                if callback is not None:
+                    callback(record)
+
+            # ----- the end: eval, the last checkpoint, the final model
+            elapsed = time.perf_counter() - t_start
+            eval_record = run_eval() or eval_record
+            # final first: a checkpoint-last at max_steps then implies a final of the same step. Rank 0 decides
+            # (the other ranks may not see its files) and all ranks follow: saving is collective under FSDP.
+            final_missing = main and not os.path.isdir(os.path.join(out_dir, FINAL_NAME))
+            if step > start_step or _all_sum([float(final_missing)], world, dev)[0] > 0:
+                save(FINAL_NAME, with_state=False)
                 save(CHECKPOINT_NAME)
-            if callback is not None:
-                callback(record)
-
-        # ----- the end: eval, the last checkpoint, the final model
-        elapsed = time.perf_counter() - t_start
-        eval_record = run_eval() or eval_record
-        # final first: a checkpoint-last at max_steps then implies a final of the same step. Rank 0 decides
-        # (the other ranks may not see its files) and all ranks follow: saving is collective under FSDP.
-        final_missing = main and not os.path.isdir(os.path.join(out_dir, FINAL_NAME))
-        if step > start_step or _all_sum([float(final_missing)], world, dev)[0] > 0:
-            save(FINAL_NAME, with_state=False)
-            save(CHECKPOINT_NAME)
-        bar.note(f"train: step {step}, saved {os.path.join(out_dir, FINAL_NAME)}")
-        if world > 1:
-            dist.barrier()  # every rank returns once the files are written
-        # DDP's reducer holds the process group. Freed after the group was destroyed (at this function's
-        # return), it ran the group's destructor with the GIL held, which waits for gloo's thread, which
-        # may be waiting for the GIL: a run hung there once. So it is freed now, while the group lives.
-        wrapped = None
-        gc.collect()
-        return {
-            "step": step,
-            "loss": last_loss,
-            "eval_loss": eval_record.get("eval_loss"),
-            "eval_ppl": eval_record.get("eval_ppl"),
-            "tokens": tokens_seen,
-            "elapsed_s": elapsed,
-            "tokens_per_s": (tokens_seen - tokens_start) / elapsed if elapsed > 0 else 0.0,
-            "final_dir": os.path.join(out_dir, FINAL_NAME),
-        }
+            bar.note(f"train: step {step}, saved {os.path.join(out_dir, FINAL_NAME)}")
+            if world > 1:
+                dist.barrier()  # every rank returns once the files are written
+            return {
+                "step": step,
+                "loss": last_loss,
+                "eval_loss": eval_record.get("eval_loss"),
+                "eval_ppl": eval_record.get("eval_ppl"),
+                "tokens": tokens_seen,
+                "elapsed_s": elapsed,
+                "tokens_per_s": (tokens_seen - tokens_start) / elapsed if elapsed > 0 else 0.0,
+                "final_dir": os.path.join(out_dir, FINAL_NAME),
+            }
+        finally:
+            # DDP's reducer holds the process group. Freed after the group is destroyed (at this function's
+            # return, on success or error), it ran the group's destructor with the GIL held, which waits for
+            # gloo's thread, which may wait for the GIL: a run hung there once. So it goes while the group lives.
+            wrapped = None
+            gc.collect()
 
 
 def _forward_backward(
