@@ -75,3 +75,66 @@ def test_bench_checks_its_arguments_before_measuring(tmp_path):
     with pytest.raises(ValueError, match="is not a writable folder"):
         bench(checkpoint=str(tmp_path / "m"), json_path=str(tmp_path / "no" / "r.json"), transformers=False)
     assert not (tmp_path / "m-int8").exists()  # nothing was built
+
+
+def test_bench_rounds_pair_the_measures_and_report_medians(tmp_path, monkeypatch, capsys):
+    """With rounds=3 each fp32 measure of transformers runs right beside ours, the pair's order
+    alternating; each figure is the median over rounds with its range, the ratio the median of the rounds'
+    own ratios. The children are replaced by a recorder that gives known figures."""
+    import bamba.bench as bench_mod
+
+    BambaForCausalLM(BambaConfig(**TINY)).save_pretrained(tmp_path / "m")
+    calls = []
+    ours = iter([20.0, 20.0, 30.0, 30.0, 24.0, 24.0])  # bamba's figure in rounds 1, 2, 3
+
+    def fake_child(spec, threads):
+        if spec.get("limits"):
+            return {"sgemm_flops": 1e12, "int8_gemm_ops": 1e12, "mem_bandwidth": 1e12}
+        calls.append((spec["impl"], spec["kind"], spec.get("prompt")))
+        value = 10.0 if spec["impl"] == "transformers" else next(ours)
+        keys = [f"prefill_{n}" for n in spec["lengths"]] if spec["kind"] == "prefill" else ["decode_b1"]
+        rss = 1000 + len(calls)
+        return {k: value for k in keys} | {"weight_bytes": 1, "step_weight_bytes": 1, "peak_rss": rss}
+
+    monkeypatch.setattr(bench_mod, "_child", fake_child)
+    monkeypatch.setattr(
+        bench_mod,
+        "plan",
+        lambda *a: [
+            [dict(impl=i, **s) for i in ("transformers", "bamba")]
+            for s in (
+                dict(kind="prefill", variant="fp32", lengths=(512,)),
+                dict(kind="decode", variant="fp32", prompt=128, batches=(1,), steps=4),
+            )
+        ],
+    )
+    report = bench(checkpoint=str(tmp_path / "m"), variants=("fp32",), rounds=3)
+    T, B = "transformers", "bamba"
+    assert calls == [
+        (T, "prefill", None),
+        (B, "prefill", None),
+        (T, "decode", 128),
+        (B, "decode", 128),  # round 1
+        (B, "prefill", None),
+        (T, "prefill", None),
+        (B, "decode", 128),
+        (T, "decode", 128),  # round 2
+        (T, "prefill", None),
+        (B, "prefill", None),
+        (T, "decode", 128),
+        (B, "decode", 128),  # round 3
+    ]
+    assert report["rounds"] == 3 and [r["measure"] for r in report["rows"]] == ["prefill_512", "decode_b1"]
+    for row in report["rows"]:
+        assert row["bamba"] == 24.0 and row["bamba_range"] == [20.0, 30.0]
+        assert row["transformers_fp32"] == 10.0 and row["transformers_fp32_range"] == [10.0, 10.0]
+        assert row["ratio"] == 2.4 and row["ratio_range"] == [2.0, 3.0]
+    # peak RSS: the largest of the rounds (the recorder's RSS is 1000 + its call number)
+    prefill, decode = report["rows"]
+    assert (prefill["bamba_peak_rss"], prefill["transformers_peak_rss"]) == (1010, 1009)
+    assert (decode["bamba_peak_rss"], decode["transformers_peak_rss"]) == (1012, 1011)
+    table = capsys.readouterr().out
+    assert "medians of 3 rounds" in table
+    assert sum(" 2.40x " in line and line.endswith(" 2.00-3.00x") for line in table.splitlines()) == 2
+    with pytest.raises(ValueError, match="rounds=0: expected an integer >= 1"):
+        bench(checkpoint=str(tmp_path / "m"), rounds=0)

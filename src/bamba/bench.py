@@ -2,6 +2,7 @@
 
     bamba bench --threads 2               # creates .bench/bench-small once (random weights), then measures
     bamba bench --quick --json out.json   # fewer tokens, no 4096-token prompts
+    bamba bench --rounds 3                # everything three times: medians, and each ratio's range
     python benchmarks/bench.py ...        # the same
 
 Every measured configuration runs in its own child process (`python -m bamba.bench --worker SPEC`), so
@@ -23,6 +24,11 @@ for itself; it speeds up transformers' batched decoding a lot, ours little). Thi
 the command line loads it (`from_pretrained(..., pack=True)`: bf16 weights
 in oneDNN's layout where that was measured to pay); transformers as `from_pretrained(dtype=float32)`.
 
+Each fp32 measure of transformers runs right before or after ours (the pair's order alternates between
+rounds), so a ratio compares figures taken in the same minute on a machine whose speed drifts. With
+`--rounds N` the whole plan runs N times; each figure is the median over rounds with its range, and each
+ratio the median of the rounds' own ratios.
+
 Decode after a P-token prompt: the prompt is prefilled at batch 1 and the cache is then repeated to the
 batch size (the cost of a decode step depends on the cache's size, not on its contents); then tokens are
 decoded greedily, one forward per step, for both implementations alike.
@@ -37,6 +43,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -352,28 +359,35 @@ def _child(spec: dict[str, Any], threads: int) -> dict[str, Any]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def plan(quick: bool, variants: tuple[str, ...], long_prompt: bool, transformers: bool) -> list[dict]:
-    """The configurations to run, in order: (impl, kind, variant, parameters)."""
+def plan(quick: bool, variants: tuple[str, ...], long_prompt: bool, transformers: bool) -> list[list[dict]]:
+    """The configurations to run, in groups that run back to back: each fp32 measure of transformers
+    beside ours (so a ratio compares figures taken in the same minute), then our other variants alone."""
     steps = 8 if quick else 32
     prompts = (128,) if quick else (128, 4096)
     impls = (["transformers"] if transformers else []) + ["bamba"]
-    specs: list[dict] = []
-    for impl in impls:
-        specs.append(
-            dict(impl=impl, kind="prefill", variant="fp32", lengths=(512, 2048), reps=1 if quick else 2)
+    groups = [
+        [
+            dict(impl=i, kind="prefill", variant="fp32", lengths=(512, 2048), reps=1 if quick else 2)
+            for i in impls
+        ]
+    ]
+    for p in prompts:
+        groups.append(
+            [
+                dict(impl=i, kind="decode", variant="fp32", prompt=p, batches=(1, 8), steps=steps)
+                for i in impls
+            ]
         )
-        for p in prompts:
-            specs.append(
-                dict(impl=impl, kind="decode", variant="fp32", prompt=p, batches=(1, 8), steps=steps)
-            )
     for v in variants:
         if v == "fp32":
             continue
-        specs.append(dict(impl="bamba", kind="prefill", variant=v, lengths=(512,), reps=1))
-        specs.append(dict(impl="bamba", kind="decode", variant=v, prompt=128, batches=(1, 8), steps=steps))
+        groups.append([dict(impl="bamba", kind="prefill", variant=v, lengths=(512,), reps=1)])
+        groups.append([dict(impl="bamba", kind="decode", variant=v, prompt=128, batches=(1, 8), steps=steps)])
     if long_prompt:
-        specs.append(dict(impl="bamba", kind="prefill", variant="fp32", lengths=(32768,), chunk=2048, reps=1))
-    return specs
+        groups.append(
+            [dict(impl="bamba", kind="prefill", variant="fp32", lengths=(32768,), chunk=2048, reps=1)]
+        )
+    return groups
 
 
 def bench(
@@ -385,15 +399,21 @@ def bench(
     transformers: bool = True,
     json_path: str | None = None,
     allocator: str = "default",
+    rounds: int = 1,
 ) -> dict[str, Any]:
     """Run the side-by-side benchmark; print a table and return (and optionally write) the JSON report.
 
     allocator: "default" (glibc as it comes, for both implementations) or "tuned" (both workers call
-    `bamba.runtime.tune_cpu_allocator`, as the `bamba` command line does for itself)."""
+    `bamba.runtime.tune_cpu_allocator`, as the `bamba` command line does for itself).
+    rounds: how many times the whole plan runs. Each figure is then the median over the rounds, with its
+    range (`*_range`: min, max), and a ratio is the median of the rounds' ratios, each taken from a pair
+    measured back to back (the pair's order alternates)."""
     if allocator not in ("default", "tuned"):
         raise ValueError(f"allocator={allocator!r}: expected 'default' or 'tuned'")
     if type(threads) is not int or threads < 1:
         raise ValueError(f"threads={threads!r}: expected an integer >= 1")
+    if type(rounds) is not int or rounds < 1:
+        raise ValueError(f"rounds={rounds!r}: expected an integer >= 1")
     if json_path:  # checked now, not after minutes of measuring
         parent = os.path.dirname(os.path.abspath(json_path))
         if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
@@ -420,33 +440,65 @@ def bench(
             ensure_quantized_checkpoint(folder, v)
     limits = _child({"limits": True, "threads": threads, "allocator": allocator}, threads)
     runs = []
-    for spec in plan(quick, variants, long_prompt, transformers):
-        t = time.perf_counter()
-        r = _child({**spec, "folder": folder, "threads": threads, "allocator": allocator}, threads)
-        r["spec"] = spec
-        runs.append(r)
-        print(
-            f"  {spec['impl']:12s} {spec['variant']:4s} {spec['kind']:7s} done in "
-            f"{time.perf_counter() - t:5.1f} s",
-            file=sys.stderr,
-        )
+    for rnd in range(rounds):
+        for group in plan(quick, variants, long_prompt, transformers):
+            # The pair's order alternates between rounds, so a machine that drifts does not favour one side.
+            for spec in group if rnd % 2 == 0 else group[::-1]:
+                t = time.perf_counter()
+                r = _child({**spec, "folder": folder, "threads": threads, "allocator": allocator}, threads)
+                r["spec"], r["round"] = spec, rnd
+                runs.append(r)
+                print(
+                    f"  round {rnd + 1}/{rounds} {spec['impl']:12s} {spec['variant']:4s} {spec['kind']:7s} "
+                    f"done in {time.perf_counter() - t:5.1f} s",
+                    file=sys.stderr,
+                )
     report = {
         "checkpoint": folder,
         "threads": threads,
         "allocator": allocator,
+        "rounds": rounds,
         "limits": limits,
         "rows": _rows(runs, cfg, limits),
         "runs": runs,
     }
     print(format_table(report))
-    print(json.dumps({k: report[k] for k in ("checkpoint", "threads", "allocator", "limits", "rows")}))
+    print(
+        json.dumps({k: report[k] for k in ("checkpoint", "threads", "allocator", "rounds", "limits", "rows")})
+    )
     if json_path:
         atomic_write(json_path, lambda f: json.dump(report, f, indent=2))
     return report
 
 
+MEDIAN_KEYS = ("bamba", "transformers_fp32", "ratio", "limit_fraction")  # summed up over rounds
+
+
 def _rows(runs: list[dict], cfg: Any, limits: dict[str, float]) -> list[dict]:
-    """One row per figure: ours, transformers' (fp32, same run), ratio, target, fraction of the limit."""
+    """The report's rows: `_round_rows` of each round; over several rounds, the median of each figure in
+    MEDIAN_KEYS with its range (min, max) as `<key>_range`, and the largest peak RSS."""
+    rounds = sorted({r.get("round", 0) for r in runs})
+    per_round = [_round_rows([r for r in runs if r.get("round", 0) == k], cfg, limits) for k in rounds]
+    if len(per_round) == 1:
+        return per_round[0]
+    rows = []
+    for same in zip(*per_round, strict=True):  # every round ran the same plan: rows line up
+        row = dict(same[0])
+        for key in MEDIAN_KEYS:
+            values = [r[key] for r in same]
+            if None not in values:
+                row[key] = statistics.median(values)
+                row[f"{key}_range"] = [min(values), max(values)]
+        for key in ("bamba_peak_rss", "transformers_peak_rss"):
+            if same[0][key] is not None:
+                row[key] = max(r[key] for r in same)
+        rows.append(row)
+    return rows
+
+
+def _round_rows(runs: list[dict], cfg: Any, limits: dict[str, float]) -> list[dict]:
+    """One row per figure of one round: ours, transformers' (fp32, same round), ratio, target, fraction
+    of the limit."""
 
     def find(impl: str, variant: str, kind: str, key: str, prompt: int | None = None) -> dict | None:
         for r in runs:
@@ -506,15 +558,22 @@ def format_table(report: dict) -> str:
         f"{'variant':7s} {'measure':14s} {'prompt':>6s} {'bamba':>9s} {'hf fp32':>9s} {'ratio':>6s} "
         f"{'target':>6s} {'limit%':>6s} {'RSS bamba':>10s} {'RSS hf':>8s}",
     ]
+    rounds = report.get("rounds", 1)
+    if rounds > 1:
+        lines.insert(1, f"medians of {rounds} rounds; ratio range: the lowest and highest round's ratio")
+        lines[-1] += f" {'ratio range':>12s}"
     for r in report["rows"]:
         rss_hf = r["transformers_peak_rss"]
-        lines.append(
+        line = (
             f"{r['variant']:7s} {r['measure']:14s} {_fmt(r.get('prompt'), '', width=6)} {_fmt(r['bamba'], '9.1f')} "
             f"{_fmt(r['transformers_fp32'], '9.1f')} {_fmt(r['ratio'], '5.2f', 'x', 6)} "
             f"{_fmt(r['target'], '.1f', 'x', 6)} {_fmt(None if r['limit_fraction'] is None else 100 * r['limit_fraction'], '5.0f', '%', 6)} "
             f"{_fmt(r['bamba_peak_rss'] / 2**30, '8.2f', 'Gi', 10)} "
             f"{_fmt(None if rss_hf is None else rss_hf / 2**30, '6.2f', 'Gi', 8)}"
         )
+        if "ratio_range" in r:
+            line += f" {'{:.2f}-{:.2f}x'.format(*r['ratio_range']):>12s}"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -535,6 +594,12 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-transformers", action="store_true", help="measure this project only")
     p.add_argument("--json", default=None, help="also write the full report here")
     p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run everything this many times (pairs alternating) and report medians and ranges",
+    )
+    p.add_argument(
         "--allocator",
         choices=["default", "tuned"],
         default="default",
@@ -551,6 +616,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                 transformers=not a.no_transformers,
                 json_path=a.json,
                 allocator=a.allocator,
+                rounds=a.rounds,
             )
             and 0
         )
