@@ -95,6 +95,7 @@ def test_transformers_pipeline_arguments(pipes):
         dict(greedy, stop_sequence=["zz", "igh"], max_new_tokens=12),
         dict(greedy, clean_up_tokenization_spaces=True),
         dict(greedy, skip_special_tokens=False),
+        dict(greedy, num_beams=3, num_return_sequences=2),  # beam search
         dict(generation_config=transformers.GenerationConfig(max_new_tokens=3, do_sample=False)),
         dict(greedy, generation_config=transformers.GenerationConfig(max_new_tokens=3)),  # explicit wins
     ]

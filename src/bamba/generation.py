@@ -180,6 +180,45 @@ def process_logits(
     return logits
 
 
+@dataclass
+class StepRules:
+    """What `constrain_scores` applies at every step besides the eos ban: 0 / 1.0 for none."""
+
+    no_repeat_ngram_size: int = 0
+    repetition_penalty: float = 1.0
+
+    @property
+    def reads_history(self) -> bool:
+        return bool(self.no_repeat_ngram_size) or self.repetition_penalty != 1.0
+
+
+def constrain_scores(
+    scores: Tensor,
+    history: Tensor | None,
+    starts: Tensor,
+    length: int,
+    min_total: int,
+    eos: list[int],
+    rules: StepRules,
+) -> Tensor:
+    """One step's bans and penalty, as transformers' logits processors: eos barred while the sequences
+    are shorter than `min_total`, repeated n-grams banned, the repetition penalty.
+
+    scores: (rows, vocab) fp32; history: (rows, length) the sequences so far (prompt included), needed
+    when `rules.reads_history`; starts: (rows,) where each row's tokens start after its left padding, which
+    the penalty ignores (as transformers' does)."""
+    if eos and length < min_total:
+        scores = scores.index_fill(1, torch.tensor(eos, device=scores.device), float("-inf"))
+    if rules.no_repeat_ngram_size:
+        scores = ban_repeated_ngrams(scores, history, rules.no_repeat_ngram_size)
+    if rules.repetition_penalty != 1.0:
+        # left padding is not part of the history: the row's last id stands there instead
+        pad_part = torch.arange(length, device=history.device)[None] < starts[:, None]  # (rows, length)
+        history = torch.where(pad_part, history[:, -1:], history)
+        scores = process_logits(scores, history, repetition_penalty=rules.repetition_penalty)
+    return scores
+
+
 def ban_repeated_ngrams(logits: Tensor, history: Tensor, n: int) -> Tensor:
     """As transformers' NoRepeatNGramLogitsProcessor: no n-gram may occur twice in a row's sequence.
 
@@ -294,12 +333,17 @@ class GenerateOutput(ModelOutput):
     sequences: (b * num_return_sequences, prompt + new) ids. scores (with output_scores=True) and logits
     (output_logits=True): one (b * num_return_sequences, vocab) fp32 tensor per generated token: the scores
     after the logits processors (penalties, bans, and when sampling temperature / top-k / top-p / min-p),
-    and the model's raw logits.
+    and the model's raw logits. With num_beams > 1 (transformers' GenerateBeamDecoderOnlyOutput): scores
+    and logits have one row per beam (b * num_beams, vocab) and the scores are log-probabilities;
+    `sequences_scores` (b * num_return_sequences,) the returned hypotheses' length-penalized scores (with
+    output_scores=True); `beam_indices` (b * num_return_sequences, new) the flat beam each token came from.
     """
 
     sequences: Tensor
     scores: tuple[Tensor, ...] | None = None
     logits: tuple[Tensor, ...] | None = None
+    sequences_scores: Tensor | None = None
+    beam_indices: Tensor | None = None
 
 
 # generation_config fields that generate() takes, and those that do not change a decoder-only generation
@@ -320,6 +364,8 @@ _CONFIG_FIELDS = (
     "stop_strings",
     "num_return_sequences",
     "num_beams",
+    "length_penalty",
+    "early_stopping",
     "use_cache",
     "return_dict_in_generate",
     "output_scores",
@@ -332,7 +378,6 @@ _CONFIG_NEUTRAL = {
     "output_attentions": False,
     "output_hidden_states": False,
     "num_beam_groups": 1,
-    "length_penalty": 1.0,
     "renormalize_logits": False,
     "remove_invalid_values": False,
     "diversity_penalty": 0.0,
@@ -418,6 +463,8 @@ def generate(
     min_length: int = 0,
     no_repeat_ngram_size: int = 0,
     num_beams: int = 1,
+    length_penalty: float = 1.0,
+    early_stopping: bool | str = False,
     use_cache: bool = True,
     return_dict_in_generate: bool = False,
     output_scores: bool = False,
@@ -436,7 +483,9 @@ def generate(
     `tokenizer`). `streamer.put` receives the prompt, then each new token (batch size 1 only).
 
     `generation_config` (a transformers GenerationConfig or a dict): the fields it sets are defaults under
-    the arguments passed explicitly. `num_beams` must be 1 (no beam search). `use_cache=False` is accepted
+    the arguments passed explicitly. `num_beams` > 1: beam search (`bamba.beam_search`, as transformers':
+    `length_penalty`, `early_stopping` True / False / "never", up to num_beams `num_return_sequences`;
+    not with sampling, stop strings or a streamer, which it refuses). `use_cache=False` is accepted
     and ignored: the cache changes only the speed, not the result. With `return_dict_in_generate=True`
     the result is a `GenerateOutput` (`.sequences`, and `.scores` / `.logits` when `output_scores` /
     `output_logits`).
@@ -479,8 +528,24 @@ def generate(
             "num_return_sequences", 1 if num_return_sequences is None else num_return_sequences, 1
         )
         num_beams = _as_int("num_beams", 1 if num_beams is None else num_beams, 1)
+        length_penalty = _as_float("length_penalty", 1.0 if length_penalty is None else length_penalty)
+        if early_stopping not in (True, False, "never"):
+            raise ValueError(f"early_stopping={early_stopping!r}: expected True, False or 'never'")
         if num_beams > 1:
-            raise ValueError(f"num_beams={num_beams}: beam search is not implemented; use num_beams=1")
+            for name, value in (
+                ("do_sample", do_sample),
+                ("stop_strings", stop_strings),
+                ("streamer", streamer),
+            ):
+                if value:
+                    raise ValueError(
+                        f"num_beams={num_beams} with {name}: beam search here is deterministic and stops at "
+                        f"eos ids only; leave {name} out, or use num_beams=1"
+                    )
+            if num_return_sequences > num_beams:
+                raise ValueError(
+                    f"num_return_sequences={num_return_sequences} must be <= num_beams={num_beams}"
+                )
         top_k = None if top_k is None else _as_int("top_k", top_k, 0, " (0 or None: no top-k)")
         temperature = _as_float("temperature", 1.0 if temperature is None else temperature)
         top_p = None if top_p is None else _as_float("top_p", top_p)
@@ -531,6 +596,38 @@ def generate(
         elif pad_token_id is not None and pad_token_id not in eos and bool((input_ids == pad_token_id).any()):
             # as transformers: a pad id that is not an eos id marks padding (a pad equal to eos could be real)
             attention_mask = (input_ids != pad_token_id).long()  # (b, t)
+        # eos is barred until this total length; min_new_tokens, when given (even 0), overrides min_length
+        # (as in transformers)
+        min_total = input_ids.shape[1] + min_new_tokens if min_new_tokens is not None else min_length
+        if num_beams > 1:
+            from .beam_search import beam_search  # (it builds on this module)
+
+            beams = beam_search(
+                model,
+                input_ids,
+                None if attention_mask is None or bool(attention_mask.all()) else attention_mask,
+                _starts(attention_mask, input_ids),
+                num_beams=num_beams,
+                max_new_tokens=max_new_tokens,
+                min_total=min_total,
+                eos=eos,
+                pad=pad,
+                rules=StepRules(no_repeat_ngram_size, repetition_penalty),
+                length_penalty=length_penalty,
+                early_stopping=early_stopping,
+                num_return_sequences=num_return_sequences,
+                prefill_chunk_size=prefill_chunk_size,
+                keep_scores=bool(return_dict_in_generate and (output_scores or output_logits)),
+            )
+            if not return_dict_in_generate:
+                return beams.sequences
+            return GenerateOutput(
+                beams.sequences,
+                beams.scores if output_scores else None,
+                beams.logits if output_logits else None,
+                beams.sequences_scores if output_scores else None,
+                beams.beam_indices,
+            )
         if num_return_sequences > 1:
             input_ids = input_ids.repeat_interleave(num_return_sequences, dim=0)
             if attention_mask is not None:
@@ -538,11 +635,7 @@ def generate(
         b, t = input_ids.shape
         # where each row's tokens start (its left padding is ignored by the repetition penalty and the stop
         # strings, as transformers' penalty ignores it): (b,)
-        starts = (
-            (attention_mask != 0).long().argmax(dim=1)
-            if attention_mask is not None
-            else torch.zeros(b, dtype=torch.long, device=device)
-        )
+        starts = _starts(attention_mask, input_ids)
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None
         if generator is None and seed is not None:
@@ -574,40 +667,18 @@ def generate(
         cache = HybridMambaAttentionDynamicCache(cfg)
         mask = attention_mask
         eos_t = torch.tensor(eos, device=device) if eos else None
-        positions = torch.arange(t + max_new_tokens, device=device)  # (t + max_new,)
         stop_window = max((len(s.encode("utf-8")) for s in stops), default=0) + 8  # tokens: >= 1 byte each
 
-        # eos is barred until this total length; min_new_tokens, when given (even 0), overrides min_length
-        # (as in transformers)
-        min_total = t + min_new_tokens if min_new_tokens is not None else min_length
+        rules = StepRules(no_repeat_ngram_size, repetition_penalty)
         logits = _prefill(model, input_ids, mask, cache, prefill_chunk_size)  # (b, vocab)
         n_new = 0
         for step in range(max_new_tokens):
             raw = logits.float()  # (active, vocab)
-            # the sequences so far, for the bans and the penalty only (a copy per step otherwise wasted)
-            history = (
-                out[active, : t + step] if no_repeat_ngram_size or repetition_penalty != 1.0 else None
-            )  # (active, t + step)
-            scores = raw
-            if eos and t + step < min_total:
-                scores = scores.index_fill(1, eos_t, float("-inf"))
-            if no_repeat_ngram_size:
-                scores = ban_repeated_ngrams(scores, history, no_repeat_ngram_size)
-            if do_sample or repetition_penalty != 1.0:
-                if repetition_penalty != 1.0:
-                    # left padding is not part of the history (as in transformers): put the last id there
-                    pad_part = positions[None, : t + step] < starts[active, None]  # (active, t + step)
-                    history = torch.where(pad_part, history[:, -1:], history)
-                scores = process_logits(
-                    scores,
-                    history,
-                    temperature if do_sample else 1.0,
-                    top_k if do_sample else None,
-                    top_p if do_sample else None,
-                    min_p if do_sample else None,
-                    repetition_penalty,
-                )
+            # the sequences so far, only for the rules that read them (a copy per step otherwise wasted)
+            history = out[active, : t + step] if rules.reads_history else None  # (active, t + step)
+            scores = constrain_scores(raw, history, starts[active], t + step, min_total, eos, rules)
             if do_sample:
+                scores = process_logits(scores, None, temperature, top_k, top_p, min_p)
                 nxt = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(-1)  # (active,)
             else:
                 nxt = scores.argmax(-1)  # (active,)
@@ -650,6 +721,13 @@ def generate(
                 :, -1
             ]
         return result(out[:, : t + n_new])
+
+
+def _starts(attention_mask: Tensor | None, input_ids: Tensor) -> Tensor:
+    """(b,) where each row's tokens start after its left padding (0 without a mask)."""
+    if attention_mask is None:
+        return torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+    return (attention_mask != 0).long().argmax(dim=1)
 
 
 def _prefill(
