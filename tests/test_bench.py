@@ -90,9 +90,13 @@ def test_bench_rounds_pair_the_measures_and_report_medians(tmp_path, monkeypatch
     def fake_child(spec, threads):
         if spec.get("limits"):
             return {"sgemm_flops": 1e12, "int8_gemm_ops": 1e12, "mem_bandwidth": 1e12}
-        calls.append((spec["impl"], spec["kind"], spec.get("prompt")))
+        calls.append((spec["impl"], spec["kind"]))
         value = 10.0 if spec["impl"] == "transformers" else next(ours)
-        keys = [f"prefill_{n}" for n in spec["lengths"]] if spec["kind"] == "prefill" else ["decode_b1"]
+        keys = (
+            [f"prefill_{n}" for n in spec["lengths"]]
+            if spec["kind"] == "prefill"
+            else ["decode_b1_after_128"]
+        )
         rss = 1000 + len(calls)
         return {k: value for k in keys} | {"weight_bytes": 1, "step_weight_bytes": 1, "peak_rss": rss}
 
@@ -104,26 +108,16 @@ def test_bench_rounds_pair_the_measures_and_report_medians(tmp_path, monkeypatch
             [dict(impl=i, **s) for i in ("transformers", "bamba")]
             for s in (
                 dict(kind="prefill", variant="fp32", lengths=(512,)),
-                dict(kind="decode", variant="fp32", prompt=128, batches=(1,), steps=4),
+                dict(kind="decode", variant="fp32", prompts=(128,), batches=(1,), steps=4),
             )
         ],
     )
     report = bench(checkpoint=str(tmp_path / "m"), variants=("fp32",), rounds=3)
     T, B = "transformers", "bamba"
-    assert calls == [
-        (T, "prefill", None),
-        (B, "prefill", None),
-        (T, "decode", 128),
-        (B, "decode", 128),  # round 1
-        (B, "prefill", None),
-        (T, "prefill", None),
-        (B, "decode", 128),
-        (T, "decode", 128),  # round 2
-        (T, "prefill", None),
-        (B, "prefill", None),
-        (T, "decode", 128),
-        (B, "decode", 128),  # round 3
-    ]
+    pairs = [[(T, "prefill"), (B, "prefill")], [(T, "decode"), (B, "decode")]]
+    round_1 = [call for pair in pairs for call in pair]
+    round_2 = [call for pair in pairs for call in pair[::-1]]  # each pair's order alternates
+    assert calls == round_1 + round_2 + round_1
     assert report["rounds"] == 3 and [r["measure"] for r in report["rows"]] == ["prefill_512", "decode_b1"]
     for row in report["rows"]:
         assert row["bamba"] == 24.0 and row["bamba_range"] == [20.0, 30.0]
@@ -138,3 +132,57 @@ def test_bench_rounds_pair_the_measures_and_report_medians(tmp_path, monkeypatch
     assert sum(" 2.40x " in line and line.endswith(" 2.00-3.00x") for line in table.splitlines()) == 2
     with pytest.raises(ValueError, match="rounds=0: expected an integer >= 1"):
         bench(checkpoint=str(tmp_path / "m"), rounds=0)
+
+
+def test_bench_decodes_short_and_long_prompts_side_by_side(tmp_path, monkeypatch, capsys):
+    """One decode child per implementation measures every prompt length, interleaved: rows per (batch,
+    prompt), and the extra cost of a token after the long prompt (the same child's two figures). A real
+    child on a tiny checkpoint, then the report's arithmetic with a recording child."""
+    from bamba.bench import run_case
+
+    BambaForCausalLM(BambaConfig(**TINY)).save_pretrained(tmp_path / "m")
+    r = run_case("bamba", str(tmp_path / "m"), 1, "decode", prompts=(16, 64), batches=(1, 2), steps=3)
+    assert {k for k in r if k.startswith("decode_")} == {
+        "decode_b1_after_16",
+        "decode_b1_after_64",
+        "decode_b2_after_16",
+        "decode_b2_after_64",
+    }
+    assert all(r[k] > 0 for k in r if k.startswith("decode_"))
+
+    import bamba.bench as bench_mod
+
+    figures = {"bamba": {16: 30.0, 64: 25.0}, "transformers": {16: 10.0, 64: 5.0}}
+
+    def fake_child(spec, threads):
+        if spec.get("limits"):
+            return {"sgemm_flops": 1e12, "int8_gemm_ops": 1e12, "mem_bandwidth": 1e12}
+        tok = figures[spec["impl"]]
+        return {f"decode_b{b}_after_{p}": b * tok[p] for b in spec["batches"] for p in spec["prompts"]} | {
+            "weight_bytes": 1,
+            "step_weight_bytes": 1,
+            "peak_rss": 1,
+        }
+
+    monkeypatch.setattr(bench_mod, "_child", fake_child)
+    monkeypatch.setattr(
+        bench_mod,
+        "plan",
+        lambda *a: [
+            [
+                dict(impl=i, kind="decode", variant="fp32", prompts=(16, 64), batches=(1, 8), steps=4)
+                for i in ("transformers", "bamba")
+            ]
+        ],
+    )
+    rows = bench(checkpoint=str(tmp_path / "m"), variants=("fp32",))["rows"]
+    assert [(r["measure"], r["prompt"]) for r in rows] == [
+        ("decode_b1", 16),
+        ("decode_b8", 16),
+        ("decode_b1", 64),
+        ("decode_b8", 64),
+    ]
+    assert [r["bamba"] for r in rows] == [30.0, 240.0, 25.0, 200.0]
+    assert [r.get("extra_cost") for r in rows] == [None, None, pytest.approx(0.2), pytest.approx(0.2)]
+    assert rows[3]["transformers_extra_cost"] == pytest.approx(1.0)
+    assert "decode_b8: a token after 64 tokens costs +20.0% against the shortest" in capsys.readouterr().out

@@ -31,7 +31,10 @@ ratio the median of the rounds' own ratios.
 
 Decode after a P-token prompt: the prompt is prefilled at batch 1 and the cache is then repeated to the
 batch size (the cost of a decode step depends on the cache's size, not on its contents); then tokens are
-decoded greedily, one forward per step, for both implementations alike.
+decoded greedily, one forward per step, for both implementations alike. The 128- and 4096-token prompts
+are decoded in one process, in alternating blocks of steps, so that the extra cost of a token after the
+long prompt (`extra_cost`: tok/s after 128 / tok/s after 4096 - 1) is measured in the same minutes; that
+process's peak RSS (both caches) is reported for both rows.
 """
 
 from __future__ import annotations
@@ -178,7 +181,7 @@ def run_case(
     kind: str,
     variant: str = "fp32",
     lengths: tuple[int, ...] = (),
-    prompt: int = 128,
+    prompts: tuple[int, ...] = (128,),
     batches: tuple[int, ...] = (1,),
     steps: int = 16,
     chunk: int | None = None,
@@ -189,7 +192,10 @@ def run_case(
     a GPU, its peak GPU memory).
 
     kind "prefill": tokens/s for each prompt length (batch 1, last logits only), best of `reps`.
-    kind "decode": tokens/s (all rows) at each batch size after a `prompt`-token prompt, `steps` steps.
+    kind "decode": tokens/s (all rows) at each batch size after each of `prompts` (a prompt of that many
+    tokens), `steps` steps each, as `decode_b{batch}_after_{prompt}`. The prompts' caches live side by
+    side and are decoded in alternating blocks of steps, so that the figures after a short and after a
+    long prompt are taken in the same minutes (their ratio is the extra cost of a long context).
     On a GPU every timing waits for the device's queued work (torch.cuda.synchronize).
     """
     import torch
@@ -232,28 +238,48 @@ def run_case(
                     del cache
                 result[f"prefill_{l}"] = l / best
         elif kind == "decode":
-            ids = random_ids(prompt)
-            base = _new_cache(impl, model)
-            logits = _prefill(impl, model, ids, base, chunk if prompt > (chunk or prompt) else None)
+            firsts = {}  # prompt -> (its cache at batch 1, the first token to decode (1, 1))
+            for p in prompts:
+                base = _new_cache(impl, model)
+                logits = _prefill(impl, model, random_ids(p), base, chunk if p > (chunk or p) else None)
+                firsts[p] = (base, logits[:, -1].argmax(-1, keepdim=True))
             for b in batches:
-                cache = _repeat_cache(impl, base, b)
-                nxt = logits[:, -1].argmax(-1, keepdim=True).expand(b, 1).contiguous()
-                past = prompt
-                for i in range(2 + steps):  # two warm-up steps
-                    if i == 2:
-                        t = clock()
-                    out = _forward(impl, model, nxt, cache, past)
-                    nxt = out[:, -1].argmax(-1, keepdim=True)
-                    past += 1
-                dt = clock() - t
-                result[f"decode_b{b}"] = b * steps / dt
-                del cache
+                # per prompt: [cache, next tokens (b, 1), tokens so far]
+                rows = {
+                    p: [_repeat_cache(impl, c, b), t.expand(b, 1).contiguous(), p]
+                    for p, (c, t) in firsts.items()
+                }
+                for p in prompts:
+                    _decode_steps(impl, model, rows[p], 2, clock)  # warm-up
+                spent = dict.fromkeys(prompts, 0.0)
+                blocks = min(4, steps)
+                for i in range(blocks):
+                    for p in prompts:
+                        spent[p] += _decode_steps(
+                            impl, model, rows[p], steps // blocks + (i < steps % blocks), clock
+                        )
+                for p in prompts:
+                    result[f"decode_b{b}_after_{p}"] = b * steps / spent[p]
+                del rows
         else:
             raise ValueError(f"unknown benchmark kind {kind!r}")
     result["peak_rss"] = peak_rss()
     if cuda:
         result["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
     return result
+
+
+def _decode_steps(impl: str, model: Any, state: list, n: int, clock: Any) -> float:
+    """n greedy decode steps from state [cache, next tokens (b, 1), tokens so far], updated in place;
+    returns the seconds they took."""
+    cache, nxt, past = state
+    t = clock()
+    for _ in range(n):
+        out = _forward(impl, model, nxt, cache, past)
+        nxt = out[:, -1].argmax(-1, keepdim=True)
+        past += 1
+    state[1:] = [nxt, past]
+    return clock() - t
 
 
 def peak_rss() -> int:
@@ -371,18 +397,19 @@ def plan(quick: bool, variants: tuple[str, ...], long_prompt: bool, transformers
             for i in impls
         ]
     ]
-    for p in prompts:
-        groups.append(
-            [
-                dict(impl=i, kind="decode", variant="fp32", prompt=p, batches=(1, 8), steps=steps)
-                for i in impls
-            ]
-        )
+    groups.append(
+        [
+            dict(impl=i, kind="decode", variant="fp32", prompts=prompts, batches=(1, 8), steps=steps)
+            for i in impls
+        ]
+    )
     for v in variants:
         if v == "fp32":
             continue
         groups.append([dict(impl="bamba", kind="prefill", variant=v, lengths=(512,), reps=1)])
-        groups.append([dict(impl="bamba", kind="decode", variant=v, prompt=128, batches=(1, 8), steps=steps)])
+        groups.append(
+            [dict(impl="bamba", kind="decode", variant=v, prompts=(128,), batches=(1, 8), steps=steps)]
+        )
     if long_prompt:
         groups.append(
             [dict(impl="bamba", kind="prefill", variant="fp32", lengths=(32768,), chunk=2048, reps=1)]
@@ -471,7 +498,15 @@ def bench(
     return report
 
 
-MEDIAN_KEYS = ("bamba", "transformers_fp32", "ratio", "limit_fraction")  # summed up over rounds
+# figures summed up over rounds
+MEDIAN_KEYS = (
+    "bamba",
+    "transformers_fp32",
+    "ratio",
+    "limit_fraction",
+    "extra_cost",
+    "transformers_extra_cost",
+)
 
 
 def _rows(runs: list[dict], cfg: Any, limits: dict[str, float]) -> list[dict]:
@@ -485,7 +520,7 @@ def _rows(runs: list[dict], cfg: Any, limits: dict[str, float]) -> list[dict]:
     for same in zip(*per_round, strict=True):  # every round ran the same plan: rows line up
         row = dict(same[0])
         for key in MEDIAN_KEYS:
-            values = [r[key] for r in same]
+            values = [r.get(key) for r in same]
             if None not in values:
                 row[key] = statistics.median(values)
                 row[f"{key}_range"] = [min(values), max(values)]
@@ -500,12 +535,11 @@ def _round_rows(runs: list[dict], cfg: Any, limits: dict[str, float]) -> list[di
     """One row per figure of one round: ours, transformers' (fp32, same round), ratio, target, fraction
     of the limit."""
 
-    def find(impl: str, variant: str, kind: str, key: str, prompt: int | None = None) -> dict | None:
+    def find(impl: str, variant: str, kind: str, key: str) -> dict | None:
         for r in runs:
             s = r["spec"]
             if (s["impl"], s["variant"], s["kind"]) == (impl, variant, kind) and key in r:
-                if prompt is None or s.get("prompt") == prompt:
-                    return r
+                return r
         return None
 
     rows = []
@@ -513,9 +547,10 @@ def _round_rows(runs: list[dict], cfg: Any, limits: dict[str, float]) -> list[di
         s = r["spec"]
         if s["impl"] != "bamba":
             continue
-        keys = [k for k in r if k.startswith(("prefill_", "decode_"))]
+        keys = [k for k in r if k.startswith("prefill_")]
+        keys += sorted((k for k in r if k.startswith("decode_")), key=lambda k: _decode_key(k)[::-1])
         for key in keys:
-            hf = find("transformers", "fp32", s["kind"], key, s.get("prompt"))
+            hf = find("transformers", "fp32", s["kind"], key)
             row: dict[str, Any] = {
                 "variant": s["variant"],
                 "measure": key,
@@ -527,11 +562,16 @@ def _round_rows(runs: list[dict], cfg: Any, limits: dict[str, float]) -> list[di
                 "bamba_weight_bytes": r["weight_bytes"],
             }
             if s["kind"] == "decode":
-                row["prompt"] = s["prompt"]
-                b = int(key.removeprefix("decode_b"))
-                per_step = r["step_weight_bytes"] + _state_bytes(cfg, b, s["prompt"] + s["steps"] // 2)
+                b, prompt = _decode_key(key)
+                row["measure"], row["prompt"] = f"decode_b{b}", prompt
+                per_step = r["step_weight_bytes"] + _state_bytes(cfg, b, prompt + s["steps"] // 2)
                 row["limit_fraction"] = r[key] / b * per_step / limits["mem_bandwidth"]
-                target_key = (s["variant"], "decode", b, s["prompt"])
+                target_key = (s["variant"], "decode", b, prompt)
+                # the extra cost per token after this prompt against the shortest one (same process)
+                short = f"decode_b{b}_after_{min(s['prompts'])}"
+                if short != key:
+                    row["extra_cost"] = r[short] / r[key] - 1
+                    row["transformers_extra_cost"] = hf[short] / hf[key] - 1 if hf else None
             else:
                 l = int(key.removeprefix("prefill_"))
                 peak = limits["int8_gemm_ops" if s["variant"] == "int8dq" else "sgemm_flops"]
@@ -541,6 +581,12 @@ def _round_rows(runs: list[dict], cfg: Any, limits: dict[str, float]) -> list[di
             row["target"] = TARGETS.get(target_key)
             rows.append(row)
     return rows
+
+
+def _decode_key(key: str) -> tuple[int, int]:
+    """ "decode_b{batch}_after_{prompt}" -> (batch, prompt)."""
+    b, prompt = key.removeprefix("decode_b").split("_after_")
+    return int(b), int(prompt)
 
 
 def _fmt(value: float | int | None, spec: str, suffix: str = "", width: int = 9) -> str:
@@ -574,6 +620,17 @@ def format_table(report: dict) -> str:
         if "ratio_range" in r:
             line += f" {'{:.2f}-{:.2f}x'.format(*r['ratio_range']):>12s}"
         lines.append(line)
+    for r in report["rows"]:
+        if r.get("extra_cost") is not None:
+            line = (
+                f"{r['variant']} {r['measure']}: a token after {r['prompt']} tokens costs "
+                f"{100 * r['extra_cost']:+.1f}% against the shortest prompt (same process)"
+            )
+            if "extra_cost_range" in r:
+                line += " [{:+.1f}%, {:+.1f}%]".format(*(100 * v for v in r["extra_cost_range"]))
+            if r.get("transformers_extra_cost") is not None:
+                line += f"; transformers {100 * r['transformers_extra_cost']:+.1f}%"
+            lines.append(line)
     return "\n".join(lines)
 
 
