@@ -49,7 +49,9 @@ def test_beam_search_equals_transformers(pair, kw):
     theirs, got = both(ref, ours, ids, mask, **common, **kw)
     assert torch.equal(got.sequences, theirs.sequences), (got.sequences, theirs.sequences)
     torch.testing.assert_close(got.sequences_scores, theirs.sequences_scores, atol=1e-4, rtol=1e-4)
-    assert torch.equal(got.beam_indices, theirs.beam_indices.long())
+    assert torch.equal(got.beam_indices, theirs.beam_indices)  # int32 both
+    assert list(got.keys()) == [k for k in theirs.keys() if k != "cache"]  # the same fields in order
+    torch.testing.assert_close(got[1], theirs[1], atol=1e-4, rtol=1e-4)  # so out[1] is sequences_scores
     assert len(got.scores) == len(theirs.scores)
     for a, b in zip(got.scores, theirs.scores, strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
@@ -159,7 +161,28 @@ def test_beam_search_refuses_what_it_does_not_do(pair):
         (dict(num_beams=2, num_return_sequences=3), "num_return_sequences=3 must be <= num_beams=2"),
         (dict(num_beams=2, early_stopping="sometimes"), "early_stopping='sometimes': expected True, False"),
         (dict(num_beams=2, length_penalty="1"), "length_penalty must be a number"),
+        (dict(num_beams=2, max_new_tokens=0), "num_beams=2 needs at least one new token"),
     ]
     for kw, match in cases:
         with pytest.raises((ValueError, TypeError), match=match):
-            generate(ours, ids, attention_mask=mask, max_new_tokens=3, **kw)
+            generate(ours, ids, attention_mask=mask, **{"max_new_tokens": 3, **kw})
+
+
+def test_eos_and_pad_given_as_none_mean_none_as_in_transformers(pair):
+    """Left out, eos_token_id and pad_token_id are the checkpoint's; given as None they are none, as in
+    transformers (beams then run past the checkpoint's eos id 2, and no padding is inferred from id 1)."""
+    ref, ours, ids, mask, _ = pair
+    one = torch.tensor([[37, 24, 44, 53]])
+    for kw in (dict(num_beams=3), dict(num_beams=1), dict(num_beams=2, min_new_tokens=4)):
+        kw = dict(max_new_tokens=12, eos_token_id=None, **kw)
+        expected = ref.generate(one, do_sample=False, **kw)
+        assert torch.equal(generate(ours, one, **kw), expected), kw
+    assert 2 in expected[0, 4:-1].tolist()  # the checkpoint's eos id did not stop it
+    padded = torch.tensor([[1, 1, 37, 24, 44]])  # 1: the checkpoint's pad id
+    for kw in (dict(), dict(pad_token_id=None)):
+        kw = dict(max_new_tokens=6, **kw)
+        theirs = ref.generate(padded, do_sample=False, **kw)
+        assert torch.equal(generate(ours, padded, **kw), theirs), kw
+    assert torch.equal(
+        generate(ours, padded, max_new_tokens=6, generation_config={"pad_token_id": None}), theirs
+    )

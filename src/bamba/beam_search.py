@@ -37,7 +37,7 @@ NEG = -1.0e9  # the score of what must not be picked, as transformers uses it (f
 class BeamResult:
     sequences: Tensor  # (b * num_return_sequences, prompt + new)
     sequences_scores: Tensor  # (b * num_return_sequences,) length-penalized sums of log-probs
-    beam_indices: Tensor  # (b * num_return_sequences, new) the flat beam each token came from
+    beam_indices: Tensor  # (b * num_return_sequences, new) int32: the flat beam each token came from
     scores: tuple[Tensor, ...]  # per step: (b * k, vocab) the processed log-probs
     logits: tuple[Tensor, ...]  # per step: (b * k, vocab) the raw logits
 
@@ -161,7 +161,7 @@ def beam_search(
     return BeamResult(
         sequences=best[:, :n].reshape(b * n, total)[:, : t + length],
         sequences_scores=best_scores[:, :n].reshape(b * n),
-        beam_indices=best_src[:, :length],
+        beam_indices=best_src[:, :length].int(),  # int32, as transformers
         scores=tuple(all_scores),
         logits=tuple(all_logits),
     )

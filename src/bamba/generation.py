@@ -333,16 +333,30 @@ class GenerateOutput(ModelOutput):
     sequences: (b * num_return_sequences, prompt + new) ids. scores (with output_scores=True) and logits
     (output_logits=True): one (b * num_return_sequences, vocab) fp32 tensor per generated token: the scores
     after the logits processors (penalties, bans, and when sampling temperature / top-k / top-p / min-p),
-    and the model's raw logits. With num_beams > 1 (transformers' GenerateBeamDecoderOnlyOutput): scores
-    and logits have one row per beam (b * num_beams, vocab) and the scores are log-probabilities;
-    `sequences_scores` (b * num_return_sequences,) the returned hypotheses' length-penalized scores (with
-    output_scores=True); `beam_indices` (b * num_return_sequences, new) the flat beam each token came from.
+    and the model's raw logits. Beam search returns a `GenerateBeamOutput`.
     """
 
     sequences: Tensor
     scores: tuple[Tensor, ...] | None = None
     logits: tuple[Tensor, ...] | None = None
+
+
+@dataclass
+class GenerateBeamOutput(ModelOutput):
+    """`generate(..., num_beams=k, return_dict_in_generate=True)`: as transformers'
+    GenerateBeamDecoderOnlyOutput (same fields in the same order).
+
+    sequences: (b * num_return_sequences, prompt + new) ids; sequences_scores (with output_scores=True):
+    (b * num_return_sequences,) the hypotheses' length-penalized sums of log-probabilities; scores
+    (output_scores=True) and logits (output_logits=True): one (b * k, vocab) fp32 tensor per step, the
+    processed log-probabilities and the raw logits of every beam; beam_indices: (b * num_return_sequences,
+    new) int32, the flat beam (prompt * k + beam) each token was chosen from.
+    """
+
+    sequences: Tensor
     sequences_scores: Tensor | None = None
+    scores: tuple[Tensor, ...] | None = None
+    logits: tuple[Tensor, ...] | None = None
     beam_indices: Tensor | None = None
 
 
@@ -411,8 +425,15 @@ def generation_config_fields(config: Any) -> dict[str, Any]:
     return {k: v for k, v in fields.items() if k in _CONFIG_FIELDS}
 
 
+NOT_SET = (
+    object()
+)  # an eos_token_id / pad_token_id that was given as None (generate's default is the model's)
+
+
 def _with_generation_config(fn: Callable[P, R]) -> Callable[P, R]:
-    """`generation_config`'s fields become defaults of `fn`: explicitly passed arguments win."""
+    """`generation_config`'s fields become defaults of `fn`: explicitly passed arguments win. An eos or
+    pad id passed as None (explicitly or by the config) becomes NOT_SET: none, where leaving it out means
+    the checkpoint's."""
     signature = inspect.signature(fn)
 
     @functools.wraps(fn)
@@ -423,6 +444,12 @@ def _with_generation_config(fn: Callable[P, R]) -> Callable[P, R]:
             if config is not None:
                 for key, value in generation_config_fields(config).items():
                     bound.arguments.setdefault(key, value)
+            for key in (
+                "eos_token_id",
+                "pad_token_id",
+            ):  # None given: none, not the checkpoint's (as transformers)
+                if key in bound.arguments and bound.arguments[key] is None:
+                    bound.arguments[key] = NOT_SET
         except Exception:
             streamer = kwargs.get("streamer")
             if streamer is not None:  # an iterating consumer must not wait forever
@@ -478,8 +505,8 @@ def generate(
     (then top_k=50 unless given, as transformers). New tokens: `max_new_tokens`, else `max_length` minus
     the prompt, else 20; before an eos may come, at least `min_new_tokens` new tokens when it is given,
     else `min_length` in all (prompt included), as transformers. `no_repeat_ngram_size` bans repeated n-grams (prompt included). Generation of a row
-    stops at any of `eos_token_id` (default: the checkpoint's generation_config.json, else the config's)
-    or when the sequence (prompt included) ends with one of `stop_strings` right after a new token (needs
+    stops at any of `eos_token_id` (left out: the checkpoint's generation_config.json, else the config's;
+    given as None: none, as transformers; the same for `pad_token_id`) or when the sequence (prompt included) ends with one of `stop_strings` right after a new token (needs
     `tokenizer`). `streamer.put` receives the prompt, then each new token (batch size 1 only).
 
     `generation_config` (a transformers GenerationConfig or a dict): the fields it sets are defaults under
@@ -488,7 +515,7 @@ def generate(
     not with sampling, stop strings or a streamer, which it refuses). `use_cache=False` is accepted
     and ignored: the cache changes only the speed, not the result. With `return_dict_in_generate=True`
     the result is a `GenerateOutput` (`.sequences`, and `.scores` / `.logits` when `output_scores` /
-    `output_logits`).
+    `output_logits`), with beams a `GenerateBeamOutput`.
     """
     with _ended(streamer):  # also on an error or with nothing to generate: an iterating consumer returns
         cfg = model.config
@@ -583,8 +610,13 @@ def generate(
             raise TypeError(f"stop_strings must be non-empty strings, found {stop_strings!r}")
         if stops and tokenizer is None:
             raise ValueError("stop_strings needs a tokenizer")
-        eos = _as_list(eos_token_id) if eos_token_id is not None else default_eos_ids(model)
-        if pad_token_id is None:
+        if eos_token_id is NOT_SET:  # given as None: no eos (as transformers)
+            eos = []
+        else:
+            eos = _as_list(eos_token_id) if eos_token_id is not None else default_eos_ids(model)
+        if pad_token_id is NOT_SET:  # given as None: none (then the first eos id fills, as transformers)
+            pad_token_id = None
+        elif pad_token_id is None:
             pad_token_id = _generation_default(model, "pad_token_id")
         if pad_token_id is not None:
             pad_token_id = _as_int("pad_token_id", pad_token_id)
@@ -601,6 +633,12 @@ def generate(
         min_total = input_ids.shape[1] + min_new_tokens if min_new_tokens is not None else min_length
         if num_beams > 1:
             from .beam_search import beam_search  # (it builds on this module)
+
+            if max_new_tokens == 0:
+                raise ValueError(
+                    f"num_beams={num_beams} needs at least one new token; found max_new_tokens=0 (or a "
+                    "max_length equal to the prompt's length)"
+                )
 
             beams = beam_search(
                 model,
@@ -621,11 +659,11 @@ def generate(
             )
             if not return_dict_in_generate:
                 return beams.sequences
-            return GenerateOutput(
+            return GenerateBeamOutput(
                 beams.sequences,
+                beams.sequences_scores if output_scores else None,
                 beams.scores if output_scores else None,
                 beams.logits if output_logits else None,
-                beams.sequences_scores if output_scores else None,
                 beams.beam_indices,
             )
         if num_return_sequences > 1:
