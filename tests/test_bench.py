@@ -152,12 +152,14 @@ def test_bench_decodes_short_and_long_prompts_side_by_side(tmp_path, monkeypatch
 
     import bamba.bench as bench_mod
 
+    # tok/s at batch 1 by implementation and prompt; alone: the 16-token prompt decoded in its own child
     figures = {"bamba": {16: 30.0, 64: 25.0}, "transformers": {16: 10.0, 64: 5.0}}
+    alone = {"bamba": 33.0, "transformers": 11.0}
 
     def fake_child(spec, threads):
         if spec.get("limits"):
             return {"sgemm_flops": 1e12, "int8_gemm_ops": 1e12, "mem_bandwidth": 1e12}
-        tok = figures[spec["impl"]]
+        tok = figures[spec["impl"]] if len(spec["prompts"]) > 1 else {16: alone[spec["impl"]]}
         return {f"decode_b{b}_after_{p}": b * tok[p] for b in spec["batches"] for p in spec["prompts"]} | {
             "weight_bytes": 1,
             "step_weight_bytes": 1,
@@ -170,19 +172,23 @@ def test_bench_decodes_short_and_long_prompts_side_by_side(tmp_path, monkeypatch
         "plan",
         lambda *a: [
             [
-                dict(impl=i, kind="decode", variant="fp32", prompts=(16, 64), batches=(1, 8), steps=4)
+                dict(impl=i, kind="decode", variant="fp32", prompts=prompts, batches=(1, 8), steps=4)
                 for i in ("transformers", "bamba")
             ]
+            for prompts in ((16,), (16, 64))
         ],
     )
     rows = bench(checkpoint=str(tmp_path / "m"), variants=("fp32",))["rows"]
+    # the 16-token figures from the child of their own; the 64-token ones from the shared child, whose
+    # 16-token figures are only the baseline of extra_cost
     assert [(r["measure"], r["prompt"]) for r in rows] == [
         ("decode_b1", 16),
         ("decode_b8", 16),
         ("decode_b1", 64),
         ("decode_b8", 64),
     ]
-    assert [r["bamba"] for r in rows] == [30.0, 240.0, 25.0, 200.0]
+    assert [r["bamba"] for r in rows] == [33.0, 264.0, 25.0, 200.0]
+    assert [r["transformers_fp32"] for r in rows] == [11.0, 88.0, 5.0, 40.0]
     assert [r.get("extra_cost") for r in rows] == [None, None, pytest.approx(0.2), pytest.approx(0.2)]
     assert rows[3]["transformers_extra_cost"] == pytest.approx(1.0)
     assert "decode_b8: a token after 64 tokens costs +20.0% against the shortest" in capsys.readouterr().out
