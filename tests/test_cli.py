@@ -238,3 +238,24 @@ def test_chat_passes_top_k_and_seeds_the_conversation_once(folder, monkeypatch):
         chat(model=folder, max_new_tokens=-1, input_fn=two_lines)  # before loading or reading a line
     with pytest.raises(ValueError, match="--top-k -1 must be >= 0"):
         chat(model=folder, top_k=-1, input_fn=two_lines)
+
+
+def test_a_tokenizer_without_pad_leaves_the_checkpoints_pad_id(folder, monkeypatch):
+    """generate(pad_token_id=None) now means no pad id (as transformers); the command line passes the
+    tokenizer's pad id only when it has one, so the checkpoint's stays the default."""
+    import bamba.generation as gen
+    from bamba.generation import generate_text
+
+    seen = []
+    real = gen.generate.__wrapped__  # below the generation_config wrapper, which turns None into NOT_SET
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs.get("pad_token_id", "left out"))
+        return real(*args, **kwargs)
+
+    lm, tok = gen.load_for_cli(folder, None, None, None)
+    monkeypatch.setattr(type(tok), "pad_token_id", property(lambda self: None))
+    monkeypatch.setattr(gen, "load_for_cli", lambda *a: (lm, tok))
+    monkeypatch.setattr(gen, "generate", gen._with_generation_config(recording))
+    generate_text("to be", model=folder, max_new_tokens=2, temperature=0)
+    assert seen == ["left out"]

@@ -261,6 +261,12 @@ def eos_ids_with(model: Any, tokenizer: Any) -> list[int]:
     return ids
 
 
+def pad_id_of(tokenizer: Any) -> dict[str, int]:
+    """generate()'s pad_token_id argument for the tokenizer's pad id: none when it has none, so that
+    generate takes the checkpoint's (pad_token_id=None given would mean no pad id at all)."""
+    return {} if tokenizer.pad_token_id is None else {"pad_token_id": tokenizer.pad_token_id}
+
+
 @contextlib.contextmanager
 def _ended(streamer: TextStreamer | None) -> Iterator[None]:
     """Run the block, then end `streamer` (if any) however the block exits."""
@@ -893,7 +899,7 @@ def generate_text(
         max_new_tokens=max_new_tokens,
         **sampling,
         eos_token_id=eos_ids_with(lm, tok),
-        pad_token_id=tok.pad_token_id,
+        **pad_id_of(tok),
         streamer=TimedStreamer(tok, skip_prompt=True, on_text=on_text, skip_special_tokens=True),
     )
     if stats is not None:
@@ -1024,7 +1030,7 @@ def chat(
             max_new_tokens=max_new_tokens,
             **sampling,
             eos_token_id=eos_ids_with(lm, tok),
-            pad_token_id=tok.pad_token_id,
+            **pad_id_of(tok),
             stop_strings=None if has_template else ["\n\n"],
             tokenizer=tok,
             streamer=TextStreamer(

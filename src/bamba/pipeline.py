@@ -170,7 +170,7 @@ class TextGenerationPipeline:
             mask[i, width - len(e) :] = 1
         options = {
             "eos_token_id": eos_ids_with(self.model, tok),
-            "pad_token_id": pad,
+            **({"pad_token_id": pad} if pad is not None else {}),  # (None given would mean none)
             "tokenizer": tok,
             **options,
         }
