@@ -29,8 +29,10 @@ def measure(impl: str, folder: str, variant: str) -> dict[str, float]:
     common = dict(impl=impl, folder=folder, threads=torch.get_num_threads(), variant=variant, device=CUDA)
     runs = [run_case(kind="prefill", lengths=(512, 2048), reps=3, **common)]
     out = {k: v for k, v in runs[0].items() if k.startswith("prefill_")}
-    runs.append(run_case(kind="decode", prompts=(128, 4096), batches=(1, 8), steps=32, **common))
-    out |= {k: v for k, v in runs[-1].items() if k.startswith("decode_")}  # decode_b{b}_after_{prompt}
+    for prompt in (128, 4096):  # each in a call of its own: the peak memory is that prompt's
+        runs.append(run_case(kind="decode", prompts=(prompt,), batches=(1, 8), steps=32, **common))
+        out |= {k: v for k, v in runs[-1].items() if k.startswith("decode_")}  # decode_b{b}_after_{prompt}
+        torch.cuda.empty_cache()
     out["peak_gpu_gib"] = max(r["peak_gpu_bytes"] for r in runs) / 2**30
     return out
 

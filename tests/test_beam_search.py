@@ -186,3 +186,19 @@ def test_eos_and_pad_given_as_none_mean_none_as_in_transformers(pair):
     assert torch.equal(
         generate(ours, padded, max_new_tokens=6, generation_config={"pad_token_id": None}), theirs
     )
+
+
+def test_hypotheses_that_end_early_are_padded_with_the_pad_id_even_when_it_is_0(hf_folder, one_thread):
+    """transformers pads them with `pad_token_id or eos_token_id[0]`, so a pad id of 0 (false) gives the
+    eos id there; bamba keeps the pad id, as its greedy decoding (and transformers') does. Everything else
+    is equal."""
+    ref, folder = hf_folder(seed=5)  # pad id 0
+    ours = BambaForCausalLM.from_pretrained(folder)
+    ids = torch.tensor([[0, 0, 44, 53, 42, 66, 34], [94, 26, 8, 38, 3, 13, 72]])
+    mask = (torch.arange(7) >= torch.tensor([[2], [0]])).long()
+    kw = dict(attention_mask=mask, max_new_tokens=8, num_beams=4, eos_token_id=5, length_penalty=0.5)
+    theirs, got = ref.generate(ids, do_sample=False, **kw), generate(ours, ids, **kw)
+    filled = torch.zeros_like(got, dtype=torch.bool)
+    filled[:, 7:] = (got[:, 7:] == 5).long().cummax(dim=1).values.bool() & (got[:, 7:] != 5)  # after an eos
+    assert bool(filled.any()) and bool((got[filled] == 0).all()) and bool((theirs[filled] == 5).all())
+    assert torch.equal(got[~filled], theirs[~filled])

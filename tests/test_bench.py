@@ -192,3 +192,36 @@ def test_bench_decodes_short_and_long_prompts_side_by_side(tmp_path, monkeypatch
     assert [r.get("extra_cost") for r in rows] == [None, None, pytest.approx(0.2), pytest.approx(0.2)]
     assert rows[3]["transformers_extra_cost"] == pytest.approx(1.0)
     assert "decode_b8: a token after 64 tokens costs +20.0% against the shortest" in capsys.readouterr().out
+
+
+def test_bench_keeps_the_runs_measured_before_a_child_fails(tmp_path, monkeypatch, capsys):
+    """A child that fails in a late round used to lose every figure measured before it; they are now in
+    the JSON, with the error. Without transformers there is no ratio range column."""
+    import bamba.bench as bench_mod
+
+    BambaForCausalLM(BambaConfig(**TINY)).save_pretrained(tmp_path / "m")
+    calls = []
+
+    def fake_child(spec, threads):
+        if spec.get("limits"):
+            return {"sgemm_flops": 1e12, "int8_gemm_ops": 1e12, "mem_bandwidth": 1e12}
+        calls.append(spec)
+        if len(calls) == 3:
+            raise RuntimeError("benchmark child failed: out of memory")
+        return {"prefill_512": 10.0, "weight_bytes": 1, "step_weight_bytes": 1, "peak_rss": 1}
+
+    monkeypatch.setattr(bench_mod, "_child", fake_child)
+    monkeypatch.setattr(
+        bench_mod, "plan", lambda *a: [[dict(impl="bamba", kind="prefill", variant="fp32", lengths=(512,))]]
+    )
+    out = tmp_path / "r.json"
+    with pytest.raises(RuntimeError, match="out of memory"):
+        bench(checkpoint=str(tmp_path / "m"), rounds=3, json_path=str(out), transformers=False)
+    partial = json.loads(out.read_text())
+    assert len(partial["runs"]) == 2 and "out of memory" in partial["error"]
+    assert [r["round"] for r in partial["runs"]] == [0, 1]
+    calls.clear()  # (two rounds: no third call, no failure)
+    capsys.readouterr()
+    report = bench(checkpoint=str(tmp_path / "m"), rounds=2, transformers=False)
+    assert report["rows"][0]["bamba_range"] == [10.0, 10.0]
+    assert "ratio range" not in capsys.readouterr().out

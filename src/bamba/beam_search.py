@@ -15,6 +15,10 @@ A prompt is done when (`early_stopping`):
 - "never": judged at the longest possible length when length_penalty > 0 (the canonical rule).
 Generation stops when every prompt is done, or at the length limit.
 
+Hypotheses that end before the longest returned one are padded with the pad id. (transformers pads
+them with `pad_token_id or eos_token_id[0]`, so a pad id of 0 gives the eos id there: a truthiness slip
+not copied; greedy decoding pads with the pad id in both.)
+
 The prompt is run once per row and its cache repeated k times (transformers runs it k times: the same
 result, k times the work). Reference: transformers' `generate(num_beams=k)`; the tests compare
 sequences, sequence scores, per-step scores and beam indices with it.

@@ -470,13 +470,20 @@ def bench(
         if v in QUANT:
             ensure_quantized_checkpoint(folder, v)
     limits = _child({"limits": True, "threads": threads, "allocator": allocator}, threads)
-    runs = []
+    runs: list[dict] = []
     for rnd in range(rounds):
         for group in plan(quick, variants, long_prompt, transformers):
             # The pair's order alternates between rounds, so a machine that drifts does not favour one side.
             for spec in group if rnd % 2 == 0 else group[::-1]:
                 t = time.perf_counter()
-                r = _child({**spec, "folder": folder, "threads": threads, "allocator": allocator}, threads)
+                try:
+                    r = _child(
+                        {**spec, "folder": folder, "threads": threads, "allocator": allocator}, threads
+                    )
+                except RuntimeError as e:
+                    if json_path:  # what was measured is not lost
+                        _write_partial(json_path, folder, threads, limits, runs, str(e))
+                    raise
                 r["spec"], r["round"] = spec, rnd
                 runs.append(r)
                 print(
@@ -511,6 +518,15 @@ MEDIAN_KEYS = (
     "extra_cost",
     "transformers_extra_cost",
 )
+
+
+def _write_partial(path: str, folder: str, threads: int, limits: dict, runs: list[dict], error: str) -> None:
+    """The runs measured before a child failed, and its error, as JSON at `path`."""
+    from .checkpoint import atomic_write
+
+    partial = {"checkpoint": folder, "threads": threads, "limits": limits, "runs": runs, "error": error}
+    atomic_write(path, lambda f: json.dump(partial, f, indent=2))
+    print(f"bench: a child failed; the runs measured before it are in {path}", file=sys.stderr)
 
 
 def _rows(runs: list[dict], cfg: Any, limits: dict[str, float]) -> list[dict]:
@@ -619,8 +635,11 @@ def format_table(report: dict) -> str:
     ]
     rounds = report.get("rounds", 1)
     if rounds > 1:
-        lines.insert(1, f"medians of {rounds} rounds; ratio range: the lowest and highest round's ratio")
-        lines[-1] += f" {'ratio range':>12s}"
+        ranges = any("ratio_range" in r for r in report["rows"])  # (none without transformers)
+        range_note = "; ratio range: the lowest and highest round's ratio" if ranges else ""
+        lines.insert(1, f"medians of {rounds} rounds{range_note}")
+        if ranges:
+            lines[-1] += f" {'ratio range':>12s}"
     for r in report["rows"]:
         rss_hf = r["transformers_peak_rss"]
         line = (
