@@ -152,7 +152,6 @@ def test_beam_search_from_a_generation_config(pair):
 def test_beam_search_refuses_what_it_does_not_do(pair):
     _, ours, ids, mask, _ = pair
     cases = [
-        (dict(num_beams=2, do_sample=True), "num_beams=2 with do_sample"),
         (dict(num_beams=2, stop_strings="x", tokenizer=object()), "num_beams=2 with stop_strings"),
         (
             dict(num_beams=2, streamer=TextStreamer(SimpleNamespace(decode=lambda ids, **kw: ""))),
@@ -202,3 +201,38 @@ def test_hypotheses_that_end_early_are_padded_with_the_pad_id_even_when_it_is_0(
     filled[:, 7:] = (got[:, 7:] == 5).long().cummax(dim=1).values.bool() & (got[:, 7:] != 5)  # after an eos
     assert bool(filled.any()) and bool((got[filled] == 0).all()) and bool((theirs[filled] == 5).all())
     assert torch.equal(got[~filled], theirs[~filled])
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(num_beams=3),  # top_k 50 by default when sampling, as in transformers
+        dict(num_beams=2, temperature=0.7, top_k=0, num_return_sequences=2),
+        dict(num_beams=4, top_p=0.9, top_k=30, early_stopping=True, num_return_sequences=3),
+    ],
+)
+def test_beam_sampling_equals_transformers_with_the_same_seed(pair, kw):
+    """do_sample with beams: each step's continuations are drawn in proportion to the whole sequences'
+    (warped) probabilities; the same global seed draws the same beams as transformers."""
+    ref, ours, ids, mask, eos = pair
+    kw = dict(
+        do_sample=True,
+        max_new_tokens=9,
+        eos_token_id=eos,
+        return_dict_in_generate=True,
+        output_scores=True,
+        **kw,
+    )
+    torch.manual_seed(4)
+    theirs = ref.generate(ids, attention_mask=mask, **kw)
+    torch.manual_seed(4)
+    got = generate(ours, ids, attention_mask=mask, **kw)
+    assert torch.equal(got.sequences, theirs.sequences)
+    torch.testing.assert_close(got.sequences_scores, theirs.sequences_scores, atol=1e-4, rtol=1e-4)
+    for a, e in zip(got.scores, theirs.scores, strict=True):  # the warped log-probabilities
+        assert torch.equal(torch.isinf(a), torch.isinf(e))
+        torch.testing.assert_close(a[~torch.isinf(a)], e[~torch.isinf(e)], atol=1e-4, rtol=1e-4)
+    greedy = generate(ours, ids, attention_mask=mask, **{**kw, "do_sample": False})
+    assert not torch.equal(got.sequences, greedy.sequences)  # the draws matter here
+    seeded = [generate(ours, ids, attention_mask=mask, seed=9, **kw).sequences for _ in range(2)]
+    assert torch.equal(*seeded)  # seed= makes it repeatable

@@ -1,4 +1,4 @@
-"""Beam search: `generate(..., num_beams=k)`, deterministic (no sampling), as transformers 5 runs it.
+"""Beam search: `generate(..., num_beams=k)`, as transformers 5 runs it, also with sampling (do_sample).
 
 Each prompt keeps k running beams. At every step each beam's next-token log-probabilities (after the same
 bans and penalty as greedy decoding) are added to its running score; of the k * vocab continuations of a
@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from .cache import HybridMambaAttentionDynamicCache
-from .generation import StepRules, _prefill, constrain_scores
+from .generation import StepRules, _prefill, constrain_scores, process_logits
 
 NEG = -1.0e9  # the score of what must not be picked, as transformers uses it (finite: sums stay ordered)
 
@@ -68,9 +68,14 @@ def beam_search(
     num_return_sequences: int = 1,
     prefill_chunk_size: int | None = None,
     keep_scores: bool = False,
+    sampling: dict | None = None,
+    generator: torch.Generator | None = None,
 ) -> BeamResult:
     """Beam search from input_ids (b, t) (left padding marked by attention_mask (b, t), rows starting at
-    `starts` (b,)); see the module doc. `keep_scores`: also keep each step's scores and raw logits."""
+    `starts` (b,)); see the module doc. `keep_scores`: also keep each step's scores and raw logits.
+    `sampling` (beam sampling): `process_logits`' temperature / top_k / top_p / min_p, applied to each
+    step's log-probabilities; the continuations are then drawn (without replacement, from `generator`)
+    in proportion to their total probability instead of taken best first, as transformers does."""
     b, t = input_ids.shape
     k, device = num_beams, input_ids.device
     total = t + max_new_tokens  # the length limit
@@ -104,12 +109,19 @@ def beam_search(
         raw = logits.float()  # (b*k, vocab)
         history = running.view(b * k, total)[:, :cur] if rules.reads_history else None
         scores = constrain_scores(raw.log_softmax(-1), history, starts, cur, min_total, eos, rules)
+        if sampling is not None:
+            scores = process_logits(scores, None, **sampling)
         if keep_scores:
             all_scores.append(scores)
             all_logits.append(raw)
         vocab = scores.shape[-1]
         total_scores = (scores.view(b, k, vocab) + running_scores[:, :, None]).view(b, k * vocab)
-        cand_scores, cand = total_scores.topk(n_keep)  # (b, n_keep) best first
+        if sampling is None:
+            cand_scores, cand = total_scores.topk(n_keep)  # (b, n_keep) best first
+        else:  # drawn in proportion to the whole sequence's probability, then sorted best first
+            cand = torch.multinomial(total_scores.softmax(-1), n_keep, generator=generator)  # (b, n_keep)
+            cand_scores, order = total_scores.gather(1, cand).sort(dim=-1, descending=True)
+            cand = cand.gather(1, order)
         src = cand // vocab  # (b, n_keep) the beam each continuation extends
         cand_seqs = _take(running, src)  # (b, n_keep, total)
         cand_seqs[:, :, cur] = cand % vocab

@@ -517,8 +517,8 @@ def generate(
 
     `generation_config` (a transformers GenerationConfig or a dict): the fields it sets are defaults under
     the arguments passed explicitly. `num_beams` > 1: beam search (`bamba.beam_search`, as transformers':
-    `length_penalty`, `early_stopping` True / False / "never", up to num_beams `num_return_sequences`;
-    not with sampling, stop strings or a streamer, which it refuses). `use_cache=False` is accepted
+    `length_penalty`, `early_stopping` True / False / "never", up to num_beams `num_return_sequences`,
+    with `do_sample` beam sampling; not with stop strings or a streamer, which it refuses). `use_cache=False` is accepted
     and ignored: the cache changes only the speed, not the result. With `return_dict_in_generate=True`
     the result is a `GenerateOutput` (`.sequences`, and `.scores` / `.logits` when `output_scores` /
     `output_logits`), with beams a `GenerateBeamOutput`.
@@ -565,15 +565,11 @@ def generate(
         if early_stopping not in (True, False, "never"):
             raise ValueError(f"early_stopping={early_stopping!r}: expected True, False or 'never'")
         if num_beams > 1:
-            for name, value in (
-                ("do_sample", do_sample),
-                ("stop_strings", stop_strings),
-                ("streamer", streamer),
-            ):
+            for name, value in (("stop_strings", stop_strings), ("streamer", streamer)):
                 if value:
                     raise ValueError(
-                        f"num_beams={num_beams} with {name}: beam search here is deterministic and stops at "
-                        f"eos ids only; leave {name} out, or use num_beams=1"
+                        f"num_beams={num_beams} with {name}: beam search here stops at eos ids only and "
+                        f"returns whole sequences; leave {name} out, or use num_beams=1"
                     )
             if num_return_sequences > num_beams:
                 raise ValueError(
@@ -637,6 +633,9 @@ def generate(
         # eos is barred until this total length; min_new_tokens, when given (even 0), overrides min_length
         # (as in transformers)
         min_total = input_ids.shape[1] + min_new_tokens if min_new_tokens is not None else min_length
+        if generator is None and seed is not None:
+            generator = torch.Generator(device=device).manual_seed(seed)
+        warpers = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)  # when sampling
         if num_beams > 1:
             from .beam_search import beam_search  # (it builds on this module)
 
@@ -662,6 +661,8 @@ def generate(
                 num_return_sequences=num_return_sequences,
                 prefill_chunk_size=prefill_chunk_size,
                 keep_scores=bool(return_dict_in_generate and (output_scores or output_logits)),
+                sampling=warpers if do_sample else None,
+                generator=generator,
             )
             if not return_dict_in_generate:
                 return beams.sequences
@@ -682,8 +683,6 @@ def generate(
         starts = _starts(attention_mask, input_ids)
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None
-        if generator is None and seed is not None:
-            generator = torch.Generator(device=device).manual_seed(seed)
         # Finished rows stay in the batch (fed the pad token) when per-step scores are asked for, and when
         # sampling a batch: transformers draws for them too, so the random stream, and with it every
         # row's tokens, matches its for the same seed. Greedy batches drop them (the results are the same).
@@ -722,7 +721,7 @@ def generate(
             history = out[active, : t + step] if rules.reads_history else None  # (active, t + step)
             scores = constrain_scores(raw, history, starts[active], t + step, min_total, eos, rules)
             if do_sample:
-                scores = process_logits(scores, None, temperature, top_k, top_p, min_p)
+                scores = process_logits(scores, None, **warpers)
                 nxt = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(-1)  # (active,)
             else:
                 nxt = scores.argmax(-1)  # (active,)
