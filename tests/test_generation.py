@@ -347,7 +347,11 @@ def test_bad_arguments_are_named(hf_folder):
         (dict(temperature="0.7", do_sample=True), TypeError, "temperature must be a number"),
         (dict(max_new_tokens=2.5), TypeError, "max_new_tokens must be an integer, found float 2.5"),
         (dict(top_k="5", do_sample=True), TypeError, "top_k must be an integer"),
-        (dict(num_beams=2, do_sample=True), ValueError, "num_beams=2 with do_sample: beam search here"),
+        (
+            dict(num_beams=2, num_return_sequences=3),
+            ValueError,
+            "num_return_sequences=3 must be <= num_beams=2",
+        ),
         (dict(stop_strings=[""], tokenizer=object()), TypeError, "stop_strings must be non-empty strings"),
         (dict(generation_config={"typical_p": 0.5}), ValueError, r"generation_config sets \['typical_p'\]"),
     ]
