@@ -3,7 +3,8 @@
 Each prompt keeps k running beams. At every step each beam's next-token log-probabilities (after the same
 bans and penalty as greedy decoding) are added to its running score; of the k * vocab continuations of a
 prompt the best K = max(2, 1 + number of eos ids) * k are taken, so that k of them can go on even when
-some end. A continuation that ends (an eos id, or the length limit) and ranks among the best k becomes a
+some end (with do_sample: K are drawn without replacement in proportion to their probability, after
+temperature / top-k / top-p / min-p on each step's log-probabilities). A continuation that ends (an eos id, or the length limit) and ranks among the best k becomes a
 finished hypothesis, scored `sum of log-probs / generated length ** length_penalty`; the best k
 hypotheses are kept. The k best continuations that do not end are the next running beams, and the
 cache's rows follow them (`reorder_cache`).
@@ -80,7 +81,7 @@ def beam_search(
     k, device = num_beams, input_ids.device
     total = t + max_new_tokens  # the length limit
     n_keep = max(2, 1 + len(eos)) * k  # continuations considered per prompt and step
-    top_k = torch.arange(n_keep, device=device) < k  # (n_keep,) only these may finish
+    may_finish = torch.arange(n_keep, device=device) < k  # (n_keep,) only the best k continuations
     eos_t = torch.tensor(eos, device=device) if eos else None
     offsets = torch.arange(b, device=device)[:, None] * k  # (b, 1) a prompt's first flat row
 
@@ -144,7 +145,7 @@ def beam_search(
         )
 
         # finished hypotheses: ending continuations among the best k, unless the prompt is done
-        just_done = ends & top_k  # (b, n_keep)
+        just_done = ends & may_finish  # (b, n_keep)
         finished = cand_scores / ((cur + 1 - t) ** length_penalty)
         full = best_done.all(dim=-1, keepdim=True) & (early_stopping is True)  # (b, 1)
         finished = finished + full.float() * NEG
