@@ -43,6 +43,22 @@ def test_generate_streams_text(folder, capsys):
     assert greedy.startswith("to be") and greedy.endswith("\n")
 
 
+def test_generate_with_beams(folder, capsys):
+    """--num-beams: beam search (plain with --temperature 0), the text printed at the end, as generate's."""
+    from bamba.generation import generate
+    from bamba.tokenizer import Tokenizer
+
+    args = ["generate", "--model", folder, "--max-new-tokens", "8", "--temperature", "0", "--num-beams", "3"]
+    assert main([*args, "to be"]) == 0
+    out = capsys.readouterr().out
+    tok, model = Tokenizer.from_pretrained(folder), BambaForCausalLM.from_pretrained(folder)
+    ids = torch.tensor([tok.encode("to be")])
+    beams = generate(model, ids, max_new_tokens=8, num_beams=3, eos_token_id=tok.eos_token_id)
+    greedy = generate(model, ids, max_new_tokens=8, eos_token_id=tok.eos_token_id)
+    assert not torch.equal(beams, greedy)  # (so the output below shows the beams were used)
+    assert out == "to be" + tok.decode(beams[0, ids.shape[1] :].tolist(), skip_special_tokens=True) + "\n"
+
+
 @pytest.mark.parametrize(
     "short, method",
     [
@@ -121,6 +137,7 @@ def test_info(folder, capsys, tmp_path):
         (["generate", "   "], "the prompt is empty"),
         (["generate", "to be " * 40], "longer than the model's context"),
         (["generate", "--temperature", "nan", "hi"], "--temperature nan must be >= 0"),  # was greedy
+        (["generate", "--num-beams", "0", "hi"], "--num-beams 0 must be an integer >= 1"),
         (["generate", "--model", "", "hi"], "an empty path is not a checkpoint folder"),  # was the demo
         (["info", ""], "an empty path is not a checkpoint folder"),
         (["bench", "--threads", "0", "--no-transformers"], "threads=0: expected an integer >= 1"),

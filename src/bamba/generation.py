@@ -864,8 +864,10 @@ def generate_text(
     quantize: str | None = None,
     stream: Callable[[str], None] | None = None,
     stats: dict[str, float] | None = None,
+    num_beams: int = 1,
 ) -> str:
-    """What `bamba generate` does: returns the continuation (and streams it to `stream` if given).
+    """What `bamba generate` does: returns the continuation (and streams it to `stream` if given; with
+    num_beams > 1, beam search, the whole continuation comes at the end).
 
     `stats`, if given, is filled with: load_s, prompt_tokens, first_token_s (prefill and the first
     step), new_tokens, decode_s (the steps after the first), decode_bytes (weight bytes one step reads).
@@ -873,6 +875,8 @@ def generate_text(
     if not prompt.strip():
         raise ValueError("the prompt is empty")
     _check_budget(max_new_tokens)
+    if type(num_beams) is not int or num_beams < 1:
+        raise ValueError(f"--num-beams {num_beams} must be an integer >= 1")
     sampling = cli_sampling(temperature, top_p, top_k, seed)  # checked before the model loads
     t_load = time.perf_counter()
     lm, tok = load_for_cli(model, dtype, device, quantize)
@@ -892,15 +896,21 @@ def generate_text(
             super().put(new_ids)
 
     t_start = time.perf_counter()
-    generate(
-        lm,
-        ids,
-        max_new_tokens=max_new_tokens,
-        **sampling,
-        eos_token_id=eos_ids_with(lm, tok),
-        **pad_id_of(tok),
-        streamer=TimedStreamer(tok, skip_prompt=True, on_text=on_text, skip_special_tokens=True),
+    common = dict(
+        max_new_tokens=max_new_tokens, **sampling, eos_token_id=eos_ids_with(lm, tok), **pad_id_of(tok)
     )
+    if num_beams > 1:  # whole sequences: nothing to stream before the end
+        out = generate(lm, ids, num_beams=num_beams, **common)
+        new = out[0, ids.shape[1] :].tolist()
+        times.extend([time.perf_counter()] * len(new))
+        on_text(tok.decode(new, skip_special_tokens=True))
+    else:
+        generate(
+            lm,
+            ids,
+            **common,
+            streamer=TimedStreamer(tok, skip_prompt=True, on_text=on_text, skip_special_tokens=True),
+        )
     if stats is not None:
         from .linear import weight_bytes
 
@@ -962,6 +972,7 @@ def _cli_generate(args: argparse.Namespace) -> int:
         quantize=args.quantize,
         stream=stream,
         stats=stats,
+        num_beams=args.num_beams,
     )
     print(args.prompt if first else "")  # the prompt alone when nothing was generated
     if args.verbose:
@@ -1052,6 +1063,12 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     _add_sampling_args(p)
     p.add_argument(
         "--verbose", action="store_true", help="print load time, first-token time, tok/s and GB/s to stderr"
+    )
+    p.add_argument(
+        "--num-beams",
+        type=int,
+        default=1,
+        help="beam search with this many beams, the text at the end (beam sampling unless --temperature 0)",
     )
     p.add_argument("prompt")
     p.set_defaults(func=_cli_generate)
