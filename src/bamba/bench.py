@@ -470,6 +470,13 @@ def bench(
         if v in QUANT:
             ensure_quantized_checkpoint(folder, v)
     limits = _child({"limits": True, "threads": threads, "allocator": allocator}, threads)
+    base = {
+        "checkpoint": folder,
+        "threads": threads,
+        "allocator": allocator,
+        "rounds": rounds,
+        "limits": limits,
+    }
     runs: list[dict] = []
     for rnd in range(rounds):
         for group in plan(quick, variants, long_prompt, transformers):
@@ -482,7 +489,11 @@ def bench(
                     )
                 except RuntimeError as e:
                     if json_path:  # what was measured is not lost
-                        _write_partial(json_path, folder, threads, limits, runs, str(e))
+                        partial = {**base, "runs": runs, "error": str(e)}
+                        atomic_write(json_path, lambda f, d=partial: json.dump(d, f, indent=2))
+                        print(
+                            f"bench: the runs measured before the failure are in {json_path}", file=sys.stderr
+                        )
                     raise
                 r["spec"], r["round"] = spec, rnd
                 runs.append(r)
@@ -491,25 +502,15 @@ def bench(
                     f"done in {time.perf_counter() - t:5.1f} s",
                     file=sys.stderr,
                 )
-    report = {
-        "checkpoint": folder,
-        "threads": threads,
-        "allocator": allocator,
-        "rounds": rounds,
-        "limits": limits,
-        "rows": _rows(runs, cfg, limits),
-        "runs": runs,
-    }
+    report = {**base, "rows": _rows(runs, cfg, limits), "runs": runs}
     print(format_table(report))
-    print(
-        json.dumps({k: report[k] for k in ("checkpoint", "threads", "allocator", "rounds", "limits", "rows")})
-    )
+    print(json.dumps({**base, "rows": report["rows"]}))
     if json_path:
         atomic_write(json_path, lambda f: json.dump(report, f, indent=2))
     return report
 
 
-# figures summed up over rounds
+# the figures summarised over rounds (median and range)
 MEDIAN_KEYS = (
     "bamba",
     "transformers_fp32",
@@ -518,15 +519,6 @@ MEDIAN_KEYS = (
     "extra_cost",
     "transformers_extra_cost",
 )
-
-
-def _write_partial(path: str, folder: str, threads: int, limits: dict, runs: list[dict], error: str) -> None:
-    """The runs measured before a child failed, and its error, as JSON at `path`."""
-    from .checkpoint import atomic_write
-
-    partial = {"checkpoint": folder, "threads": threads, "limits": limits, "runs": runs, "error": error}
-    atomic_write(path, lambda f: json.dump(partial, f, indent=2))
-    print(f"bench: a child failed; the runs measured before it are in {path}", file=sys.stderr)
 
 
 def _rows(runs: list[dict], cfg: Any, limits: dict[str, float]) -> list[dict]:
@@ -555,18 +547,13 @@ def _round_rows(runs: list[dict], cfg: Any, limits: dict[str, float]) -> list[di
     """One row per figure of one round: ours, transformers' (fp32, same round), ratio, target, fraction
     of the limit."""
 
-    def find(impl: str, spec: dict, key: str) -> dict | None:
+    def transformers_run(spec: dict, key: str) -> dict | None:
         """transformers' fp32 run of the same kind (and prompts) as `spec` that measured `key`."""
         for r in runs:
             s = r["spec"]
-            same = (s["impl"], s["variant"], s["kind"], s.get("prompts")) == (
-                impl,
-                "fp32",
-                spec["kind"],
-                spec.get("prompts"),
-            )
-            if same and key in r:
-                return r
+            if s["impl"] == "transformers" and s["variant"] == "fp32" and key in r:
+                if (s["kind"], s.get("prompts")) == (spec["kind"], spec.get("prompts")):
+                    return r
         return None
 
     rows = []
@@ -579,7 +566,7 @@ def _round_rows(runs: list[dict], cfg: Any, limits: dict[str, float]) -> list[di
         if len(s.get("prompts", ())) > 1:  # the shortest prompt is there as the baseline of extra_cost
             decode = [k for k in decode if _decode_key(k)[1] != min(s["prompts"])]
         for key in keys + decode:
-            hf = find("transformers", s, key)
+            hf = transformers_run(s, key)
             row: dict[str, Any] = {
                 "variant": s["variant"],
                 "measure": key,
@@ -613,7 +600,7 @@ def _round_rows(runs: list[dict], cfg: Any, limits: dict[str, float]) -> list[di
 
 
 def _decode_key(key: str) -> tuple[int, int]:
-    """ "decode_b{batch}_after_{prompt}" -> (batch, prompt)."""
+    """(batch, prompt) of a key "decode_b{batch}_after_{prompt}"."""
     b, prompt = key.removeprefix("decode_b").split("_after_")
     return int(b), int(prompt)
 

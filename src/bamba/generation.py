@@ -431,9 +431,8 @@ def generation_config_fields(config: Any) -> dict[str, Any]:
     return {k: v for k, v in fields.items() if k in _CONFIG_FIELDS}
 
 
-NOT_SET = (
-    object()
-)  # an eos_token_id / pad_token_id that was given as None (generate's default is the model's)
+# an eos_token_id / pad_token_id given as None (leaving it out means the checkpoint's)
+NOT_SET = object()
 
 
 def _with_generation_config(fn: Callable[P, R]) -> Callable[P, R]:
@@ -450,10 +449,7 @@ def _with_generation_config(fn: Callable[P, R]) -> Callable[P, R]:
             if config is not None:
                 for key, value in generation_config_fields(config).items():
                     bound.arguments.setdefault(key, value)
-            for key in (
-                "eos_token_id",
-                "pad_token_id",
-            ):  # None given: none, not the checkpoint's (as transformers)
+            for key in ("eos_token_id", "pad_token_id"):  # None given: none, as in transformers
                 if key in bound.arguments and bound.arguments[key] is None:
                     bound.arguments[key] = NOT_SET
         except Exception:
@@ -510,18 +506,20 @@ def generate(
     when the pad id occurs in input_ids and is not an eos id, else all ones. Greedy unless `do_sample`
     (then top_k=50 unless given, as transformers). New tokens: `max_new_tokens`, else `max_length` minus
     the prompt, else 20; before an eos may come, at least `min_new_tokens` new tokens when it is given,
-    else `min_length` in all (prompt included), as transformers. `no_repeat_ngram_size` bans repeated n-grams (prompt included). Generation of a row
-    stops at any of `eos_token_id` (left out: the checkpoint's generation_config.json, else the config's;
-    given as None: none, as transformers; the same for `pad_token_id`) or when the sequence (prompt included) ends with one of `stop_strings` right after a new token (needs
-    `tokenizer`). `streamer.put` receives the prompt, then each new token (batch size 1 only).
+    else `min_length` in all (prompt included), as transformers. `no_repeat_ngram_size` bans repeated
+    n-grams (prompt included). Generation of a row stops at any of `eos_token_id` (left out: the
+    checkpoint's generation_config.json, else the config's; given as None: none, as transformers; the
+    same for `pad_token_id`) or when the sequence (prompt included) ends with one of `stop_strings` right
+    after a new token (needs `tokenizer`). `streamer.put` receives the prompt, then each new token (batch
+    size 1 only).
 
     `generation_config` (a transformers GenerationConfig or a dict): the fields it sets are defaults under
     the arguments passed explicitly. `num_beams` > 1: beam search (`bamba.beam_search`, as transformers':
     `length_penalty`, `early_stopping` True / False / "never", up to num_beams `num_return_sequences`,
-    with `do_sample` beam sampling; not with stop strings or a streamer, which it refuses). `use_cache=False` is accepted
-    and ignored: the cache changes only the speed, not the result. With `return_dict_in_generate=True`
-    the result is a `GenerateOutput` (`.sequences`, and `.scores` / `.logits` when `output_scores` /
-    `output_logits`), with beams a `GenerateBeamOutput`.
+    with `do_sample` beam sampling; not with stop strings or a streamer, which it refuses).
+    `use_cache=False` is accepted and ignored: the cache changes only the speed, not the result. With
+    `return_dict_in_generate=True` the result is a `GenerateOutput` (`.sequences`, and `.scores` /
+    `.logits` when `output_scores` / `output_logits`), with beams a `GenerateBeamOutput`.
     """
     with _ended(streamer):  # also on an error or with nothing to generate: an iterating consumer returns
         cfg = model.config
@@ -636,6 +634,15 @@ def generate(
         if generator is None and seed is not None:
             generator = torch.Generator(device=device).manual_seed(seed)
         warpers = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)  # when sampling
+        rules = StepRules(no_repeat_ngram_size, repetition_penalty)
+        # where each row's tokens start (its left padding is ignored by the repetition penalty and the stop
+        # strings, as transformers' penalty ignores it): (b,)
+        if attention_mask is None:
+            starts = torch.zeros(input_ids.shape[0], dtype=torch.long, device=device)
+        else:
+            starts = (attention_mask != 0).long().argmax(dim=1)
+            if bool(attention_mask.all()):
+                attention_mask = None
         if num_beams > 1:
             from .beam_search import beam_search  # (it builds on this module)
 
@@ -648,14 +655,14 @@ def generate(
             beams = beam_search(
                 model,
                 input_ids,
-                None if attention_mask is None or bool(attention_mask.all()) else attention_mask,
-                _starts(attention_mask, input_ids),
+                attention_mask,
+                starts,
                 num_beams=num_beams,
                 max_new_tokens=max_new_tokens,
                 min_total=min_total,
                 eos=eos,
                 pad=pad,
-                rules=StepRules(no_repeat_ngram_size, repetition_penalty),
+                rules=rules,
                 length_penalty=length_penalty,
                 early_stopping=early_stopping,
                 num_return_sequences=num_return_sequences,
@@ -675,14 +682,10 @@ def generate(
             )
         if num_return_sequences > 1:
             input_ids = input_ids.repeat_interleave(num_return_sequences, dim=0)
+            starts = starts.repeat_interleave(num_return_sequences)
             if attention_mask is not None:
                 attention_mask = attention_mask.repeat_interleave(num_return_sequences, dim=0)
         b, t = input_ids.shape
-        # where each row's tokens start (its left padding is ignored by the repetition penalty and the stop
-        # strings, as transformers' penalty ignores it): (b,)
-        starts = _starts(attention_mask, input_ids)
-        if attention_mask is not None and bool(attention_mask.all()):
-            attention_mask = None
         # Finished rows stay in the batch (fed the pad token) when per-step scores are asked for, and when
         # sampling a batch: transformers draws for them too, so the random stream, and with it every
         # row's tokens, matches its for the same seed. Greedy batches drop them (the results are the same).
@@ -712,7 +715,6 @@ def generate(
         eos_t = torch.tensor(eos, device=device) if eos else None
         stop_window = max((len(s.encode("utf-8")) for s in stops), default=0) + 8  # tokens: >= 1 byte each
 
-        rules = StepRules(no_repeat_ngram_size, repetition_penalty)
         logits = _prefill(model, input_ids, mask, cache, prefill_chunk_size)  # (b, vocab)
         n_new = 0
         for step in range(max_new_tokens):
@@ -764,13 +766,6 @@ def generate(
                 :, -1
             ]
         return result(out[:, : t + n_new])
-
-
-def _starts(attention_mask: Tensor | None, input_ids: Tensor) -> Tensor:
-    """(b,) where each row's tokens start after its left padding (0 without a mask)."""
-    if attention_mask is None:
-        return torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
-    return (attention_mask != 0).long().argmax(dim=1)
 
 
 def _prefill(

@@ -131,8 +131,8 @@ def dense_linear(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
 
 
 def onednn_can_take(x: Tensor, *others: Tensor | None) -> bool:
-    """Can oneDNN's fp32 op serve these tensors here? On x86 builds with oneDNN: plain (not DTensor...), non-empty fp32 CPU tensors,
-    outside autocast (which must see F.linear or torch.matmul to cast), torch.func transforms and
+    """Can oneDNN's fp32 op serve these tensors here? On x86 builds with oneDNN: plain (not DTensor...),
+    non-empty fp32 CPU tensors, outside autocast (which must see F.linear or torch.matmul to cast), torch.func transforms and
     forward-mode AD (the op has no forward derivative), and torch.compile (whose inductor fails to lower
     the op, and picks its own kernels anyway)."""
     return (

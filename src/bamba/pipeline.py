@@ -183,9 +183,8 @@ class TextGenerationPipeline:
                     options[length] += prefix_len
         n = options.get("num_return_sequences", 1)
         out = generate(self.model, ids, attention_mask=mask, **options)
-        out = getattr(
-            out, "sequences", out
-        )  # (len(batch) * n, width + new); also with return_dict_in_generate
+        # (len(batch) * n, width + new) ids; also with return_dict_in_generate
+        out = getattr(out, "sequences", out)
         skip = True if run.skip_special_tokens is None else run.skip_special_tokens
         results = []
         for i, item in enumerate(batch):
