@@ -484,8 +484,10 @@ def train(
     """Train a Bamba model on text files; returns the final metrics.
 
     config: a preset name, a config.json path or a BambaConfig (or None with init_from). max_steps None:
-    one epoch. warmup_steps None: 5% of max_steps. eval_every / save_every 0: only at the end. resume:
-    continue from out_dir/checkpoint-last when it exists (the same data and batch layout are required).
+    one epoch rounded up to whole steps (the last step tops up with the first rows of the next epoch's
+    order, so up to rows_per_step - 1 rows are read twice). warmup_steps None: 5% of max_steps.
+    eval_every / save_every 0: only at the end. resume: continue from out_dir/checkpoint-last when it
+    exists (the same data and batch layout are required).
     `callback(record)` runs after every optimizer step with the logged record (tests use it to simulate a
     crash). Returns {"step", "loss", "eval_loss", "eval_ppl", "tokens", "elapsed_s", "tokens_per_s",
     "final_dir"}.
@@ -917,7 +919,9 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--row-tokens", type=int, default=2048, help="token budget of one packed row")
     p.add_argument("--batch-rows", type=int, default=1, help="rows per micro-batch per process")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--max-steps", type=int, help="optimizer steps (default: one epoch)")
+    p.add_argument(
+        "--max-steps", type=int, help="optimizer steps (default: one epoch, rounded up to whole steps)"
+    )
     p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate")
     p.add_argument("--min-lr-ratio", type=float, default=0.1, help="final lr as a fraction of the peak")
     p.add_argument("--warmup-steps", type=int, help="linear warmup steps (default: 5%% of max steps)")
