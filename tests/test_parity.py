@@ -140,6 +140,8 @@ def test_logits_to_keep_2d_and_tuple_outputs_as_transformers(hf_folder):
     assert len(mapping) == 2 and "logits" in mapping and "past_key_values" not in mapping
     assert list(mapping) == ["loss", "logits"] and mapping.get("attentions", 7) == 7
     assert torch.equal(dict(mapping.items())["logits"], mapping.logits)
+    with pytest.raises(ValueError, match=r"logits_to_keep=-2: an int must be >= 0"):
+        ours(ids, logits_to_keep=-2)  # transformers would drop the first two positions
 
 
 def test_odd_rotary_dims_as_transformers(hf_folder):

@@ -773,6 +773,10 @@ def keep_positions(h: Tensor, logits_to_keep: int | Tensor) -> Tensor:
     integer tensor (b, n), each row's own positions -> (b, n, d); a 2-D bool mask (b, l), the True
     positions flattened -> (n_true, d)."""
     if isinstance(logits_to_keep, int):
+        if logits_to_keep < 0:  # (transformers slices h[:, -n:], i.e. drops the first |n| positions)
+            raise ValueError(
+                f"logits_to_keep={logits_to_keep}: an int must be >= 0 (the last n positions; 0: all)"
+            )
         return h[:, -logits_to_keep:] if logits_to_keep > 0 else h
     if not isinstance(logits_to_keep, Tensor) or logits_to_keep.dim() not in (1, 2):
         raise ValueError(
