@@ -276,3 +276,43 @@ def test_a_tokenizer_without_pad_leaves_the_checkpoints_pad_id(folder, monkeypat
     monkeypatch.setattr(gen, "generate", gen._with_generation_config(recording))
     generate_text("to be", model=folder, max_new_tokens=2, temperature=0)
     assert seen == ["left out"]
+
+
+def test_chat_without_a_template_replies_after_a_leading_newline(folder, monkeypatch):
+    """Without a chat template a reply ends at its first blank line. A reply that starts with a newline
+    goes on (the stop string "\\n\\n" matched across the prompt's final newline there and ended the
+    reply before it started)."""
+    import bamba.generation as g
+    from bamba.generation import chat
+
+    real_load = g.load_for_cli
+    tokens: list[int] = []  # the scripted reply, token by token
+
+    def load_scripted(*args):
+        lm, tok = real_load(*args)
+        tok.chat_template = None
+        for piece in ("\n", "to be", "\n", "\n", "or"):
+            tokens.extend(tok.encode(piece, add_special_tokens=False))
+        calls = iter(range(10**6))
+
+        def script(module, inputs, output):  # each forward picks the next scripted token
+            logits = torch.full_like(output.logits, -1e4)
+            logits[:, -1, tokens[min(next(calls), len(tokens) - 1)]] = 0.0
+            output.logits = logits
+            return output
+
+        lm.register_forward_hook(script)
+        return lm, tok
+
+    monkeypatch.setattr(g, "load_for_cli", load_scripted)
+    lines = iter(["to be"])
+    out: list[str] = []
+
+    def one_line(prompt: str) -> str:
+        line = next(lines, None)
+        if line is None:
+            raise EOFError
+        return line
+
+    chat(model=folder, max_new_tokens=10, temperature=0, input_fn=one_line, output_fn=out.append)
+    assert "".join(out) == "\nto be\n\n\n\n"  # the reply up to its blank line, then the loop's newlines

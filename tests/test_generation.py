@@ -572,3 +572,61 @@ def test_streamer_passes_extra_keyword_arguments_to_decode():
     streamer.put(torch.tensor([2]))
     streamer.end()
     assert "".join(pieces) == "abc" and seen and all(v is True for v in seen)
+
+
+def test_stopping_criteria_as_transformers(hf_folder):
+    """Custom stopping criteria (a transformers StoppingCriteriaList, or plain callables) see every row
+    and the scores as transformers' do, and stop the rows they say, greedy and sampling."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    ref, folder = hf_folder(seed=3)
+    ours = BambaForCausalLM.from_pretrained(folder)
+    torch.manual_seed(1)
+    ids, mask = left_pad([torch.randint(3, 97, (n,)) for n in (7, 4, 5)])
+    free = generate(ours, ids, attention_mask=mask, max_new_tokens=8, eos_token_id=[])
+    token = int(free[2, 8])  # row 2's second new token
+    seen: list[tuple] = []
+
+    class AfterToken(StoppingCriteria):  # stops a row once it has produced `token`, and records its calls
+        def __call__(self, input_ids, scores, **kwargs):
+            seen.append((tuple(input_ids.shape), None if scores is None else len(scores)))
+            return (input_ids[:, 7:] == token).any(dim=1)
+
+    common = dict(attention_mask=mask, max_new_tokens=8, eos_token_id=1, pad_token_id=0)
+    expected = ref.generate(
+        ids, do_sample=False, stopping_criteria=StoppingCriteriaList([AfterToken()]), **common
+    )
+    calls_theirs, seen[:] = list(seen), []
+    got = generate(ours, ids, stopping_criteria=StoppingCriteriaList([AfterToken()]), **common)
+    assert torch.equal(got, expected)
+    assert seen == calls_theirs and seen[0] == ((3, 8), None)  # every row, after each new token
+    assert got[2, 9:].eq(0).all() and not got[0, 8:].eq(0).all()  # row 2 stopped, the others went on
+
+    # with scores returned, the criteria get them so far; a plain function returning one bool stops all
+    seen[:] = []
+    out = generate(
+        ours,
+        ids,
+        stopping_criteria=[AfterToken(), lambda input_ids, scores: input_ids.shape[1] >= 11],
+        return_dict_in_generate=True,
+        output_scores=True,
+        **common,
+    )
+    assert out.sequences.shape == (3, 11) and [n for _, n in seen] == [1, 2, 3, 4]
+    assert torch.equal(out.sequences, expected[:, :11])
+
+    # sampling a batch: the same seed, the same draws and stops as transformers
+    sample = dict(do_sample=True, top_k=20, **common)
+    torch.manual_seed(4)
+    expected = ref.generate(ids, stopping_criteria=StoppingCriteriaList([AfterToken()]), **sample)
+    torch.manual_seed(4)
+    assert torch.equal(generate(ours, ids, stopping_criteria=[AfterToken()], **sample), expected)
+
+    with pytest.raises(TypeError, match="stopping_criteria must be callables"):
+        generate(ours, ids, stopping_criteria=[3])
+    with pytest.raises(
+        ValueError, match=r"returned torch.int64 of shape \(2,\); expected a bool per row \(3\)"
+    ):
+        generate(ours, ids, stopping_criteria=[lambda i, s: torch.tensor([1, 0])])
+    with pytest.raises(ValueError, match="num_beams=2 with stopping_criteria"):
+        generate(ours, ids, num_beams=2, stopping_criteria=[AfterToken()])

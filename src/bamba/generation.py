@@ -498,6 +498,7 @@ def generate(
     return_dict_in_generate: bool = False,
     output_scores: bool = False,
     output_logits: bool = False,
+    stopping_criteria: Sequence[Callable[..., Any]] | None = None,
 ) -> Tensor | GenerateOutput:
     """Continue each prompt; returns (b * num_return_sequences, prompt + new) ids, like transformers.
 
@@ -517,6 +518,11 @@ def generate(
     the arguments passed explicitly. `num_beams` > 1: beam search (`bamba.beam_search`, as transformers':
     `length_penalty`, `early_stopping` True / False / "never", up to num_beams `num_return_sequences`,
     with `do_sample` beam sampling; not with stop strings or a streamer, which it refuses).
+    `stopping_criteria`: callables (a transformers StoppingCriteriaList, say) called as transformers
+    calls them after each new token, `criterion(ids, scores)` with ids (b, prompt + new so far) of every
+    row (rows already done hold the pad id) and scores the tuple of per-step scores when
+    `return_dict_in_generate` and `output_scores`, else None; each returns a bool per row (or one bool
+    for all), and a row is done when any returns True (not with beams).
     `use_cache=False` is accepted and ignored: the cache changes only the speed, not the result. With
     `return_dict_in_generate=True` the result is a `GenerateOutput` (`.sequences`, and `.scores` /
     `.logits` when `output_scores` / `output_logits`), with beams a `GenerateBeamOutput`.
@@ -562,8 +568,18 @@ def generate(
         length_penalty = _as_float("length_penalty", 1.0 if length_penalty is None else length_penalty)
         if early_stopping not in (True, False, "never"):
             raise ValueError(f"early_stopping={early_stopping!r}: expected True, False or 'never'")
+        criteria = list(stopping_criteria or [])
+        if any(not callable(c) for c in criteria):
+            raise TypeError(
+                f"stopping_criteria must be callables criterion(ids, scores) -> bool per row, found "
+                f"{stopping_criteria!r}"
+            )
         if num_beams > 1:
-            for name, value in (("stop_strings", stop_strings), ("streamer", streamer)):
+            for name, value in (
+                ("stop_strings", stop_strings),
+                ("streamer", streamer),
+                ("stopping_criteria", criteria),
+            ):
                 if value:
                     raise ValueError(
                         f"num_beams={num_beams} with {name}: beam search here stops at eos ids only and "
@@ -689,7 +705,12 @@ def generate(
         # Finished rows stay in the batch (fed the pad token) when per-step scores are asked for, and when
         # sampling a batch: transformers draws for them too, so the random stream, and with it every
         # row's tokens, matches its for the same seed. Greedy batches drop them (the results are the same).
-        keep_all = bool(return_dict_in_generate and (output_scores or output_logits)) or (do_sample and b > 1)
+        # Custom stopping criteria see the whole batch, as in transformers.
+        keep_all = (
+            bool(return_dict_in_generate and (output_scores or output_logits))
+            or (do_sample and b > 1)
+            or bool(criteria)
+        )
         all_scores: list[Tensor] = []
         all_logits: list[Tensor] = []
 
@@ -745,6 +766,9 @@ def generate(
                     done[~finished] |= hit
                 else:
                     done |= hit
+            if criteria:  # (keep_all: every row is here, in order)
+                scores_so_far = tuple(all_scores) if return_dict_in_generate and output_scores else None
+                done |= _criteria_hits(criteria, out[:, : t + step + 1], scores_so_far)
             if keep_all:
                 finished |= done
             if step + 1 == max_new_tokens:
@@ -783,6 +807,21 @@ def _prefill(
             ids[:, start:end], attention_mask=m, past_key_values=cache, use_cache=True, logits_to_keep=1
         ).logits
     return logits[:, -1]
+
+
+def _criteria_hits(criteria: list[Callable[..., Any]], ids: Tensor, scores: tuple | None) -> Tensor:
+    """(b,) bool: the rows of ids (b, length) that any of `criteria` says are done."""
+    b = ids.shape[0]
+    hits = torch.zeros(b, dtype=torch.bool, device=ids.device)
+    for criterion in criteria:
+        hit = torch.as_tensor(criterion(ids, scores), device=ids.device)
+        if hit.dtype != torch.bool or hit.numel() not in (1, b):
+            raise ValueError(
+                f"stopping criterion {criterion!r} returned {hit.dtype} of shape {tuple(hit.shape)}; "
+                f"expected a bool per row ({b}) or one bool"
+            )
+        hits |= hit.reshape(-1).expand(b)
+    return hits
 
 
 def _hit_stop(
@@ -1029,14 +1068,15 @@ def chat(
             ids = tok.encode(transcript)
         pieces: list[str] = []
         keep = max(1, lm.config.max_position_embeddings - max_new_tokens)  # the latest context
+        prompt_ids = torch.tensor([ids[-keep:]])
         generate(
             lm,
-            torch.tensor([ids[-keep:]]),
+            prompt_ids,
             max_new_tokens=max_new_tokens,
             **sampling,
             eos_token_id=eos_ids_with(lm, tok),
             **pad_id_of(tok),
-            stop_strings=None if has_template else ["\n\n"],
+            stopping_criteria=None if has_template else [_blank_line_in_reply(tok, prompt_ids.shape[1])],
             tokenizer=tok,
             streamer=TextStreamer(
                 tok,
@@ -1051,6 +1091,17 @@ def chat(
             messages.append({"role": "assistant", "content": reply})
         else:
             transcript += reply.split("\n\n")[0] + "\n\n"
+
+
+def _blank_line_in_reply(tokenizer: Any, prompt_len: int) -> Callable[[Tensor, Any], bool]:
+    """A stopping criterion for one row: has the reply (the text after the first `prompt_len` tokens)
+    got a blank line? (The stop string "\\n\\n" would also match across the prompt's final newline,
+    ending the reply before it starts when the model's first token is a newline.)"""
+
+    def blank_line(ids: Tensor, scores: Any) -> bool:
+        return "\n\n" in tokenizer.decode(ids[0, prompt_len:].tolist())
+
+    return blank_line
 
 
 def add_cli(sub: argparse._SubParsersAction) -> None:
