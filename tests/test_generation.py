@@ -622,6 +622,16 @@ def test_stopping_criteria_as_transformers(hf_folder):
     torch.manual_seed(4)
     assert torch.equal(generate(ours, ids, stopping_criteria=[AfterToken()], **sample), expected)
 
+    # no eos id: a stopped row is padded from there on (transformers goes on generating its tokens)
+    no_eos = dict(max_new_tokens=6, eos_token_id=None, pad_token_id=0)
+    stop_row_0 = StoppingCriteriaList(
+        [lambda input_ids, scores: torch.tensor([input_ids.shape[1] >= 9, 0, 0]) > 0]
+    )
+    theirs = ref.generate(ids, attention_mask=mask, do_sample=False, stopping_criteria=stop_row_0, **no_eos)
+    got = generate(ours, ids, attention_mask=mask, stopping_criteria=stop_row_0, **no_eos)
+    assert torch.equal(got[:, :9], theirs[:, :9]) and torch.equal(got[1:], theirs[1:])
+    assert got[0, 9:].eq(0).all() and not theirs[0, 9:].eq(0).all()
+
     with pytest.raises(TypeError, match="stopping_criteria must be callables"):
         generate(ours, ids, stopping_criteria=[3])
     with pytest.raises(
