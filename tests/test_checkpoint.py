@@ -374,3 +374,38 @@ def test_input_types_are_widened_or_named(saved):
         cache.reset()  # as transformers' reset: a new sequence
         torch.testing.assert_close(model(ids, past_key_values=cache).logits, expected)
         assert cache.get_seq_length() == 5
+
+
+def test_transformers_loading_keywords_are_applied_or_refused(saved, tmp_path):
+    """torch_dtype and device_map (one device) act as dtype and device; any other unknown keyword (a
+    typo) is refused: they used to be swallowed as hub download options, silently."""
+    _, folder = saved
+    assert BambaForCausalLM.from_pretrained(folder, torch_dtype=torch.bfloat16).dtype == torch.bfloat16
+    assert BambaForCausalLM.from_pretrained(folder, torch_dtype="auto").dtype == torch.float32
+    for device_map in ("cpu", "auto" if not torch.cuda.is_available() else "cpu", torch.device("cpu")):
+        assert BambaForCausalLM.from_pretrained(folder, device_map=device_map).device.type == "cpu"
+    with pytest.raises(TypeError, match=r"unknown keyword argument\(s\) \['dytpe'\]"):
+        BambaForCausalLM.from_pretrained(folder, dytpe=torch.bfloat16)
+    with pytest.raises(TypeError, match="device_map as a dict"):
+        BambaForCausalLM.from_pretrained(folder, device_map={"": 0})
+    with pytest.raises(TypeError, match="dtype=torch.float32 and torch_dtype=torch.bfloat16 differ"):
+        BambaForCausalLM.from_pretrained(folder, dtype=torch.float32, torch_dtype=torch.bfloat16)
+    assert BambaForCausalLM.from_pretrained(folder, local_files_only=True).dtype == torch.float32  # hub's
+
+
+def test_quantized_integer_tensors_must_keep_their_dtype(tmp_path):
+    """An int32 tensor where an int8 weight is expected was cast silently (wrapping values > 127)."""
+    from bamba import quantize
+
+    torch.manual_seed(0)
+    cfg = {**TINY, "hidden_size": 64, "intermediate_size": 64}
+    quantize(BambaForCausalLM(BambaConfig(**cfg)).eval(), "int8").save_pretrained(tmp_path)
+    path = str(tmp_path / "model.safetensors")
+    st = SafetensorsFile(path)
+    tensors = {k: st.tensor(k).clone() for k in st.keys()}
+    del st
+    name = "model.layers.0.feed_forward.up_proj.weight"
+    tensors[name] = tensors[name].to(torch.int32)
+    save_safetensors(tensors, path)
+    with pytest.raises(CheckpointError, match=rf"{name}: expected torch.int8, found torch.int32"):
+        BambaForCausalLM.from_pretrained(tmp_path)

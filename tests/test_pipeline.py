@@ -143,6 +143,18 @@ def test_bad_task_and_input(folder):
         pipeline(model=folder)([torch.ones(2)])
 
 
+def test_loading_keywords_reach_from_pretrained_as_transformers(folder):
+    """torch_dtype, device_map and model_kwargs load the model (they were taken as generate's defaults,
+    and failed at the first call)."""
+    pipe = pipeline("text-generation", model=folder, torch_dtype=torch.bfloat16, device_map="cpu")
+    assert pipe.model.dtype == torch.bfloat16 and pipe.model.device.type == "cpu"
+    pipe = pipeline("text-generation", model=folder, model_kwargs={"quantization": "int8"})
+    assert pipe.model.quantization_config["format"] == "int8_weight_only"
+    assert isinstance(pipe("ROMEO:", max_new_tokens=2)[0]["generated_text"], str)
+    with pytest.raises(ValueError, match=r"\['torch_dtype'\] set how a model loads"):
+        pipeline(model=pipe.model, tokenizer=folder, torch_dtype=torch.bfloat16)
+
+
 def test_decode_options_reach_the_tokenizer(pipes, monkeypatch):
     """skip_special_tokens and clean_up_tokenization_spaces go to decode (the demo's BPE tokenizer and
     short greedy runs show no difference in text, so the calls are recorded)."""

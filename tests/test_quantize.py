@@ -265,6 +265,29 @@ def test_quantizing_again_the_same_way_is_a_no_op_and_another_way_is_an_error(me
             quantize(model, method, group_size=32)
 
 
+def test_a_quantized_folder_reloads_with_its_quantization_given_again(tmp_path):
+    """An int4 folder of group size 32, loaded with quantization="int4_weight_only" again, used to be
+    re-quantized with group size 128 (an error); group_size reaches the quantizer from from_pretrained."""
+    model = tiny()
+    ids = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(2))
+    BambaForCausalLM.from_pretrained(
+        str(_saved(model, tmp_path / "f")), quantization="int4_weight_only", group_size=32
+    ).save_pretrained(tmp_path / "q")
+    plain = BambaForCausalLM.from_pretrained(str(tmp_path / "q"))
+    assert plain.quantization_config["group_size"] == 32
+    for extra in (dict(), dict(group_size=32)):
+        again = BambaForCausalLM.from_pretrained(str(tmp_path / "q"), quantization="int4", **extra)
+        with torch.inference_mode():
+            assert torch.equal(again(ids).logits, plain(ids).logits)
+    with pytest.raises(ValueError, match=r"already quantized as int4_weight_only \(group_size=32\); cannot "):
+        BambaForCausalLM.from_pretrained(str(tmp_path / "q"), quantization="int4", group_size=64)
+
+
+def _saved(model: BambaForCausalLM, folder) -> str:
+    model.save_pretrained(folder)
+    return str(folder)
+
+
 @pytest.mark.parametrize("group_size", [0, -128, 1.5, True, 128.0, 512, 96])
 def test_int4_group_size_must_be_one_the_kernel_takes(group_size):
     """0 raised ZeroDivisionError; 512 quantized, then generation failed inside the CPU kernel."""

@@ -30,6 +30,21 @@ QUANT_CONFIG_FILE = "quantization_config.json"
 _WEIGHT_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json")
 GENERATION_CONFIG_FILE = "generation_config.json"
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*"]
+# huggingface_hub.snapshot_download's keywords that loading passes on (the rest are set here)
+HUB_KEYWORDS = frozenset(
+    {
+        "cache_dir",
+        "force_download",
+        "local_files_only",
+        "token",
+        "etag_timeout",
+        "user_agent",
+        "headers",
+        "endpoint",
+        "max_workers",
+        "proxies",
+    }
+)
 # Keys found in some checkpoints that are derived buffers, not weights.
 _IGNORED_KEYS = re.compile(r".*rotary_emb\.inv_freq$")
 
@@ -212,16 +227,22 @@ def load_pretrained(
     config: BambaConfig | None = None,
     revision: str | None = None,
     pack: bool = False,
-    **hub_kwargs: Any,
+    group_size: int | None = None,
+    **kwargs: Any,
 ) -> nn.Module:
     """Load `cls` (BambaForCausalLM or BambaModel) from a checkpoint folder or hub repo id.
 
     dtype: None or "auto" keeps the stored dtype (zero-copy); otherwise tensors are converted one at a
     time. quantization: "int8_weight_only" / "int4_weight_only" / "int8_dynamic_activation_int8_weight",
-    applied after loading (see bamba.quantize).
+    applied after loading with `group_size` (int4; see bamba.quantize); a folder saved quantized loads
+    quantized, and the same quantization given again changes nothing.
     pack: for CPU inference, store Linear weights in oneDNN's layout where that is measured to be faster
     (`bamba.linear.pack_for_cpu`; bf16 on CPUs with AVX512-BF16); the model can then not be trained.
+    Also taken, as transformers users pass them: `torch_dtype` (dtype's older name), `device_map` as one
+    device ("cpu", "cuda:0", 0, or "auto": the GPU when there is one), and huggingface_hub's download
+    keywords (HUB_KEYWORDS: cache_dir, token, local_files_only, ...). Other keywords are refused.
     """
+    dtype, device, hub_kwargs = _transformers_keywords(dtype, device, kwargs)
     folder = resolve_folder(path_or_repo_id, revision=revision, **hub_kwargs)
     if config is None:
         config = read_config(folder)
@@ -258,7 +279,9 @@ def load_pretrained(
             )
             mismatched.add(key)
             continue
-        if t.is_floating_point() != want.is_floating_point():
+        if t.is_floating_point() != want.is_floating_point() or (
+            not want.is_floating_point() and t.dtype != want.dtype
+        ):  # (floats convert; quantized integers must come as they were saved)
             wrong_shape.append(
                 f"{name}: expected {'floating point' if want.is_floating_point() else want.dtype}, found "
                 f"{t.dtype} in {os.path.basename(st.path)}"
@@ -303,7 +326,7 @@ def load_pretrained(
     if quantization is not None:
         from .quantize import quantize
 
-        quantize(model, quantization)
+        quantize(model, quantization, group_size)
     if pack:
         from .linear import pack_for_cpu
 
@@ -314,6 +337,40 @@ def load_pretrained(
 
         pack_for_cpu(model, on_packed=release)
     return model
+
+
+def _transformers_keywords(
+    dtype: Any, device: Any, kwargs: dict[str, Any]
+) -> tuple[Any, Any, dict[str, Any]]:
+    """(dtype, device, hub keywords) from `load_pretrained`'s extra keywords; see its doc."""
+    kwargs = dict(kwargs)
+    torch_dtype = kwargs.pop("torch_dtype", None)
+    if torch_dtype is not None:
+        if dtype is not None and dtype != torch_dtype:
+            raise TypeError(
+                f"from_pretrained: dtype={dtype!r} and torch_dtype={torch_dtype!r} differ; pass dtype"
+            )
+        dtype = torch_dtype
+    device_map = kwargs.pop("device_map", None)
+    if device_map is not None:
+        if isinstance(device_map, dict):
+            raise TypeError(
+                "from_pretrained: device_map as a dict (modules on several devices) is not supported; the "
+                "model loads on one device: pass device= (or device_map='cuda:0')"
+            )
+        if device_map == "auto":
+            device_map = "cuda" if torch.cuda.is_available() else "cpu"
+        mapped = torch.device(device_map)
+        if device is not None and torch.device(device) != mapped:
+            raise TypeError(f"from_pretrained: device={device!r} and device_map={device_map!r} differ")
+        device = mapped
+    unknown = sorted(set(kwargs) - HUB_KEYWORDS)
+    if unknown:
+        raise TypeError(
+            f"from_pretrained: unknown keyword argument(s) {unknown}; it takes dtype (torch_dtype), device "
+            f"(device_map), quantization, group_size, config, revision, pack, and the hub's {sorted(HUB_KEYWORDS)}"
+        )
+    return dtype, device, kwargs
 
 
 def _stored_head_differs(loaded: dict[str, torch.Tensor]) -> bool:

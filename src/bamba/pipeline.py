@@ -230,13 +230,22 @@ def pipeline(
     dtype: torch.dtype | str | None = None,
     device: torch.device | str | None = None,
     quantization: str | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+    torch_dtype: torch.dtype | str | None = None,
+    device_map: Any = None,
     **generate_defaults: Any,
 ) -> TextGenerationPipeline:
     """Build a text-generation pipeline from a checkpoint folder, hub repo id, or loaded model.
 
     `model=None` uses the embedded demo model. The tokenizer defaults to the one in the model's folder.
-    A model loaded here is for inference: `pack=True` (see `bamba.linear.pack_for_cpu`).
+    A model loaded here is for inference: `pack=True` (see `bamba.linear.pack_for_cpu`). As in
+    transformers, `model_kwargs`, `torch_dtype` and `device_map` go to `from_pretrained` (see
+    `bamba.checkpoint.load_pretrained`); other keywords are `generate`'s defaults.
     """
+    load_kwargs = {
+        **(model_kwargs or {}),
+        **{k: v for k, v in (("torch_dtype", torch_dtype), ("device_map", device_map)) if v is not None},
+    }
     if task != "text-generation":
         raise ValueError(f"task {task!r} is not supported; only 'text-generation'")
     if model is None:
@@ -246,11 +255,18 @@ def pipeline(
     if isinstance(model, BambaForCausalLM):
         if tokenizer is None:
             raise ValueError("pass tokenizer= (a folder or a Tokenizer) with an already loaded model")
+        if load_kwargs:
+            raise ValueError(
+                f"pipeline: {sorted(load_kwargs)} set how a model loads; the model given is already loaded"
+            )
         lm = model
     else:
-        lm = BambaForCausalLM.from_pretrained(
-            model, dtype=dtype, device=device, quantization=quantization, pack=True
-        )
+        given = {"dtype": dtype, "device": device, "quantization": quantization}
+        both = sorted(k for k, v in given.items() if v is not None and k in load_kwargs)
+        if both:
+            raise ValueError(f"pipeline: {both} given both directly and in model_kwargs")
+        options = {"pack": True, **{k: v for k, v in given.items() if v is not None}, **load_kwargs}
+        lm = BambaForCausalLM.from_pretrained(model, **options)
         tokenizer = tokenizer if tokenizer is not None else model
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.from_pretrained(tokenizer)
     return TextGenerationPipeline(lm, tok, **generate_defaults)

@@ -445,13 +445,14 @@ def _targets(model: nn.Module, method: str, group_size: int) -> list[str]:
     return names
 
 
-def quantize(model: nn.Module, method: str = "int8_weight_only", group_size: int = 128) -> nn.Module:
+def quantize(model: nn.Module, method: str = "int8_weight_only", group_size: int | None = None) -> nn.Module:
     """Quantize `model`'s Linear layers in place and record `model.quantization_config`. `method` is one
-    of METHODS or its short name (SHORT_NAMES: "int8", "int4", "int8dq")."""
+    of METHODS or its short name (SHORT_NAMES: "int8", "int4", "int8dq"); `group_size` (int4): 128 when
+    None. A model already quantized the same way (group size None: any) is returned as it is."""
     method = SHORT_NAMES.get(method, method)
     if method not in METHODS:
         raise ValueError(f"quantization={method!r}: expected one of {METHODS} or {tuple(SHORT_NAMES)}")
-    if method == "int4_weight_only":
+    if method == "int4_weight_only" and group_size is not None:
         _check_int4_group_size(group_size)
     packed = [name for name, mod in model.named_modules() if isinstance(mod, PackedLinear)]
     if packed:
@@ -461,10 +462,15 @@ def quantize(model: nn.Module, method: str = "int8_weight_only", group_size: int
         )
     done = getattr(model, "quantization_config", None)
     if done is not None:
-        same_groups = method != "int4_weight_only" or done.get("group_size") == group_size
+        same_groups = method != "int4_weight_only" or group_size in (None, done.get("group_size"))
         if done.get("format") != method or not same_groups:
-            raise ValueError(f"model is already quantized as {done}; cannot quantize again as {method!r}")
+            asked = method + (f" with group_size={group_size}" if method == "int4_weight_only" else "")
+            raise ValueError(
+                f"model is already quantized as {done.get('format')} (group_size={done.get('group_size')}); "
+                f"cannot quantize again as {asked}"
+            )
         return model  # already done: nothing to do
+    group_size = 128 if group_size is None else group_size
     names = _targets(model, method, group_size)
     with torch.no_grad():
         for name in names:
