@@ -72,7 +72,8 @@ class TextGenerationPipeline:
     (prompts generated together, left-padded; default: all of them, with each prompt's output as if it
     ran alone), and `generation_config` (a GenerationConfig or a dict, its fields below explicit
     arguments). Other keyword arguments are those of `bamba.generation.generate` (default
-    max_new_tokens=50).
+    max_new_tokens=50, greedy unless do_sample=True; transformers 5's pipeline samples 256 tokens at
+    temperature 0.7 by default).
     """
 
     def __init__(self, model: BambaForCausalLM, tokenizer: Tokenizer, **generate_defaults: Any) -> None:
