@@ -386,11 +386,29 @@ def test_transformers_loading_keywords_are_applied_or_refused(saved, tmp_path):
         assert BambaForCausalLM.from_pretrained(folder, device_map=device_map).device.type == "cpu"
     with pytest.raises(TypeError, match=r"unknown keyword argument\(s\) \['dytpe'\]"):
         BambaForCausalLM.from_pretrained(folder, dytpe=torch.bfloat16)
-    with pytest.raises(TypeError, match="device_map as a dict"):
-        BambaForCausalLM.from_pretrained(folder, device_map={"": 0})
+    # the same setting spelled two ways is one setting; a one-device dict is that device
+    assert (
+        BambaForCausalLM.from_pretrained(folder, dtype="bf16", torch_dtype=torch.bfloat16).dtype
+        == torch.bfloat16
+    )
+    one = BambaForCausalLM.from_pretrained(folder, device="cpu", device_map={"": "cpu:0", "lm_head": "cpu"})
+    assert one.device.type == "cpu"
+    with pytest.raises(TypeError, match="spreads the model over several devices"):
+        BambaForCausalLM.from_pretrained(folder, device_map={"model": "cpu", "lm_head": "meta"})
     with pytest.raises(TypeError, match="dtype=torch.float32 and torch_dtype=torch.bfloat16 differ"):
         BambaForCausalLM.from_pretrained(folder, dtype=torch.float32, torch_dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"device_map='balanced' is not one device"):
+        BambaForCausalLM.from_pretrained(folder, device_map="balanced")
+    if not torch.cuda.is_available():
+        for kw in (dict(device_map=0), dict(device="cuda")):
+            with pytest.raises(ValueError, match="but CUDA is not available on this machine"):
+                BambaForCausalLM.from_pretrained(folder, **kw)
+    with pytest.raises(TypeError, match=r"group_size=64 applies to quantization='int4_weight_only' only"):
+        BambaForCausalLM.from_pretrained(folder, quantization="int8", group_size=64)
     assert BambaForCausalLM.from_pretrained(folder, local_files_only=True).dtype == torch.float32  # hub's
+    # the config's and the tokenizer's loaders refuse unknown keywords too (a typo of revision, say)
+    with pytest.raises(TypeError, match=r"unknown keyword argument\(s\) \['revison'\]"):
+        BambaConfig.from_pretrained(folder, revison="main")
 
 
 def test_quantized_integer_tensors_must_keep_their_dtype(tmp_path):

@@ -632,11 +632,17 @@ def test_stopping_criteria_as_transformers(hf_folder):
     assert torch.equal(got[:, :9], theirs[:, :9]) and torch.equal(got[1:], theirs[1:])
     assert got[0, 9:].eq(0).all() and not theirs[0, 9:].eq(0).all()
 
+    # one callable alone, and 0 / 1 integers, as transformers' `|` takes them
+    stopped = generate(ours, ids, max_new_tokens=3, stopping_criteria=lambda i, s: torch.tensor([1, 0, 0]))
+    assert stopped[0, 8:].eq(0).all() and stopped.shape == (3, 10)
     with pytest.raises(TypeError, match="stopping_criteria must be callables"):
         generate(ours, ids, stopping_criteria=[3])
-    with pytest.raises(
-        ValueError, match=r"returned torch.int64 of shape \(2,\); expected a bool per row \(3\)"
-    ):
-        generate(ours, ids, stopping_criteria=[lambda i, s: torch.tensor([1, 0])])
+    for bad, found in [
+        (torch.tensor([1, 0]), r"torch.int64 of shape \(2,\)"),
+        (None, "NoneType"),
+        (0.5, "torch.float32"),
+    ]:
+        with pytest.raises(ValueError, match=rf"returned {found}.*; expected a bool per row \(3\)"):
+            generate(ours, ids, stopping_criteria=[lambda i, s, bad=bad: bad])
     with pytest.raises(ValueError, match="num_beams=2 with stopping_criteria"):
         generate(ours, ids, num_beams=2, stopping_criteria=[AfterToken()])

@@ -153,6 +153,26 @@ def test_loading_keywords_reach_from_pretrained_as_transformers(folder):
     assert isinstance(pipe("ROMEO:", max_new_tokens=2)[0]["generated_text"], str)
     with pytest.raises(ValueError, match=r"\['torch_dtype'\] set how a model loads"):
         pipeline(model=pipe.model, tokenizer=folder, torch_dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"\['device_map'\] given both directly and in model_kwargs"):
+        pipeline(model=folder, device_map="cpu", model_kwargs={"device_map": "cpu"})
+
+
+def test_hub_keywords_reach_the_tokenizer_too(folder, monkeypatch):
+    """model_kwargs' hub keywords (cache_dir, token, ...) and revision load the tokenizer as well as the
+    model, as transformers' pipeline does; before, the tokenizer was looked up without them."""
+    import bamba.checkpoint as ckpt
+
+    seen = []
+    real = ckpt.resolve_folder
+
+    def recording(path, revision=None, **hub):
+        seen.append((revision, hub))
+        return real(path, revision=revision, **hub)
+
+    monkeypatch.setattr(ckpt, "resolve_folder", recording)
+    pipeline(model=folder, revision="main", model_kwargs={"local_files_only": True})
+    assert len(seen) >= 3  # the model, then tokenizer.json and its other files
+    assert all(call == ("main", {"local_files_only": True}) for call in seen)
 
 
 def test_decode_options_reach_the_tokenizer(pipes, monkeypatch):

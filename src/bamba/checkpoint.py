@@ -74,6 +74,12 @@ def resolve_folder(path_or_repo_id: str | os.PathLike, revision: str | None = No
     Offline mode (HF_HUB_OFFLINE=1 or local_files_only=True) is honoured: a repo that is not cached then
     raises a FileNotFoundError that says so.
     """
+    unknown = sorted(set(hub_kwargs) - HUB_KEYWORDS)
+    if unknown:
+        raise TypeError(
+            f"unknown keyword argument(s) {unknown}; loading takes revision and huggingface_hub's "
+            f"{sorted(HUB_KEYWORDS)}"
+        )
     path = os.fspath(path_or_repo_id)
     if not path:
         raise FileNotFoundError("an empty path is not a checkpoint folder")
@@ -239,15 +245,21 @@ def load_pretrained(
     pack: for CPU inference, store Linear weights in oneDNN's layout where that is measured to be faster
     (`bamba.linear.pack_for_cpu`; bf16 on CPUs with AVX512-BF16); the model can then not be trained.
     Also taken, as transformers users pass them: `torch_dtype` (dtype's older name), `device_map` as one
-    device ("cpu", "cuda:0", 0, or "auto": the GPU when there is one), and huggingface_hub's download
-    keywords (HUB_KEYWORDS: cache_dir, token, local_files_only, ...). Other keywords are refused.
+    device ("cpu", "cuda:0", 0, "auto": the GPU when there is one, or a dict whose values all name one
+    device), and huggingface_hub's download keywords (HUB_KEYWORDS: cache_dir, token, local_files_only,
+    ...). A setting given both ways must agree; other keywords are refused.
     """
     dtype, device, hub_kwargs = _transformers_keywords(dtype, device, kwargs)
+    if group_size is not None and quantization not in ("int4_weight_only", "int4"):
+        raise TypeError(
+            f"from_pretrained: group_size={group_size!r} applies to quantization='int4_weight_only' only; "
+            f"found quantization={quantization!r}"
+        )
     folder = resolve_folder(path_or_repo_id, revision=revision, **hub_kwargs)
     if config is None:
         config = read_config(folder)
     dtype = _parse_dtype(dtype)
-    device = torch.device(device) if device is not None else torch.device("cpu")
+    device = _one_device(device, "device") if device is not None else torch.device("cpu")
     with torch.device("meta"):
         model = cls(config, init=False)
     prefix = "model." if hasattr(model, "lm_head") else ""
@@ -346,22 +358,25 @@ def _transformers_keywords(
     kwargs = dict(kwargs)
     torch_dtype = kwargs.pop("torch_dtype", None)
     if torch_dtype is not None:
-        if dtype is not None and dtype != torch_dtype:
+        if dtype is not None and _parse_dtype(dtype) != _parse_dtype(torch_dtype):
             raise TypeError(
                 f"from_pretrained: dtype={dtype!r} and torch_dtype={torch_dtype!r} differ; pass dtype"
             )
         dtype = torch_dtype
     device_map = kwargs.pop("device_map", None)
     if device_map is not None:
-        if isinstance(device_map, dict):
-            raise TypeError(
-                "from_pretrained: device_map as a dict (modules on several devices) is not supported; the "
-                "model loads on one device: pass device= (or device_map='cuda:0')"
-            )
+        if isinstance(device_map, dict):  # {"": 0}: every module on one device
+            devices = {_device_key(_one_device(v, "device_map")) for v in device_map.values()}
+            if len(devices) != 1:
+                raise TypeError(
+                    f"from_pretrained: device_map={device_map!r} spreads the model over several devices, "
+                    "which is not supported; it loads on one device (device= or device_map='cuda:0')"
+                )
+            device_map = next(iter(device_map.values()))
         if device_map == "auto":
             device_map = "cuda" if torch.cuda.is_available() else "cpu"
-        mapped = torch.device(device_map)
-        if device is not None and torch.device(device) != mapped:
+        mapped = _one_device(device_map, "device_map")
+        if device is not None and _device_key(_one_device(device, "device")) != _device_key(mapped):
             raise TypeError(f"from_pretrained: device={device!r} and device_map={device_map!r} differ")
         device = mapped
     unknown = sorted(set(kwargs) - HUB_KEYWORDS)
@@ -371,6 +386,26 @@ def _transformers_keywords(
             f"(device_map), quantization, group_size, config, revision, pack, and the hub's {sorted(HUB_KEYWORDS)}"
         )
     return dtype, device, kwargs
+
+
+def _one_device(value: Any, name: str) -> torch.device:
+    """`value` (a name, a torch.device or a GPU index) as a torch.device that this machine has."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = f"cuda:{value}"  # a GPU index, as transformers reads it
+    try:
+        dev = torch.device(value)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(
+            f"from_pretrained: {name}={value!r} is not one device (cpu, cuda, cuda:1, mps, a GPU index, "
+            "or for device_map 'auto')"
+        ) from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"from_pretrained: {name}={value!r}, but CUDA is not available on this machine")
+    return dev
+
+
+def _device_key(dev: torch.device) -> tuple[str, int]:
+    return dev.type, dev.index or 0  # "cuda" is "cuda:0" here, as torch places tensors
 
 
 def _stored_head_differs(loaded: dict[str, torch.Tensor]) -> bool:

@@ -568,7 +568,7 @@ def generate(
         length_penalty = _as_float("length_penalty", 1.0 if length_penalty is None else length_penalty)
         if early_stopping not in (True, False, "never"):
             raise ValueError(f"early_stopping={early_stopping!r}: expected True, False or 'never'")
-        criteria = list(stopping_criteria or [])
+        criteria = [stopping_criteria] if callable(stopping_criteria) else list(stopping_criteria or [])
         if any(not callable(c) for c in criteria):
             raise TypeError(
                 f"stopping_criteria must be callables criterion(ids, scores) -> bool per row, found "
@@ -814,13 +814,17 @@ def _criteria_hits(criteria: list[Callable[..., Any]], ids: Tensor, scores: tupl
     b = ids.shape[0]
     hits = torch.zeros(b, dtype=torch.bool, device=ids.device)
     for criterion in criteria:
-        hit = torch.as_tensor(criterion(ids, scores), device=ids.device)
-        if hit.dtype != torch.bool or hit.numel() not in (1, b):
+        value = criterion(ids, scores)
+        try:
+            hit = torch.as_tensor(value, device=ids.device)
+        except (TypeError, RuntimeError, ValueError):  # None, a string, ...
+            hit = None
+        if hit is None or hit.is_floating_point() or hit.is_complex() or hit.numel() not in (1, b):
+            found = f"{hit.dtype} of shape {tuple(hit.shape)}" if hit is not None else type(value).__name__
             raise ValueError(
-                f"stopping criterion {criterion!r} returned {hit.dtype} of shape {tuple(hit.shape)}; "
-                f"expected a bool per row ({b}) or one bool"
+                f"stopping criterion {criterion!r} returned {found}; expected a bool per row ({b}) or one bool"
             )
-        hits |= hit.reshape(-1).expand(b)
+        hits |= hit.reshape(-1).expand(b) != 0  # (0 / 1 integers count as transformers' `|` takes them)
     return hits
 
 

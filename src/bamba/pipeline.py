@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from .checkpoint import HUB_KEYWORDS
 from .generation import eos_ids_with, generate, generation_config_fields
 from .model import BambaForCausalLM
 from .tokenizer import Tokenizer
@@ -234,19 +235,33 @@ def pipeline(
     model_kwargs: dict[str, Any] | None = None,
     torch_dtype: torch.dtype | str | None = None,
     device_map: Any = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
     **generate_defaults: Any,
 ) -> TextGenerationPipeline:
     """Build a text-generation pipeline from a checkpoint folder, hub repo id, or loaded model.
 
     `model=None` uses the embedded demo model. The tokenizer defaults to the one in the model's folder.
     A model loaded here is for inference: `pack=True` (see `bamba.linear.pack_for_cpu`). As in
-    transformers, `model_kwargs`, `torch_dtype` and `device_map` go to `from_pretrained` (see
-    `bamba.checkpoint.load_pretrained`); other keywords are `generate`'s defaults.
+    transformers, `model_kwargs`, `torch_dtype`, `device_map`, `revision` and `token` go to
+    `from_pretrained` (see `bamba.checkpoint.load_pretrained`), and the hub's keywords among them
+    (`revision`, `token`, `cache_dir`, ...) also to the tokenizer's; other keywords are `generate`'s
+    defaults.
     """
-    load_kwargs = {
-        **(model_kwargs or {}),
-        **{k: v for k, v in (("torch_dtype", torch_dtype), ("device_map", device_map)) if v is not None},
+    direct = {
+        "dtype": dtype,
+        "device": device,
+        "quantization": quantization,
+        "torch_dtype": torch_dtype,
+        "device_map": device_map,
+        "revision": revision,
+        "token": token,
     }
+    direct = {k: v for k, v in direct.items() if v is not None}
+    both = sorted(set(direct) & set(model_kwargs or {}))
+    if both:
+        raise ValueError(f"pipeline: {both} given both directly and in model_kwargs")
+    load_kwargs = {**(model_kwargs or {}), **direct}
     if task != "text-generation":
         raise ValueError(f"task {task!r} is not supported; only 'text-generation'")
     if model is None:
@@ -256,18 +271,13 @@ def pipeline(
     if isinstance(model, BambaForCausalLM):
         if tokenizer is None:
             raise ValueError("pass tokenizer= (a folder or a Tokenizer) with an already loaded model")
-        if load_kwargs:
-            raise ValueError(
-                f"pipeline: {sorted(load_kwargs)} set how a model loads; the model given is already loaded"
-            )
+        loading = sorted(set(load_kwargs) - {"revision", "token"})
+        if loading:
+            raise ValueError(f"pipeline: {loading} set how a model loads; the model given is already loaded")
         lm = model
     else:
-        given = {"dtype": dtype, "device": device, "quantization": quantization}
-        both = sorted(k for k, v in given.items() if v is not None and k in load_kwargs)
-        if both:
-            raise ValueError(f"pipeline: {both} given both directly and in model_kwargs")
-        options = {"pack": True, **{k: v for k, v in given.items() if v is not None}, **load_kwargs}
-        lm = BambaForCausalLM.from_pretrained(model, **options)
+        lm = BambaForCausalLM.from_pretrained(model, **{"pack": True, **load_kwargs})
         tokenizer = tokenizer if tokenizer is not None else model
-    tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.from_pretrained(tokenizer)
+    hub = {k: v for k, v in load_kwargs.items() if k in HUB_KEYWORDS or k == "revision"}
+    tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.from_pretrained(tokenizer, **hub)
     return TextGenerationPipeline(lm, tok, **generate_defaults)

@@ -464,10 +464,13 @@ def quantize(model: nn.Module, method: str = "int8_weight_only", group_size: int
     if done is not None:
         same_groups = method != "int4_weight_only" or group_size in (None, done.get("group_size"))
         if done.get("format") != method or not same_groups:
-            asked = method + (f" with group_size={group_size}" if method == "int4_weight_only" else "")
+
+            def named(fmt: Any, groups: Any) -> str:
+                return f"{fmt} (group_size={groups})" if groups is not None else str(fmt)
+
             raise ValueError(
-                f"model is already quantized as {done.get('format')} (group_size={done.get('group_size')}); "
-                f"cannot quantize again as {asked}"
+                f"model is already quantized as {named(done.get('format'), done.get('group_size'))}; cannot "
+                f"quantize again as {named(method, group_size if method == 'int4_weight_only' else None)}"
             )
         return model  # already done: nothing to do
     group_size = 128 if group_size is None else group_size
