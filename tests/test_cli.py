@@ -286,12 +286,18 @@ def test_chat_without_a_template_replies_after_a_leading_newline(folder, monkeyp
     from bamba.generation import chat
 
     real_load = g.load_for_cli
-    tokens: list[int] = []  # the scripted reply, token by token
+    tokens: list[int] = []  # the scripted replies, token by token
+    seen: list[str] = []
+    real = g.generate
+
+    def recording_generate(model, ids, **kw):
+        seen.append(kw["tokenizer"].decode(ids[0].tolist()))
+        return real(model, ids, **kw)
 
     def load_scripted(*args):
         lm, tok = real_load(*args)
         tok.chat_template = None
-        for piece in ("\n", "to be", "\n", "\n", "or"):
+        for piece in ("\n", "to be", "\n", "\n", "\n", "\n", "or", "\n", "\n"):
             tokens.extend(tok.encode(piece, add_special_tokens=False))
         calls = iter(range(10**6))
 
@@ -305,7 +311,8 @@ def test_chat_without_a_template_replies_after_a_leading_newline(folder, monkeyp
         return lm, tok
 
     monkeypatch.setattr(g, "load_for_cli", load_scripted)
-    lines = iter(["to be"])
+    monkeypatch.setattr(g, "generate", recording_generate)
+    lines = iter(["to be", "not"])
     out: list[str] = []
 
     def one_line(prompt: str) -> str:
@@ -315,4 +322,6 @@ def test_chat_without_a_template_replies_after_a_leading_newline(folder, monkeyp
         return line
 
     chat(model=folder, max_new_tokens=10, temperature=0, input_fn=one_line, output_fn=out.append)
-    assert "".join(out) == "\nto be\n\n\n\n"  # the reply up to its blank line, then the loop's newlines
+    # each reply up to its first blank line after some text, then a newline; the last at EOF
+    assert "".join(out) == "\nto be\n\n\n" + "\n\nor\n\n\n" + "\n"
+    assert seen[1].endswith("to be\nto be\n\nnot\n")  # the transcript keeps the replies' text

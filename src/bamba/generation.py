@@ -1094,16 +1094,16 @@ def chat(
         if has_template:
             messages.append({"role": "assistant", "content": reply})
         else:
-            transcript += reply.split("\n\n")[0] + "\n\n"
+            transcript += reply.lstrip("\n").split("\n\n")[0] + "\n\n"
 
 
 def _blank_line_in_reply(tokenizer: Any, prompt_len: int) -> Callable[[Tensor, Any], bool]:
     """A stopping criterion for one row: has the reply (the text after the first `prompt_len` tokens)
-    got a blank line? (The stop string "\\n\\n" would also match across the prompt's final newline,
-    ending the reply before it starts when the model's first token is a newline.)"""
+    got a blank line after some text? (The stop string "\\n\\n" would also match across the prompt's
+    final newline, ending the reply before it starts when the model's first token is a newline.)"""
 
-    def blank_line(ids: Tensor, scores: Any) -> bool:
-        return "\n\n" in tokenizer.decode(ids[0, prompt_len:].tolist())
+    def blank_line(ids: Tensor, scores: Any) -> bool:  # (newlines before any text do not count)
+        return "\n\n" in tokenizer.decode(ids[0, prompt_len:].tolist()).lstrip("\n")
 
     return blank_line
 
