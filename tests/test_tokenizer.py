@@ -516,3 +516,88 @@ def test_malformed_files_are_named(trained, tmp_path):
     )
     with pytest.raises(ValueError, match="tokenizer.json: not a valid tokenizer.json"):
         Tokenizer.from_pretrained(tmp_path)
+
+
+# ---- review of stop 13: named templates, generation blocks, named extra tokens, call arguments -------------
+
+
+def _copy_llama3(llama3: str, dest, **config_updates) -> str:
+    config = json.loads(open(f"{llama3}/tokenizer_config.json", encoding="utf-8").read())
+    config.update(config_updates)
+    (dest / "tokenizer.json").write_bytes(open(f"{llama3}/tokenizer.json", "rb").read())
+    (dest / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    return str(dest)
+
+
+def test_named_chat_templates_as_transformers(llama3, tmp_path):
+    """Named templates are picked by name, "tool_use" when tools are given, and saved so that both
+    libraries read them back (only "default" was kept, and chat_template="tool_use" was taken as the text
+    of a template)."""
+    templates = [
+        {"name": "default", "template": "DEFAULT:{{ messages[0]['content'] }}"},
+        {"name": "tool_use", "template": "TOOLS:{{ (tools or []) | length }}:{{ messages[0]['content'] }}"},
+    ]
+    (tmp_path / "a").mkdir()
+    folder = _copy_llama3(llama3, tmp_path / "a", chat_template=templates)
+    msg = [{"role": "user", "content": "hi"}]
+    tool = {"type": "function", "function": {"name": "f", "description": "d", "parameters": {}}}
+    ours, hf = Tokenizer.from_pretrained(folder), _hf(folder)
+    for kw in (
+        dict(),
+        dict(chat_template="tool_use"),
+        dict(tools=[tool]),
+        dict(chat_template="default", tools=[tool]),
+    ):
+        assert ours.apply_chat_template(msg, tokenize=False, **kw) == hf.apply_chat_template(
+            msg, tokenize=False, **kw
+        )
+    assert ours.apply_chat_template(msg, tokenize=False, tools=[tool]) == "TOOLS:1:hi"
+    ours.save_pretrained(tmp_path / "saved")
+    for again in (Tokenizer.from_pretrained(tmp_path / "saved"), _hf(str(tmp_path / "saved"))):
+        assert (
+            again.apply_chat_template(msg, tokenize=False, chat_template="tool_use", tools=[]) == "TOOLS:0:hi"
+        )
+    # transformers 5's own layout: additional_chat_templates/<name>.jinja
+    hf.save_pretrained(tmp_path / "hf")
+    assert Tokenizer.from_pretrained(tmp_path / "hf").named_chat_templates == {
+        "tool_use": templates[1]["template"]
+    }
+
+
+def test_generation_blocks_and_named_extra_tokens_in_templates_as_transformers(llama3, tmp_path):
+    template = (
+        "{{ image_token }}{% for m in messages %}{% if m['role'] == 'assistant' %}{% generation %}"
+        "{{ m['content'] }}{% endgeneration %}{% else %}<{{ m['content'] }}>{% endif %}{% endfor %}"
+    )
+    folder = _copy_llama3(
+        llama3, tmp_path, chat_template=template, extra_special_tokens={"image_token": "<image>"}
+    )
+    ours, hf = Tokenizer.from_pretrained(folder), _hf(folder)
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    text = ours.apply_chat_template(chat, tokenize=False)
+    assert text == hf.apply_chat_template(chat, tokenize=False) == "<image><hi>yo"
+    assert ours.image_token == hf.image_token == "<image>"
+    assert ours.image_token_id == hf.image_token_id == ours.token_to_id("<image>")
+    with pytest.raises(AttributeError, match="no attribute 'video_token'"):
+        _ = ours.video_token
+
+
+def test_call_arguments_are_read_as_transformers_or_refused(trained):
+    ours, hf = Tokenizer.from_pretrained(trained), _hf(trained)
+    batch = ["the king is dead", "a"]
+    for padding in (False, "do_not_pad"):
+        got = ours(batch, padding=padding, return_tensors=None)["input_ids"]
+        assert got == hf(batch, padding=padding)["input_ids"]  # unpadded (it padded, for any string)
+    assert ours(batch, padding="longest")["input_ids"].shape == ours(batch)["input_ids"].shape
+    with pytest.raises(ValueError, match="padding='max_length' needs max_length"):
+        ours(batch, padding="max_length")
+    with pytest.raises(ValueError, match="padding='yes': expected True"):
+        ours(batch, padding="yes")
+    with pytest.raises(TypeError, match="text pairs are not supported"):
+        ours("hello", "world")  # transformers encodes a pair; the second text used to be dropped
+    with pytest.raises(TypeError, match="texts must be a string or a list of strings, found NoneType"):
+        ours(None)
+    with pytest.raises(TypeError, match="encode: text must be a string, found NoneType"):
+        ours.encode(None)
+    with pytest.raises(TypeError, match="messages must be a list of"):
+        ours.apply_chat_template("hi")

@@ -32,6 +32,7 @@ TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
 SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
+ADDITIONAL_TEMPLATES_DIR = "additional_chat_templates"
 
 # The named special tokens of transformers, in the order it registers them.
 SPECIAL_TOKEN_NAMES = (
@@ -111,15 +112,16 @@ def _extra_special_tokens(config: dict[str, Any]) -> list[Any]:
     return list(extra.values()) if isinstance(extra, dict) else list(extra)
 
 
-def _default_template(value: Any) -> str | None:
-    """The default chat template from a config entry: a string, {name: template} or [{name, template}]."""
-    if value is None or isinstance(value, str):
-        return value
+def _named_templates(value: Any) -> dict[str, str]:
+    """Chat templates by name from a config entry: a string (the default), {name: template} or
+    [{name, template}]."""
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        return {"default": value}
     if isinstance(value, list):
         value = {t["name"]: t["template"] for t in value}
-    if "default" not in value:
-        raise ValueError(f"chat_template has named templates {sorted(value)} but none called 'default'")
-    return value["default"]
+    return dict(value)
 
 
 # transformers' clean_up_tokenization: drop the space a word-piece decoder puts before punctuation.
@@ -151,8 +153,18 @@ def _compile_template(source: str) -> Any:
             x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
         )
 
+    class GenerationBlock(jinja2.ext.Extension):
+        """{% generation %}...{% endgeneration %}: the body as written. (transformers uses the block to
+        mark the assistant's tokens for return_assistant_tokens_mask, which is not supported here.)"""
+
+        tags = {"generation"}
+
+        def parse(self, parser: Any) -> Any:
+            next(parser.stream)
+            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
     env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
+        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols, GenerationBlock]
     )
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
@@ -173,6 +185,7 @@ class Tokenizer:
         config: dict[str, Any] | None = None,
         chat_template: str | None = None,
         name_or_path: str = "",
+        named_chat_templates: dict[str, str] | None = None,
     ):
         self.backend = backend
         self.config = dict(config or {})
@@ -184,11 +197,19 @@ class Tokenizer:
 
         self._special = {name: _token_content(self.config.get(name)) for name in SPECIAL_TOKEN_NAMES}
         self.extra_special_tokens = [_token_content(t) for t in _extra_special_tokens(self.config)]
+        extra = self.config.get("extra_special_tokens")
+        # named extra tokens ({"image_token": "<image>"}): attributes and template variables, as transformers
+        self._named_extra = (
+            {k: _token_content(v) for k, v in extra.items()} if isinstance(extra, dict) else {}
+        )
         self._register_added_tokens()
 
-        if chat_template is None:
-            chat_template = _default_template(self.config.get("chat_template"))
-        self.chat_template = chat_template
+        # the default template (chat_template.jinja wins over the config's) and the named others
+        templates = {**_named_templates(self.config.get("chat_template")), **(named_chat_templates or {})}
+        if chat_template is not None:
+            templates["default"] = chat_template
+        self.chat_template = templates.pop("default", None)
+        self.named_chat_templates = templates  # e.g. "tool_use", picked when tools are given
         self.model_max_length = int(self.config.get("model_max_length", _NO_MAX_LENGTH))
         self.clean_up_tokenization_spaces = bool(self.config.get("clean_up_tokenization_spaces", False))
 
@@ -225,11 +246,26 @@ class Tokenizer:
         if template_file := _resolve(path_or_repo_id, CHAT_TEMPLATE_FILE, False, **hub_kwargs):
             with open(template_file, encoding="utf-8") as f:
                 chat_template = f.read()
+        named: dict[
+            str, str
+        ] = {}  # transformers 5 writes named templates as additional_chat_templates/*.jinja
+        extra_dir = os.path.join(os.path.dirname(tokenizer_file), ADDITIONAL_TEMPLATES_DIR)
+        if os.path.isdir(extra_dir):
+            for name in sorted(os.listdir(extra_dir)):
+                if name.endswith(".jinja"):
+                    with open(os.path.join(extra_dir, name), encoding="utf-8") as f:
+                        named[name.removesuffix(".jinja")] = f.read()
         try:
             backend = BackendTokenizer.from_file(tokenizer_file)
         except Exception as e:  # the tokenizers library raises a bare Exception
             raise ValueError(f"{tokenizer_file}: not a valid tokenizer.json ({e})") from None
-        return cls(backend, config, chat_template=chat_template, name_or_path=os.fspath(path_or_repo_id))
+        return cls(
+            backend,
+            config,
+            chat_template=chat_template,
+            name_or_path=os.fspath(path_or_repo_id),
+            named_chat_templates=named,
+        )
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json into `folder`."""
@@ -242,7 +278,12 @@ class Tokenizer:
                 config[name] = self._special[name]
         config["model_max_length"] = self.model_max_length
         config["clean_up_tokenization_spaces"] = self.clean_up_tokenization_spaces
-        if self.chat_template is not None:
+        named = {**({"default": self.chat_template} if self.chat_template is not None else {})}
+        named.update(self.named_chat_templates)
+        if len(named) > 1 or (named and self.chat_template is None):
+            # several: the list form, which transformers reads too
+            config["chat_template"] = [{"name": k, "template": v} for k, v in named.items()]
+        elif self.chat_template is not None:
             config["chat_template"] = self.chat_template
         else:
             config.pop("chat_template", None)  # removed since loading: not written back
@@ -264,6 +305,15 @@ class Tokenizer:
                     f.write(self.chat_template)
 
     # ---- special tokens -------------------------------------------------------------------------------------
+
+    def __getattr__(self, name: str) -> Any:
+        """The config's named extra special tokens: `tok.image_token`, `tok.image_token_id`."""
+        named = self.__dict__.get("_named_extra") or {}
+        if name in named:
+            return named[name]
+        if name.endswith("_id") and name[:-3] in named:
+            return self.token_to_id(named[name[:-3]])
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     @property
     def bos_token(self) -> str | None:
@@ -327,20 +377,43 @@ class Tokenizer:
     # ---- encode / decode ------------------------------------------------------------------------------------
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"encode: text must be a string, found {type(text).__name__}")
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def __call__(
         self,
         texts: str | Sequence[str],
-        padding: bool = True,
+        text_pair: Any = None,
+        *,
+        padding: bool | str = True,
         padding_side: str = "left",
         return_tensors: str | None = "pt",
         add_special_tokens: bool = True,
     ) -> dict[str, Any]:
         """Encode a batch: {"input_ids", "attention_mask"}, padded to the longest row (pad id, else EOS id).
 
-        `return_tensors="pt"` gives (B, L) LongTensors, None gives lists of lists.
+        `padding`: True / "longest" (default) or False / "do_not_pad". `return_tensors="pt"` gives (B, L)
+        LongTensors, None gives lists of lists (also for a single string). Text pairs are not supported.
         """
+        if text_pair is not None:
+            raise TypeError(
+                "text pairs are not supported (a second positional argument was given); pass one text or a "
+                "list of texts, and the options by keyword (padding=...)"
+            )
+        if padding in (True, "longest", False, "do_not_pad"):
+            padding = padding in (True, "longest")
+        elif padding == "max_length":
+            raise ValueError(
+                "padding='max_length' needs max_length, which is not supported here; use padding=True (to "
+                "the longest row)"
+            )
+        else:
+            raise ValueError(f"padding={padding!r}: expected True / 'longest' or False / 'do_not_pad'")
+        if not (
+            isinstance(texts, str) or (isinstance(texts, Sequence) and all(isinstance(t, str) for t in texts))
+        ):
+            raise TypeError(f"texts must be a string or a list of strings, found {type(texts).__name__}")
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side should be 'left' or 'right', got {padding_side!r}")
         if return_tensors not in ("pt", None):
@@ -443,11 +516,25 @@ class Tokenizer:
             raise ValueError(f"apply_chat_template: {', '.join(unsupported)} is not supported here")
         for k in _UNSUPPORTED_CHAT_ARGS:
             kwargs.pop(k, None)  # passed as False / None: the default, nothing to do
-        template = chat_template if chat_template is not None else self.chat_template
+        named = dict(self.named_chat_templates)
+        if self.chat_template is not None:
+            named["default"] = self.chat_template
+        if chat_template is None and tools is not None and "tool_use" in named:
+            chat_template = "tool_use"  # as transformers picks it
+        if chat_template is None:
+            template = self.chat_template
+        else:  # a template's name, else its text
+            template = named.get(chat_template, chat_template)
         if template is None:
             raise ValueError(
-                f"tokenizer {self.name_or_path!r} has no chat template: neither a 'chat_template' entry in "
-                f"{CONFIG_FILE} nor a {CHAT_TEMPLATE_FILE} file"
+                f"tokenizer {self.name_or_path!r} has no chat template (no default): neither a 'chat_template' "
+                f"entry in {CONFIG_FILE} nor a {CHAT_TEMPLATE_FILE} file"
+                + (f"; name one of {sorted(named)} with chat_template=" if named else "")
+            )
+        if isinstance(messages, str | bytes | dict) or not isinstance(messages, Sequence):
+            raise TypeError(
+                "apply_chat_template: messages must be a list of {'role', 'content'} dicts (or a list of such "
+                f"lists), found {type(messages).__name__}"
             )
         if not messages:
             raise ValueError("cannot apply a chat template to an empty list of messages")
@@ -460,7 +547,7 @@ class Tokenizer:
             raise TypeError("apply_chat_template: tools should be JSON-schema dicts")
         batched = isinstance(messages[0], list | tuple)
         chats = list(messages) if batched else [messages]
-        variables = {**self.special_tokens_map, **kwargs}
+        variables = {**self.special_tokens_map, **self._named_extra, **kwargs}
         texts = [
             self._render_chat(
                 chat, template, add_generation_prompt, continue_final_message, tools, documents, variables
