@@ -601,3 +601,35 @@ def test_call_arguments_are_read_as_transformers_or_refused(trained):
         ours.encode(None)
     with pytest.raises(TypeError, match="messages must be a list of"):
         ours.apply_chat_template("hi")
+
+
+def test_template_files_replace_the_config_and_saving_keeps_them_exact(llama3, tmp_path):
+    """As transformers: template files replace the config's chat_template entry; saving into a folder
+    with template files rewrites them, stale named ones removed (an old tool_use.jinja used to come back,
+    in both libraries, and a rewritten chat_template.jinja hid the config's named templates from
+    transformers)."""
+    templates = [{"name": "default", "template": "CFG"}, {"name": "tool_use", "template": "CFGTOOLS"}]
+    folder = tmp_path / "a"
+    folder.mkdir()
+    _copy_llama3(llama3, folder, chat_template=templates)
+    (folder / "chat_template.jinja").write_text("FILE", encoding="utf-8")
+    msg = [{"role": "user", "content": "hi"}]
+    ours, hf = Tokenizer.from_pretrained(folder), _hf(str(folder))
+    assert (
+        ours.apply_chat_template(msg, tokenize=False, tools=[])
+        == hf.apply_chat_template(msg, tokenize=False, tools=[])
+        == "FILE"
+    )
+    assert ours.named_chat_templates == {}
+
+    ours.named_chat_templates = {"tool_use": "NEWTOOLS", "other": "OTHER"}
+    ours.save_pretrained(folder)  # a folder with template files: the named ones become files too
+    for again in (Tokenizer.from_pretrained(folder), _hf(str(folder))):
+        assert again.apply_chat_template(msg, tokenize=False, tools=[]) == "NEWTOOLS"
+        assert again.apply_chat_template(msg, tokenize=False) == "FILE"
+    ours.named_chat_templates = {}
+    ours.chat_template = "X"
+    ours.save_pretrained(folder)
+    assert not (folder / "additional_chat_templates").exists()
+    for again in (Tokenizer.from_pretrained(folder), _hf(str(folder))):
+        assert again.apply_chat_template(msg, tokenize=False, tools=[]) == "X"

@@ -1094,7 +1094,7 @@ def chat(
         if has_template:
             messages.append({"role": "assistant", "content": reply})
         else:
-            transcript += reply.lstrip("\n").split("\n\n")[0] + "\n\n"
+            transcript += reply.replace("\r\n", "\n").lstrip().split("\n\n")[0] + "\n\n"
 
 
 def _blank_line_in_reply(tokenizer: Any, prompt_len: int) -> Callable[[Tensor, Any], bool]:
@@ -1102,8 +1102,8 @@ def _blank_line_in_reply(tokenizer: Any, prompt_len: int) -> Callable[[Tensor, A
     got a blank line after some text? (The stop string "\\n\\n" would also match across the prompt's
     final newline, ending the reply before it starts when the model's first token is a newline.)"""
 
-    def blank_line(ids: Tensor, scores: Any) -> bool:  # (newlines before any text do not count)
-        return "\n\n" in tokenizer.decode(ids[0, prompt_len:].tolist()).lstrip("\n")
+    def blank_line(ids: Tensor, scores: Any) -> bool:  # (whitespace before any text does not count)
+        return "\n\n" in tokenizer.decode(ids[0, prompt_len:].tolist()).replace("\r\n", "\n").lstrip()
 
     return blank_line
 

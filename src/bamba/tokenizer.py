@@ -11,7 +11,9 @@ tokenizer.json, which is what the tests compare against:
   (new ids at the end when they are not in the model's vocabulary either).
 - `clean_up_tokenization_spaces` is applied on decode only for non-BPE models: transformers skips it for BPE,
   where it would delete real spaces before punctuation.
-- A chat template in chat_template.jinja takes priority over the `chat_template` of tokenizer_config.json.
+- Chat templates in files (chat_template.jinja, additional_chat_templates/<name>.jinja) replace the
+  `chat_template` of tokenizer_config.json; saving into a folder that keeps its templates in files rewrites
+  those files (stale ones removed), else the config holds them (a list when there are named ones).
 """
 
 from __future__ import annotations
@@ -124,6 +126,41 @@ def _named_templates(value: Any) -> dict[str, str]:
     return dict(value)
 
 
+def _read_named_templates(folder: str) -> dict[str, str]:
+    """{name: template} from the <name>.jinja files of `folder` (none when it does not exist)."""
+    named = {}
+    if os.path.isdir(folder):
+        for name in sorted(os.listdir(folder)):
+            if name.endswith(".jinja"):
+                with open(os.path.join(folder, name), encoding="utf-8") as f:
+                    named[name.removesuffix(".jinja")] = f.read()
+    return named
+
+
+def _write_template_files(
+    template_file: str, extra_dir: str, default: str | None, named: dict[str, str]
+) -> None:
+    """chat_template.jinja holds `default` (removed when None); extra_dir holds one <name>.jinja per named
+    template and nothing else (removed when there are none)."""
+    if default is None:
+        if os.path.exists(template_file):
+            os.remove(template_file)
+    else:
+        with open(template_file, "w", encoding="utf-8") as f:
+            f.write(default)
+    if os.path.isdir(extra_dir):
+        for name in os.listdir(extra_dir):
+            if name.endswith(".jinja"):
+                os.remove(os.path.join(extra_dir, name))
+    if named:
+        os.makedirs(extra_dir, exist_ok=True)
+        for name, template in named.items():
+            with open(os.path.join(extra_dir, f"{name}.jinja"), "w", encoding="utf-8") as f:
+                f.write(template)
+    elif os.path.isdir(extra_dir) and not os.listdir(extra_dir):
+        os.rmdir(extra_dir)
+
+
 # transformers' clean_up_tokenization: drop the space a word-piece decoder puts before punctuation.
 _CLEAN_UP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"))
 _CLEAN_UP += ((" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
@@ -204,7 +241,7 @@ class Tokenizer:
         )
         self._register_added_tokens()
 
-        # the default template (chat_template.jinja wins over the config's) and the named others
+        # the default template (chat_template.jinja, else the config's) and the named others
         templates = {**_named_templates(self.config.get("chat_template")), **(named_chat_templates or {})}
         if chat_template is not None:
             templates["default"] = chat_template
@@ -246,15 +283,10 @@ class Tokenizer:
         if template_file := _resolve(path_or_repo_id, CHAT_TEMPLATE_FILE, False, **hub_kwargs):
             with open(template_file, encoding="utf-8") as f:
                 chat_template = f.read()
-        named: dict[
-            str, str
-        ] = {}  # transformers 5 writes named templates as additional_chat_templates/*.jinja
-        extra_dir = os.path.join(os.path.dirname(tokenizer_file), ADDITIONAL_TEMPLATES_DIR)
-        if os.path.isdir(extra_dir):
-            for name in sorted(os.listdir(extra_dir)):
-                if name.endswith(".jinja"):
-                    with open(os.path.join(extra_dir, name), encoding="utf-8") as f:
-                        named[name.removesuffix(".jinja")] = f.read()
+        # transformers 5 writes named templates as additional_chat_templates/<name>.jinja
+        named = _read_named_templates(os.path.join(os.path.dirname(tokenizer_file), ADDITIONAL_TEMPLATES_DIR))
+        if chat_template is not None or named:  # as transformers: template files replace the config's
+            config.pop("chat_template", None)
         try:
             backend = BackendTokenizer.from_file(tokenizer_file)
         except Exception as e:  # the tokenizers library raises a bare Exception
@@ -278,10 +310,16 @@ class Tokenizer:
                 config[name] = self._special[name]
         config["model_max_length"] = self.model_max_length
         config["clean_up_tokenization_spaces"] = self.clean_up_tokenization_spaces
-        named = {**({"default": self.chat_template} if self.chat_template is not None else {})}
-        named.update(self.named_chat_templates)
-        if len(named) > 1 or (named and self.chat_template is None):
-            # several: the list form, which transformers reads too
+        template_file = os.path.join(folder, CHAT_TEMPLATE_FILE)
+        extra_dir = os.path.join(folder, ADDITIONAL_TEMPLATES_DIR)
+        if os.path.exists(template_file) or os.path.isdir(extra_dir):
+            # The folder keeps its templates in files, which loading prefers to the config's entry: they
+            # are rewritten to hold exactly these templates (none stale), and the config holds none.
+            _write_template_files(template_file, extra_dir, self.chat_template, self.named_chat_templates)
+            config.pop("chat_template", None)
+        elif self.named_chat_templates:  # the list form, which transformers reads too
+            named = {"default": self.chat_template} if self.chat_template is not None else {}
+            named.update(self.named_chat_templates)
             config["chat_template"] = [{"name": k, "template": v} for k, v in named.items()]
         elif self.chat_template is not None:
             config["chat_template"] = self.chat_template
@@ -296,13 +334,6 @@ class Tokenizer:
         with open(os.path.join(folder, SPECIAL_TOKENS_MAP_FILE), "w", encoding="utf-8") as f:
             json.dump(special_map, f, indent=2, ensure_ascii=False)
             f.write("\n")
-        template_file = os.path.join(folder, CHAT_TEMPLATE_FILE)
-        if os.path.exists(template_file):  # loading prefers this file: keep it the template just saved
-            if self.chat_template is None:
-                os.remove(template_file)
-            else:
-                with open(template_file, "w", encoding="utf-8") as f:
-                    f.write(self.chat_template)
 
     # ---- special tokens -------------------------------------------------------------------------------------
 
