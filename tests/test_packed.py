@@ -182,3 +182,38 @@ def test_bad_packing_inputs_are_refused():
             ids, seq_idx=torch.tensor([[3] * 4 + [7] * 6]), cu_seq_lens_q=torch.tensor([0, 4, 10])
         ).logits
     torch.testing.assert_close(a, b)
+
+
+def test_packed_markers_that_contradict_each_other_or_a_cache_are_refused():
+    """position_ids that restart inside a sequence marked by cu_seq_lens / seq_idx, a sequence running
+    across rows, and a cache asked of packed input: each used to go through and give logits that match
+    neither reading. Positions that continue across a boundary stay fine (rotary is relative)."""
+    from conftest import TINY
+
+    from bamba import BambaConfig, BambaForCausalLM, HybridMambaAttentionDynamicCache
+
+    model = BambaForCausalLM(BambaConfig(**TINY)).eval()
+    ids = torch.randint(1, 97, (1, 12))
+    restarts = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1, 2, 3, 4]])  # 4 + 3 + 5 tokens
+    cu = torch.tensor([0, 3, 7, 12])  # 3 + 4 + 5 tokens
+    with pytest.raises(
+        ValueError, match="position_ids jump from 3 to 0 at row 0, token 4, inside a sequence"
+    ):
+        model(ids, position_ids=restarts, cu_seq_lens_q=cu, use_cache=False)
+    with pytest.raises(ValueError, match="position_ids jump"):
+        model(
+            ids, position_ids=restarts, seq_idx=torch.tensor([[0] * 3 + [1] * 4 + [2] * 5]), use_cache=False
+        )
+    with torch.no_grad():
+        by_cu = model(ids, cu_seq_lens_q=cu, use_cache=False).logits
+        along = model(ids, cu_seq_lens_q=cu, position_ids=torch.arange(12)[None], use_cache=False).logits
+    torch.testing.assert_close(along, by_cu, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="has a sequence running across rows of length 6"):
+        model(ids.view(2, 6), cu_seq_lens_q=torch.tensor([0, 4, 12]), use_cache=False)
+
+    # a cache: none by default for packed input; asked for, refused
+    with torch.no_grad():
+        assert model(ids, cu_seq_lens_q=cu).past_key_values is None
+    for kw in (dict(use_cache=True), dict(past_key_values=HybridMambaAttentionDynamicCache(model.config))):
+        with pytest.raises(ValueError, match="packed input .* cannot fill a cache"):
+            model(ids, cu_seq_lens_q=cu, **kw)

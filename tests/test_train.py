@@ -460,6 +460,9 @@ def test_a_corrupt_trainer_state_names_the_file(corpus, tmp_path):
         ValueError, match="trainer_state.pt lacks tokens_seen, max_steps, schedule, optimizer, rng"
     ):
         run(corpus, tmp_path, max_steps=2)
+    state.unlink()  # a checkpoint-last without its state: refused, not silently trained over from step 0
+    with pytest.raises(ValueError, match="checkpoint-last has no trainer_state.pt .*resume=False"):
+        run(corpus, tmp_path, max_steps=2)
 
 
 def test_final_is_never_older_than_checkpoint_last(corpus, tmp_path, monkeypatch):

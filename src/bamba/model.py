@@ -595,6 +595,7 @@ class BambaModel(BambaPreTrainedModel):
                 "gradient checkpointing recomputes the layers, which would write past_key_values twice: "
                 "train without a cache, or turn checkpointing off (gradient_checkpointing_disable)"
             )
+        implicit_cache = use_cache is None and past_key_values is None  # (made here, by default)
         if checkpointing:  # as transformers: no cache when checkpointing
             use_cache = False
         elif use_cache is None:
@@ -641,6 +642,14 @@ class BambaModel(BambaPreTrainedModel):
             raise ValueError(
                 "packed input (seq_idx / cu_seq_lens / restarting position_ids) cannot continue a cache"
             )
+        if seq_idx is not None and past_key_values is not None:
+            if not implicit_cache:
+                raise ValueError(
+                    "packed input (seq_idx / cu_seq_lens / restarting position_ids) cannot fill a cache: it "
+                    "would hold every packed sequence's keys and a conv window across them; pass "
+                    "use_cache=False"
+                )
+            past_key_values = None  # the default cache: none for packed input
 
         chunk = self.prefill_chunk_size
         if (
@@ -887,12 +896,28 @@ def packed_seq_idx(
                 f"cu_seq_lens must rise from 0 to batch*length={b * l}, found {cu.tolist()[:8]}"
                 + (f"...{cu[-1].item()}" if cu.numel() > 8 else "")
             )
+        rows_cut = ~torch.isin(torch.arange(1, b, device=device) * l, cu)
+        if bool(rows_cut.any()):
+            raise ValueError(
+                f"cu_seq_lens {cu.tolist()[:8]} has a sequence running across rows of length {l}; each row "
+                "must start a sequence (pack each row on its own)"
+            )
         starts = torch.zeros(b * l, dtype=torch.long, device=device)
         starts[cu[1:-1]] = 1
         from_cu = starts.cumsum(0).view(b, l)
         if seq_idx is not None and not torch.equal(_changes(seq_idx), _changes(from_cu)):
             raise ValueError("seq_idx and cu_seq_lens give different sequence boundaries; pass one of them")
         seq_idx = from_cu
+    if seq_idx is not None and position_ids is not None and l > 1:
+        pos = position_ids.to(device).expand(b, l)
+        jumps = (pos[:, 1:] != pos[:, :-1] + 1) & ~_changes(seq_idx)  # (b, l-1): inside one sequence
+        if bool(jumps.any()):
+            r, i = (int(v) for v in jumps.nonzero()[0])
+            raise ValueError(
+                f"position_ids jump from {int(pos[r, i])} to {int(pos[r, i + 1])} at row {r}, token {i + 1}, "
+                "inside a sequence that seq_idx / cu_seq_lens mark as one; they must agree on where sequences "
+                "start (or pass only one of them)"
+            )
     elif seq_idx is None:
         if position_ids is None or l == 1:
             return None

@@ -564,6 +564,13 @@ def train(
         model.train()
         model.model.gradient_checkpointing = gradient_checkpointing
         ckpt = find_checkpoint(out_dir) if resume else None
+        last = os.path.join(out_dir, CHECKPOINT_NAME)
+        if resume and ckpt is None and os.path.isdir(last):  # (it would be overwritten by a fresh start)
+            raise ValueError(
+                f"train: {last} has no {STATE_FILE} (damaged, or not written by the trainer), so the run "
+                "cannot resume from it; restore it, use another out_dir, or resume=False (--no-resume) to "
+                "start over"
+            )
         state: dict[str, Any] | None = None
         if ckpt is not None:
             state = read_trainer_state(ckpt)
