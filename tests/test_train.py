@@ -465,6 +465,16 @@ def test_a_corrupt_trainer_state_names_the_file(corpus, tmp_path):
         run(corpus, tmp_path, max_steps=2)
 
 
+def test_resuming_with_another_model_shape_names_the_config_fields(corpus, tmp_path):
+    """It raised PyTorch's size-mismatch error listing tensors."""
+    run(corpus, tmp_path, max_steps=1)
+    wider = BambaConfig(**{**TINY, "intermediate_size": 96})
+    with pytest.raises(
+        ValueError, match=r"does not fit this run's config \(intermediate_size: 64 there, 96 here\)"
+    ):
+        run(corpus, tmp_path, max_steps=2, config=wider)
+
+
 def test_final_is_never_older_than_checkpoint_last(corpus, tmp_path, monkeypatch):
     """A run killed between writing final and checkpoint-last at its end, then run again, ends with a final
     holding the same weights as checkpoint-last (before, the re-run could keep an earlier run's final)."""

@@ -413,7 +413,17 @@ def _resolve_config(config: str | BambaConfig | None, init_from: str | None) -> 
 
 def _load_weights(model: nn.Module, folder: str) -> None:
     loaded = BambaForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    model.load_state_dict(loaded.state_dict())
+    try:
+        model.load_state_dict(loaded.state_dict())
+    except RuntimeError:  # other shapes: say which config fields differ, not which tensors
+        ours, theirs = model.config.to_dict(), loaded.config.to_dict()
+        fields = [
+            f"{k}: {theirs.get(k)!r} there, {ours.get(k)!r} here" for k in ours if ours[k] != theirs.get(k)
+        ]
+        raise ValueError(
+            f"train: the model in {folder} does not fit this run's config ({'; '.join(fields)}); train with "
+            "that folder's config, or start over elsewhere"
+        ) from None
 
 
 @dataclass
