@@ -136,7 +136,15 @@ def test_info(folder, capsys, tmp_path):
         (["generate", "--device", "toaster", "hi"], "is not a torch device"),
         (["generate", "   "], "the prompt is empty"),
         (["generate", "to be " * 40], "longer than the model's context"),
-        (["generate", "--temperature", "nan", "hi"], "--temperature nan must be >= 0"),  # was greedy
+        (["generate", "--temperature", "nan", "hi"], "--temperature nan must be a finite number >= 0"),
+        (["generate", "--temperature", "inf", "hi"], "--temperature inf must be a finite number >= 0"),
+        (["generate", "--seed", str(10**23), "hi"], "--seed 100000000000000000000000 must be in [0, 2**63)"),
+        (["generate", "caf\udce9"], "the prompt is not valid UTF-8 text (byte b'\\xe9' at character 3)"),
+        (
+            ["train-tokenizer", ".", "--out", "x", "--vocab-size", "300"],
+            ". is a folder; give the .txt or .jsonl files in it",
+        ),
+        (["bench", "--no-transformers", "--json", "."], "is a folder; give a file path"),
         (["generate", "--num-beams", "0", "hi"], "--num-beams 0 must be an integer >= 1"),
         (["generate", "--model", "", "hi"], "an empty path is not a checkpoint folder"),  # was the demo
         (["info", ""], "an empty path is not a checkpoint folder"),

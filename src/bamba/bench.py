@@ -449,6 +449,8 @@ def bench(
         parent = os.path.dirname(os.path.abspath(json_path))
         if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
             raise ValueError(f"json_path={json_path!r}: {parent} is not a writable folder")
+        if os.path.isdir(json_path):
+            raise ValueError(f"json_path={json_path!r} is a folder; give a file path (e.g. bench.json)")
     for v in variants:
         if v not in ("fp32", "bf16", *QUANT):
             raise ValueError(f"variant {v!r}: expected one of fp32, bf16, {', '.join(QUANT)}")

@@ -200,6 +200,8 @@ def iter_text_files(paths: list[str | os.PathLike[str]]) -> Iterator[str]:
     """
     files = [Path(p) for p in paths]
     for path in files:
+        if path.is_dir():
+            raise ValueError(f"iter_text_files: {path} is a folder; give the .txt or .jsonl files in it")
         if not path.is_file():
             raise FileNotFoundError(f"iter_text_files: {path}: no such file")
         if path.suffix.lower() not in _SUPPORTED_SUFFIXES:

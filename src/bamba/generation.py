@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import functools
 import inspect
+import math
 import numbers
 import os
 import queue
@@ -879,8 +880,10 @@ def cli_sampling(
     """generate() options for the CLI's sampling flags: temperature 0 means greedy."""
     if top_k is not None and top_k < 0:
         raise ValueError(f"--top-k {top_k} must be >= 0 (0: no top-k)")
-    if not temperature >= 0:  # nan too
-        raise ValueError(f"--temperature {temperature} must be >= 0 (0: greedy)")
+    if not 0 <= temperature < math.inf:  # nan too
+        raise ValueError(f"--temperature {temperature} must be a finite number >= 0 (0: greedy)")
+    if seed is not None and not 0 <= seed < 2**63:
+        raise ValueError(f"--seed {seed} must be in [0, 2**63)")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"--top-p {top_p} must be in (0, 1]")
     sample = temperature > 0
@@ -912,6 +915,7 @@ def generate_text(
     """
     if not prompt.strip():
         raise ValueError("the prompt is empty")
+    _check_text("the prompt", prompt)
     _check_budget(max_new_tokens)
     if type(num_beams) is not int or num_beams < 1:
         raise ValueError(f"--num-beams {num_beams} must be an integer >= 1")
@@ -961,6 +965,15 @@ def generate_text(
             decode_bytes=weight_bytes(lm, decode_step=True),
         )
     return "".join(pieces)
+
+
+def _check_text(what: str, text: str) -> None:
+    """Text from the command line or stdin must be UTF-8: undecodable bytes arrive as lone surrogates."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = text[e.start].encode("utf-8", "surrogateescape")
+        raise ValueError(f"{what} is not valid UTF-8 text (byte {bad!r} at character {e.start})") from None
 
 
 def _check_budget(max_new_tokens: int) -> None:
@@ -1063,6 +1076,7 @@ def chat(
             break
         if not line.strip():
             break
+        _check_text("the input line", line)
         if has_template:
             messages.append({"role": "user", "content": line})
             prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)

@@ -21,10 +21,12 @@ def train_tokenizer_files(
     from .tokenizer import train_tokenizer
 
     if not files:
-        raise ValueError("train-tokenizer: give at least one .txt or .jsonl file")
+        raise ValueError("give at least one .txt or .jsonl file")
     for path in files:
+        if os.path.isdir(path):
+            raise ValueError(f"{path} is a folder; give the .txt or .jsonl files in it")
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"train-tokenizer: {path}: no such file")
+            raise FileNotFoundError(f"{path}: no such file")
     with tempfile.TemporaryDirectory(prefix="bamba-tok-") as tmp:
         plain = []
         for i, path in enumerate(files):

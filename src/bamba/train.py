@@ -969,7 +969,9 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
 
     def run(args: argparse.Namespace) -> int:
         kwargs = {k: v for k, v in vars(args).items() if k not in ("func", "command", "threads")}
-        if args.threads:
+        if args.threads is not None:
+            if args.threads < 1:
+                raise ValueError(f"--threads {args.threads} must be >= 1")
             torch.set_num_threads(args.threads)
         kwargs["betas"] = tuple(kwargs["betas"])
         metrics = train(**kwargs)
