@@ -273,8 +273,8 @@ def test_iter_text_files_missing_and_unsupported(tmp_path):
     missing = tmp_path / "nope.txt"
     with pytest.raises(FileNotFoundError, match="nope.txt"):
         iter_text_files([good, missing])  # raised at call time, before reading anything
-    with pytest.raises(FileNotFoundError, match="no such file"):
-        iter_text_files([tmp_path])  # a folder is not a file
+    with pytest.raises(ValueError, match="is a folder; give the .txt or .jsonl files in it"):
+        iter_text_files([tmp_path])  # a folder is not a file (it was called missing)
     csv = tmp_path / "table.csv"
     csv.write_text("a,b")
     with pytest.raises(ValueError, match=r"table\.csv.*'\.csv'"):
