@@ -145,6 +145,8 @@ def test_info(folder, capsys, tmp_path):
             ". is a folder; give the .txt or .jsonl files in it",
         ),
         (["bench", "--no-transformers", "--json", "."], "is a folder; give a file path"),
+        (["bench", "--no-transformers", "--variants", ","], "variants: none given"),
+        (["generate", "--device", "meta", "hi"], "a meta device holds no data"),
         (["generate", "--num-beams", "0", "hi"], "--num-beams 0 must be an integer >= 1"),
         (["generate", "--model", "", "hi"], "an empty path is not a checkpoint folder"),  # was the demo
         (["info", ""], "an empty path is not a checkpoint folder"),

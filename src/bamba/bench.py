@@ -451,6 +451,8 @@ def bench(
             raise ValueError(f"json_path={json_path!r}: {parent} is not a writable folder")
         if os.path.isdir(json_path):
             raise ValueError(f"json_path={json_path!r} is a folder; give a file path (e.g. bench.json)")
+    if not variants:
+        raise ValueError("variants: none given; expected a comma list of fp32, bf16, " + ", ".join(QUANT))
     for v in variants:
         if v not in ("fp32", "bf16", *QUANT):
             raise ValueError(f"variant {v!r}: expected one of fp32, bf16, {', '.join(QUANT)}")
@@ -666,7 +668,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--variants",
         default="fp32,bf16,int8,int4,int8dq",
-        help="comma list of fp32, bf16, int8, int4 (weight-only), int8dq (int8 weights and activations)",
+        help="comma list of fp32, bf16, int8, int4 (weight-only), int8dq (int8 weights and activations); "
+        "fp32 is always measured, beside transformers (the ratios' baseline)",
     )
     p.add_argument("--long", action="store_true", help="also prefill a 32768-token prompt (chunked)")
     p.add_argument("--no-transformers", action="store_true", help="measure this project only")

@@ -868,6 +868,10 @@ def load_for_cli(
             raise ValueError(f"--device {device!r} is not a torch device (cpu, cuda, cuda:1, mps)") from None
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"--device {device}: CUDA is not available on this machine")
+        if dev.type == "mps" and not torch.backends.mps.is_available():
+            raise ValueError(f"--device {device}: MPS (Apple GPUs) is not available on this machine")
+        if dev.type == "meta":
+            raise ValueError(f"--device {device}: a meta device holds no data; generate on cpu, cuda or mps")
     lm = BambaForCausalLM.from_pretrained(
         folder, dtype=dtype, device=device, quantization=quantize, pack=True
     )
