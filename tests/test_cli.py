@@ -133,7 +133,7 @@ def test_info(folder, capsys, tmp_path):
         (["generate", "--model", "/no/such/folder", "hi"], "no such checkpoint folder"),
         (["generate", "--dtype", "int3", "hi"], "dtype='int3' is not a floating-point torch dtype"),
         (["generate", "--device", "cuda", "hi"], "CUDA is not available"),
-        (["generate", "--device", "toaster", "hi"], "is not a torch device"),
+        (["generate", "--device", "toaster", "hi"], "--device='toaster' is not one device"),
         (["generate", "   "], "the prompt is empty"),
         (["generate", "to be " * 40], "longer than the model's context"),
         (["generate", "--temperature", "nan", "hi"], "--temperature nan must be a finite number >= 0"),

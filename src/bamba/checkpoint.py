@@ -249,8 +249,10 @@ def load_pretrained(
     device), and huggingface_hub's download keywords (HUB_KEYWORDS: cache_dir, token, local_files_only,
     ...). A setting given both ways must agree; other keywords are refused.
     """
+    from .quantize import SHORT_NAMES
+
     dtype, device, hub_kwargs = _transformers_keywords(dtype, device, kwargs)
-    if group_size is not None and quantization not in ("int4_weight_only", "int4"):
+    if group_size is not None and SHORT_NAMES.get(quantization, quantization) != "int4_weight_only":
         raise TypeError(
             f"from_pretrained: group_size={group_size!r} applies to quantization='int4_weight_only' only; "
             f"found quantization={quantization!r}"
@@ -259,7 +261,7 @@ def load_pretrained(
     if config is None:
         config = read_config(folder)
     dtype = _parse_dtype(dtype)
-    device = _one_device(device, "device") if device is not None else torch.device("cpu")
+    device = one_device(device, "from_pretrained: device") if device is not None else torch.device("cpu")
     with torch.device("meta"):
         model = cls(config, init=False)
     prefix = "model." if hasattr(model, "lm_head") else ""
@@ -366,7 +368,7 @@ def _transformers_keywords(
     device_map = kwargs.pop("device_map", None)
     if device_map is not None:
         if isinstance(device_map, dict):  # {"": 0}: every module on one device
-            devices = {_device_key(_one_device(v, "device_map")) for v in device_map.values()}
+            devices = {_device_key(one_device(v, "from_pretrained: device_map")) for v in device_map.values()}
             if len(devices) != 1:
                 raise TypeError(
                     f"from_pretrained: device_map={device_map!r} spreads the model over several devices, "
@@ -375,8 +377,10 @@ def _transformers_keywords(
             device_map = next(iter(device_map.values()))
         if device_map == "auto":
             device_map = "cuda" if torch.cuda.is_available() else "cpu"
-        mapped = _one_device(device_map, "device_map")
-        if device is not None and _device_key(_one_device(device, "device")) != _device_key(mapped):
+        mapped = one_device(device_map, "from_pretrained: device_map")
+        if device is not None and _device_key(one_device(device, "from_pretrained: device")) != _device_key(
+            mapped
+        ):
             raise TypeError(f"from_pretrained: device={device!r} and device_map={device_map!r} differ")
         device = mapped
     unknown = sorted(set(kwargs) - HUB_KEYWORDS)
@@ -388,19 +392,22 @@ def _transformers_keywords(
     return dtype, device, kwargs
 
 
-def _one_device(value: Any, name: str) -> torch.device:
-    """`value` (a name, a torch.device or a GPU index) as a torch.device that this machine has."""
+def one_device(value: Any, name: str) -> torch.device:
+    """`value` (a name, a torch.device or a GPU index) as a torch.device that this machine has; errors
+    name the argument as `name` ("from_pretrained: device", "--device", ...)."""
     if isinstance(value, int) and not isinstance(value, bool):
         value = f"cuda:{value}"  # a GPU index, as transformers reads it
     try:
         dev = torch.device(value)
     except (RuntimeError, TypeError, ValueError):
         raise ValueError(
-            f"from_pretrained: {name}={value!r} is not one device (cpu, cuda, cuda:1, mps, a GPU index, "
-            "or for device_map 'auto')"
+            f"{name}={value!r} is not one device (cpu, cuda, cuda:1, mps, a GPU index, or for device_map "
+            "'auto')"
         ) from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"from_pretrained: {name}={value!r}, but CUDA is not available on this machine")
+        raise ValueError(f"{name}={value!r}, but CUDA is not available on this machine")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{name}={value!r}, but MPS (Apple GPUs) is not available on this machine")
     return dev
 
 

@@ -855,23 +855,14 @@ def load_for_cli(
     model: str | None, dtype: str | None, device: str | None, quantize: str | None
 ) -> tuple[Any, Any]:
     """Model and tokenizer for the CLI: the embedded demo model when `model` is None."""
-    from .checkpoint import resolve_folder
+    from .checkpoint import one_device, resolve_folder
     from .demo import demo_path
     from .model import BambaForCausalLM
     from .tokenizer import Tokenizer
 
     folder = resolve_folder(model) if model is not None else demo_path()
-    if device is not None:
-        try:
-            dev = torch.device(device)
-        except RuntimeError:
-            raise ValueError(f"--device {device!r} is not a torch device (cpu, cuda, cuda:1, mps)") from None
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"--device {device}: CUDA is not available on this machine")
-        if dev.type == "mps" and not torch.backends.mps.is_available():
-            raise ValueError(f"--device {device}: MPS (Apple GPUs) is not available on this machine")
-        if dev.type == "meta":
-            raise ValueError(f"--device {device}: a meta device holds no data; generate on cpu, cuda or mps")
+    if device is not None and one_device(device, "--device").type == "meta":
+        raise ValueError(f"--device {device}: a meta device holds no data; generate on cpu, cuda or mps")
     lm = BambaForCausalLM.from_pretrained(
         folder, dtype=dtype, device=device, quantization=quantize, pack=True
     )
