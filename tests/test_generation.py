@@ -57,6 +57,28 @@ def test_finished_rows_are_padded_and_dropped(hf_folder):
         assert n[:k] == free[i, 5 : 5 + k].tolist()
 
 
+def test_output_grows_as_tokens_come(hf_folder, monkeypatch):
+    """The output starts with a few new-token columns and doubles them when full: the same tokens as
+    transformers past several doublings (greedy, a left-padded batch, a stop string, sampled rows kept
+    in the batch), and a huge max_new_tokens that eos ends costs only what was generated."""
+    import bamba.generation as generation
+
+    ref, folder = hf_folder(seed=3)
+    ours = BambaForCausalLM.from_pretrained(folder)
+    torch.manual_seed(1)
+    ids, mask = left_pad([torch.randint(3, 97, (n,)) for n in (9, 4, 6)])
+    expected = ref.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
+    whole = generate(ours, ids, attention_mask=mask, max_new_tokens=12, do_sample=True, seed=5)
+    monkeypatch.setattr(generation, "_ROOM", 1)  # 1 -> 2 -> 4 -> 8 -> 12 columns
+    assert torch.equal(generate(ours, ids, attention_mask=mask, max_new_tokens=12), expected)
+    sampled = generate(ours, ids, attention_mask=mask, max_new_tokens=12, do_sample=True, seed=5)
+    assert torch.equal(sampled, whole)
+    monkeypatch.setattr(generation, "_ROOM", 256)
+    stop = int(expected[0, 9 + 5])  # row 0's 6th new token ends it
+    out = generate(ours, ids[:1], attention_mask=mask[:1], max_new_tokens=10**15, eos_token_id=stop)
+    assert torch.equal(out, expected[:1, : 9 + 6])
+
+
 def test_min_new_tokens_and_max_length(hf_folder):
     _, folder = hf_folder(seed=5)
     model = BambaForCausalLM.from_pretrained(folder)

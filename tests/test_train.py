@@ -450,6 +450,14 @@ def test_resume_survives_a_torn_log_and_applies_new_optimizer_settings(corpus, t
 def test_a_corrupt_trainer_state_names_the_file(corpus, tmp_path):
     run(corpus, tmp_path, max_steps=1, save_every=1)
     state = tmp_path / "checkpoint-last" / "trainer_state.pt"
+    good = torch.load(state, weights_only=True)
+    torch.save({**good, "step": "1", "rng": {"torch": good["rng"]["torch"]}}, state)  # (raw errors before)
+    with pytest.raises(
+        ValueError,
+        match=r"trainer_state.pt is malformed \(step should be an int >= 0, found str '1'; rng should be a "
+        r"dict of the torch \(uint8 tensor\) and python \(tuple\) random states, found dict\).*--no-resume",
+    ):
+        run(corpus, tmp_path, max_steps=2)
     state.write_bytes(b"not a checkpoint")
     with pytest.raises(
         ValueError, match="cannot resume: .*trainer_state.pt is unreadable or corrupt.*--no-resume"
@@ -469,10 +477,19 @@ def test_resuming_with_another_model_shape_names_the_config_fields(corpus, tmp_p
     """It raised PyTorch's size-mismatch error listing tensors."""
     run(corpus, tmp_path, max_steps=1)
     wider = BambaConfig(**{**TINY, "intermediate_size": 96})
-    with pytest.raises(
-        ValueError, match=r"does not fit this run's config \(intermediate_size: 64 there, 96 here\)"
-    ):
+    with pytest.raises(ValueError, match=r"does not fit this run's config \(intermediate_size: 64 -> 96\)"):
         run(corpus, tmp_path, max_steps=2, config=wider)
+
+
+def test_resuming_with_another_model_config_of_the_same_shapes_names_the_fields(corpus, tmp_path, capsys):
+    """It resumed silently with the new config."""
+    run(corpus, tmp_path, max_steps=1)
+    capsys.readouterr()
+    run(corpus, tmp_path, max_steps=2, config=BambaConfig(**{**TINY, "rms_norm_eps": 1e-3}))
+    err = capsys.readouterr().err
+    assert "train: resuming with another model config: rms_norm_eps: 1e-05 -> 0.001" in err
+    run(corpus, tmp_path, max_steps=3, config=BambaConfig(**{**TINY, "rms_norm_eps": 1e-3}))
+    assert "another model config" not in capsys.readouterr().err
 
 
 def test_final_is_never_older_than_checkpoint_last(corpus, tmp_path, monkeypatch):

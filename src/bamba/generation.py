@@ -434,6 +434,7 @@ def generation_config_fields(config: Any) -> dict[str, Any]:
 
 # an eos_token_id / pad_token_id given as None (leaving it out means the checkpoint's)
 NOT_SET = object()
+_ROOM = 256  # new-token columns `generate` allocates at first; it doubles them when full
 
 
 def _with_generation_config(fn: Callable[P, R]) -> Callable[P, R]:
@@ -726,7 +727,9 @@ def generate(
 
         if streamer is not None:
             streamer.put(input_ids.cpu())
-        out = torch.full((b, t + max_new_tokens), pad, dtype=torch.long, device=device)
+        # the sequences so far (b, t + room): grown as tokens come, so that a large max_new_tokens (run
+        # until eos) costs only what is generated
+        out = torch.full((b, t + min(max_new_tokens, _ROOM)), pad, dtype=torch.long, device=device)
         out[:, :t] = input_ids
         if max_new_tokens == 0:
             return result(out)
@@ -755,6 +758,9 @@ def generate(
                 if output_logits:
                     all_logits.append(raw)
                 nxt = nxt.masked_fill(finished, pad)
+            if t + step == out.shape[1]:  # full: double the room (at most up to t + max_new_tokens)
+                more = min(out.shape[1], t + max_new_tokens - out.shape[1])
+                out = torch.cat([out, out.new_full((b, more), pad)], dim=1)
             out[active, t + step] = nxt
             n_new = step + 1
             if streamer is not None:

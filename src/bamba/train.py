@@ -239,7 +239,41 @@ def read_trainer_state(ckpt: str) -> dict[str, Any]:
             f"train: cannot resume: {path} lacks {', '.join(missing)}; "
             "use another out_dir, or resume=False (--no-resume) to start over"
         )
+    rng = state["rng"]
+    expected = {  # field: (is it well formed, what it should be)
+        "step": (_is_count(state["step"]), "an int >= 0"),
+        "tokens_seen": (_is_count(state["tokens_seen"]), "an int >= 0"),
+        "max_steps": (_is_count(state["max_steps"]), "an int >= 0"),
+        "schedule": (isinstance(state["schedule"], dict), "a dict"),
+        "optimizer": (
+            isinstance(state["optimizer"], dict) and {"state", "param_groups"} <= state["optimizer"].keys(),
+            "an optimizer state dict (with state and param_groups)",
+        ),
+        "rng": (
+            isinstance(rng, dict)
+            and isinstance(rng.get("torch"), Tensor)
+            and rng["torch"].dtype == torch.uint8
+            and isinstance(rng.get("python"), tuple),
+            "a dict of the torch (uint8 tensor) and python (tuple) random states",
+        ),
+    }
+    bad = [f"{k} should be {what}, found {_short(state[k])}" for k, (ok, what) in expected.items() if not ok]
+    if bad:
+        raise ValueError(
+            f"train: cannot resume: {path} is malformed ({'; '.join(bad)}); "
+            "use another out_dir, or resume=False (--no-resume) to start over"
+        )
     return state
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _short(value: Any) -> str:
+    """A value named in an error: its type, and its repr when short."""
+    text = repr(value)
+    return f"{type(value).__name__} {text}" if len(text) <= 40 else type(value).__name__
 
 
 def save_folder_atomically(out_dir: str, name: str, write: Callable[[str], None]) -> str:
@@ -411,19 +445,20 @@ def _resolve_config(config: str | BambaConfig | None, init_from: str | None) -> 
     return preset(config)
 
 
-def _load_weights(model: nn.Module, folder: str) -> None:
+def _load_weights(model: nn.Module, folder: str) -> list[str]:
+    """Load `folder`'s weights into `model`; returns the config fields that differ ("field: there -> here"),
+    which can only be fields that leave every shape as it is (other shapes raise, naming the fields)."""
     loaded = BambaForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    ours, theirs = model.config.to_dict(), loaded.config.to_dict()
+    fields = [f"{k}: {theirs.get(k)!r} -> {ours[k]!r}" for k in ours if ours[k] != theirs.get(k)]
     try:
         model.load_state_dict(loaded.state_dict())
     except RuntimeError:  # other shapes: say which config fields differ, not which tensors
-        ours, theirs = model.config.to_dict(), loaded.config.to_dict()
-        fields = [
-            f"{k}: {theirs.get(k)!r} there, {ours.get(k)!r} here" for k in ours if ours[k] != theirs.get(k)
-        ]
         raise ValueError(
             f"train: the model in {folder} does not fit this run's config ({'; '.join(fields)}); train with "
             "that folder's config, or start over elsewhere"
         ) from None
+    return fields
 
 
 @dataclass
@@ -582,6 +617,7 @@ def train(
                 "start over"
             )
         state: dict[str, Any] | None = None
+        config_changes: list[str] = []  # model config fields set otherwise than in the resumed checkpoint
         if ckpt is not None:
             state = read_trainer_state(ckpt)
             changed = [f"{k}: {state.get(k)} -> {v}" for k, v in layout.items() if state.get(k) != v]
@@ -590,7 +626,7 @@ def train(
                     f"train: cannot resume from {ckpt}: it was written with other data or batch settings "
                     f"({', '.join(changed)}); use another out_dir, or resume=False (--no-resume) to start over"
                 )
-            _load_weights(model, ckpt)
+            config_changes = _load_weights(model, ckpt)
         elif init_from is not None:
             _load_weights(model, init_from)
         wrapped = _wrap(model, world, dev, fsdp)
@@ -635,6 +671,8 @@ def train(
                 )
                 if changed_settings:
                     bar.warn(f"train: resuming with other settings: {'; '.join(changed_settings.values())}")
+                if config_changes:
+                    bar.warn(f"train: resuming with another model config: {'; '.join(config_changes)}")
 
             def log(record: dict[str, Any]) -> None:
                 if main:
