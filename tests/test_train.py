@@ -319,6 +319,9 @@ def test_bad_inputs_have_clear_messages(corpus, tmp_path):
         run(corpus, tmp_path / "o6", max_examples=-1)
     with pytest.raises(ValueError, match="clip=-1.0 must be >= 0"):
         run(corpus, tmp_path / "o6", clip=-1.0)
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(ValueError, match="out_dir=.*a-file' exists and is not a folder"):  # errno 17 before
+        run(corpus, tmp_path / "a-file")
     for kwargs, message in [
         (dict(row_tokens=1), "row_tokens=1 must be >= 2"),  # trained nothing and logged NaN
         (dict(clip=float("nan")), "clip=nan must be >= 0"),  # disabled clipping
@@ -328,6 +331,8 @@ def test_bad_inputs_have_clear_messages(corpus, tmp_path):
         (dict(warmup_steps=-3), "warmup_steps=-3 must be >= 0"),
         (dict(eval_every=-1), "eval_every=-1 must be >= 0"),
         (dict(max_steps=4, warmup_steps=100), "warmup_steps=100 exceeds max_steps=4"),
+        (dict(betas=(0.9, 2)), r"betas=\(0.9, 2\) must be two numbers in \[0, 1\)"),  # torch's text before
+        (dict(log_file=str(tmp_path)), "log_file=.* exists and is not a file"),  # errno 21 before
     ]:
         with pytest.raises(ValueError, match=message):
             run(corpus, tmp_path / "o6", **kwargs)

@@ -554,6 +554,12 @@ def train(
         raise ValueError(f"train: min_lr_ratio={min_lr_ratio} must be in [0, 1] (the final lr over the peak)")
     if not weight_decay >= 0:
         raise ValueError(f"train: weight_decay={weight_decay} must be >= 0")
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise ValueError(f"train: betas={tuple(betas)} must be two numbers in [0, 1) (AdamW's beta1, beta2)")
+    for name, path in (("out_dir", out_dir), ("log_file", log_file)):
+        if path is not None and os.path.exists(path) and os.path.isdir(path) != (name == "out_dir"):
+            kind = "a folder" if name == "out_dir" else "a file"
+            raise ValueError(f"train: {name}={path!r} exists and is not {kind}")
     for name, value in (
         ("warmup_steps", warmup_steps),
         ("eval_every", eval_every),
