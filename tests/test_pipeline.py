@@ -40,6 +40,21 @@ def test_strings_match_transformers_pipeline(folder):
     )
 
 
+def test_sampled_prompts_run_one_by_one(folder):
+    """Sampled prompts run one by one by default, as transformers' pipeline runs them: each draws as if it
+    ran alone, continuing the random stream (batched, the rows shared one stream and drew otherwise).
+    transformers' own list input first draws a DataLoader seed from the stream, so its draws differ."""
+    ours = pipeline("text-generation", model=folder)
+    prompts = ["ROMEO: what light", "ay", "JULIET:"]
+    kw = dict(max_new_tokens=8, do_sample=True, top_k=0, temperature=1.5)
+    torch.manual_seed(3)
+    alone = [ours(p, **kw) for p in prompts]
+    torch.manual_seed(3)
+    assert ours(prompts, **kw) == alone
+    torch.manual_seed(3)
+    assert ours(prompts, batch_size=3, **kw) != alone  # batched: one shared stream
+
+
 def test_max_length_counts_each_prompt_as_transformers(folder):
     import transformers
 

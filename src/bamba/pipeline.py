@@ -71,7 +71,7 @@ class TextGenerationPipeline:
     `skip_special_tokens` (default True) and `clean_up_tokenization_spaces` for decoding,
     `add_special_tokens` for string prompts, `tools` / `documents` for chat templates, `batch_size`
     (prompts generated together, left-padded; default: all of them, with each prompt's output as if it
-    ran alone), and `generation_config` (a GenerationConfig or a dict, its fields below explicit
+    ran alone; one by one when sampling, as transformers, so that a seed gives each prompt its draws), and `generation_config` (a GenerationConfig or a dict, its fields below explicit
     arguments). Other keyword arguments are those of `bamba.generation.generate` (default
     max_new_tokens=50, greedy unless do_sample=True; transformers 5's pipeline samples 256 tokens at
     temperature 0.7 by default).
@@ -130,10 +130,13 @@ class TextGenerationPipeline:
             )
         if batch_size is None:
             # All prompts at once, unless a row's output would depend on the others: max_length counts each
-            # prompt's own tokens, and token ids would carry the batch's padding (transformers runs prompts
-            # one by one by default).
-            alone = output == "ids" or (
-                options.get("max_new_tokens") is None and options.get("max_length") is not None
+            # prompt's own tokens, token ids would carry the batch's padding, and sampled rows would share
+            # one random stream (transformers runs prompts one by one by default: with these, so do we, and
+            # a seeded torch.manual_seed gives its draws).
+            alone = (
+                output == "ids"
+                or bool(options.get("do_sample"))
+                or (options.get("max_new_tokens") is None and options.get("max_length") is not None)
             )
             batch_size = 1 if alone else len(batch)
         results = []
