@@ -26,6 +26,7 @@ from bamba.train import (
     flatten_rows,
     iter_log,
     lr_factor,
+    read_trainer_state,
     save_folder_atomically,
     tokenize_documents,
     train,
@@ -158,10 +159,20 @@ def test_training_reduces_loss_and_saves_loadable_checkpoints(corpus, tmp_path):
         torch.testing.assert_close(logits, theirs(ids).logits, atol=1e-4, rtol=1e-4)
 
 
-def test_grad_accumulation_2x1_equals_1x2_rows(corpus, tmp_path):
-    run(corpus, tmp_path / "a", grad_accum=2, batch_rows=1)
-    run(corpus, tmp_path / "b", grad_accum=1, batch_rows=2)
+@pytest.mark.parametrize("z_loss", [0.0, 0.01])
+def test_grad_accumulation_2x1_equals_1x2_rows(corpus, tmp_path, z_loss):
+    """The same global batch cut two ways: the same loss, gradients and weights, z-loss included (the
+    z-loss of each micro-batch used to be its own mean, so grad_accum 2 counted it twice)."""
+    config = BambaConfig(**TINY, z_loss_coefficient=z_loss)
+    run(corpus, tmp_path / "a", grad_accum=2, batch_rows=1, config=config)
+    run(corpus, tmp_path / "b", grad_accum=1, batch_rows=2, config=config)
     la, lb = losses(tmp_path / "a"), losses(tmp_path / "b")
+    if z_loss:  # logged: the objective and its z part, which is what it adds to the cross-entropy
+        z = losses(tmp_path / "a", "z_loss")
+        torch.testing.assert_close(z, losses(tmp_path / "b", "z_loss"), atol=1e-6, rtol=1e-5)
+        assert all(0 < v < 1 for v in z)
+    else:
+        assert "z_loss" not in next(iter_log(tmp_path / "a" / "log.jsonl"))
     assert len(la) == 4 and la[0] > 4.0
     torch.testing.assert_close(la, lb, atol=1e-5, rtol=1e-5)
     # the gradient itself, not only the loss (Adam would hide a gradient off by a constant factor)
@@ -169,6 +180,24 @@ def test_grad_accumulation_2x1_equals_1x2_rows(corpus, tmp_path):
         losses(tmp_path / "a", "grad_norm"), losses(tmp_path / "b", "grad_norm"), rtol=1e-5, atol=0
     )
     assert_same_weights(tmp_path / "a" / "final", tmp_path / "b" / "final", atol=1e-5)
+
+
+def test_max_examples_reads_no_further(corpus, tmp_path):
+    """max_examples stops reading there (it read the whole corpus, then kept the first ones): a broken line
+    after the first 12 documents is never reached."""
+    data = tmp_path / "docs.jsonl"
+    lines = [json.dumps({"text": " ".join(WORDS[i : i + 9])}) for i in range(12)]
+    data.write_text("\n".join(lines) + "\nnot json\n")
+    metrics = run(corpus, tmp_path / "o", data=[str(data)], max_examples=12, max_steps=1, eval_fraction=0)
+    assert metrics["step"] == 1
+    with pytest.raises(ValueError, match="docs.jsonl:13: invalid JSON"):
+        run(corpus, tmp_path / "o2", data=[str(data)], max_examples=13, max_steps=1, eval_fraction=0)
+
+
+def test_warmup_longer_than_the_epoch_is_refused(corpus, tmp_path):
+    """With max_steps None (one epoch), warmup_steps beyond the epoch's steps never reached the peak lr."""
+    with pytest.raises(ValueError, match=r"warmup_steps=500 exceeds the \d+ steps of one epoch"):
+        run(corpus, tmp_path, max_steps=None, warmup_steps=500)
 
 
 def test_bfloat16_autocast_trains_close_to_float32(corpus, tmp_path):
@@ -260,7 +289,7 @@ def test_failure_while_saving_leaves_the_previous_checkpoint_intact(corpus, tmp_
 
 # ----- bad input ---------------------------------------------------------------------------------------------
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(corpus, tmp_path, monkeypatch):
-    original = bamba.model.causal_lm_loss
+    original = bamba.train.causal_lm_loss  # the trainer computes the step's loss from the logits
     calls = []
 
     def poisoned(*args, **kwargs):
@@ -268,7 +297,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(corpus,
         loss = original(*args, **kwargs)
         return loss * float("nan") if len(calls) == 3 else loss  # the 3rd training step
 
-    monkeypatch.setattr(bamba.model, "causal_lm_loss", poisoned)
+    monkeypatch.setattr(bamba.train, "causal_lm_loss", poisoned)
     with pytest.raises(
         RuntimeError, match=r"loss at step 3 is nan.*last good checkpoint is .*checkpoint-last"
     ):
@@ -476,6 +505,25 @@ def test_a_corrupt_trainer_state_names_the_file(corpus, tmp_path):
     state.unlink()  # a checkpoint-last without its state: refused, not silently trained over from step 0
     with pytest.raises(ValueError, match="checkpoint-last has no trainer_state.pt .*resume=False"):
         run(corpus, tmp_path, max_steps=2)
+
+
+def test_starting_over_sets_the_earlier_checkpoint_aside(corpus, tmp_path, capsys):
+    """resume=False used to leave the earlier run's checkpoint-last in place: if the new run died before its
+    first save, the next resume silently continued the earlier run."""
+    run(corpus, tmp_path, max_steps=2, save_every=1)
+    capsys.readouterr()
+    for _ in range(2):  # killed before its first save, twice
+        with pytest.raises(Crash):
+            run(corpus, tmp_path, max_steps=3, resume=False, save_every=0, callback=crash_at(1))
+    assert "the earlier run's checkpoints are now checkpoint-last.replaced-" in capsys.readouterr().err
+    aside = sorted(p.name for p in tmp_path.glob("checkpoint-last.replaced-*"))
+    assert len(aside) == 1 and not (tmp_path / "checkpoint-last").exists()  # (the second had none to move)
+    assert read_trainer_state(str(tmp_path / aside[0]))["step"] == 2  # kept
+    metrics = run(corpus, tmp_path, max_steps=2)  # nothing to resume: a fresh start, not the earlier run
+    assert metrics["step"] == 2 and [r["step"] for r in iter_log(tmp_path / "log.jsonl") if "loss" in r] == [
+        1,
+        2,
+    ]
 
 
 def test_resuming_with_another_model_shape_names_the_config_fields(corpus, tmp_path):

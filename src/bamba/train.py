@@ -17,9 +17,12 @@ Checkpoints are Hugging Face folders (config.json, model.safetensors, tokenizer 
 (optimizer, step, RNG states, data layout; the lr is a function of the step). They are written into a
 temporary folder beside `checkpoint-last` and renamed into place; the previous one is removed only after that.
 
-z-loss (config.z_loss_coefficient) is added by the model to each forward's loss as the mean over that
-forward's positions, as transformers does; with grad_accum or several ranks it is therefore summed over
-the micro-batches, unlike the cross-entropy, which is normalised over the whole step.
+z-loss (config.z_loss_coefficient > 0): the step's objective is that of one forward over the whole global
+batch, cross-entropy per predicted token + coefficient x mean over the step's positions of
+logsumexp(logits)^2, whatever grad_accum and the number of ranks. (Calling the model with labels per
+micro-batch, as transformers' Trainer does, would add each micro-batch's mean: grad_accum times the
+z-loss.) The logged `loss` is that objective; `z_loss` (logged when the coefficient is > 0) is its z part,
+so `loss - z_loss` is the cross-entropy that `eval_loss` measures.
 
 Distributed: launch with `torchrun --nproc-per-node N -m bamba train ...` (or call `train` in processes whose
 environment has RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT). Rank 0 alone logs and writes files; the
@@ -32,6 +35,7 @@ import argparse
 import contextlib
 import gc
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -170,7 +174,12 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 
 def lr_factor(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
-    """Multiplier of the peak lr for update `step` (0-based): linear warmup, then cosine to min_lr_ratio."""
+    """Multiplier of the peak lr for update `step` (0-based): linear warmup, then cosine to min_lr_ratio.
+
+    Warmup gives update k the factor (k + 1) / warmup_steps, so no update is wasted at lr 0 (transformers'
+    get_cosine_with_min_lr_schedule_with_warmup gives k / warmup_steps, one step behind); after warmup the
+    two agree. The cosine reaches min_lr_ratio after the last update (update max_steps - 1 still uses a
+    little more)."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
@@ -479,9 +488,7 @@ def prepare_data(
     max_examples: int | None,
 ) -> TrainData:
     """Read, tokenize, split off eval documents and pack into rows of at most `row_tokens` tokens."""
-    texts = list(iter_text_files(data))
-    if max_examples is not None:
-        texts = texts[:max_examples]
+    texts = list(itertools.islice(iter_text_files(data), max_examples))  # reads no further than needed
     docs = tokenize_documents(texts, tokenizer)
     if eval_data:
         eval_docs = tokenize_documents(list(iter_text_files(eval_data)), tokenizer)
@@ -597,6 +604,11 @@ def train(
         rows_per_step = batch_rows * world * grad_accum
         if max_steps is None:
             max_steps = math.ceil(len(td.rows) / rows_per_step)
+            if warmup_steps is not None and warmup_steps > max_steps:
+                raise ValueError(
+                    f"train: warmup_steps={warmup_steps} exceeds the {max_steps} steps of one epoch (max_steps "
+                    "None); give fewer warmup steps or more max_steps"
+                )
         if warmup_steps is None:
             warmup_steps = max_steps // 20
         order = RowOrder(len(td.rows), seed)
@@ -622,6 +634,16 @@ def train(
                 "cannot resume from it; restore it, use another out_dir, or resume=False (--no-resume) to "
                 "start over"
             )
+        # A fresh start moves an earlier run's checkpoints out of the way (kept): left in place, a later
+        # resume would continue the earlier run.
+        set_aside = []
+        for name in (CHECKPOINT_NAME, f".{CHECKPOINT_NAME}.old") if not resume and main else ():
+            if os.path.isdir(os.path.join(out_dir, name)):
+                stem, n = f"{name.lstrip('.')}.replaced-{time.strftime('%Y%m%d-%H%M%S')}", 1
+                while os.path.exists(os.path.join(out_dir, stem + (f"-{n}" if n > 1 else ""))):
+                    n += 1
+                set_aside.append(stem + (f"-{n}" if n > 1 else ""))
+                os.replace(os.path.join(out_dir, name), os.path.join(out_dir, set_aside[-1]))
         state: dict[str, Any] | None = None
         config_changes: list[str] = []  # model config fields set otherwise than in the resumed checkpoint
         if ckpt is not None:
@@ -675,6 +697,10 @@ def train(
                     f"rows/step over {world} process(es)"
                     + (f" | resuming {ckpt} at step {step}" if ckpt else "")
                 )
+                if set_aside:
+                    bar.warn(
+                        f"train: starting over; the earlier run's checkpoints are now {', '.join(set_aside)}"
+                    )
                 if changed_settings:
                     bar.warn(f"train: resuming with other settings: {'; '.join(changed_settings.values())}")
                 if config_changes:
@@ -760,7 +786,7 @@ def train(
                 counts = [count_targets(b["labels"]) for b in micro]
                 n_items, step_tokens = _all_sum(
                     [sum(counts), sum(b["input_ids"].shape[1] for b in micro)], world, dev
-                )
+                )  # predicted tokens, positions
                 current_lr = lr * lr_factor(step, warmup_steps, max_steps, min_lr_ratio)
                 if n_items == 0:  # only 1-token examples: nothing to predict, no update
                     step += 1
@@ -768,8 +794,16 @@ def train(
                     continue
                 for group in optimizer.param_groups:
                     group["lr"] = current_lr
-                loss_value = _forward_backward(
-                    wrapped, micro, counts, int(n_items), world, fsdp, dev, autocast
+                loss_value, z_value = _forward_backward(
+                    wrapped,
+                    micro,
+                    counts,
+                    (int(n_items), int(step_tokens)),
+                    cfg.z_loss_coefficient,
+                    world,
+                    fsdp,
+                    dev,
+                    autocast,
                 )
                 if not math.isfinite(loss_value):
                     raise stop("loss", loss_value)
@@ -786,6 +820,7 @@ def train(
                 record = {
                     "step": step,
                     "loss": loss_value,
+                    **({"z_loss": z_value} if cfg.z_loss_coefficient > 0 else {}),
                     "lr": current_lr,
                     "grad_norm": grad_norm,
                     "tokens": tokens_seen,
@@ -839,17 +874,21 @@ def _forward_backward(
     model: nn.Module,
     micro: list[dict[str, Tensor]],
     counts: list[int],
-    n_items: int,
+    step_size: tuple[int, int],
+    z_coefficient: float,
     world: int,
     fsdp: bool,
     dev: torch.device,
     autocast: Callable[[], Any],
-) -> float:
-    """Accumulate the gradients of one optimizer step; returns the step's loss (mean CE per predicted token,
-    over all ranks). Each micro-batch's loss is its summed CE / n_items (the whole step's predicted tokens)."""
-    loss_sum = 0.0
+) -> tuple[float, float]:
+    """Accumulate the gradients of one optimizer step; returns the step's loss and its z-loss part, over
+    all ranks. step_size: (predicted tokens, positions) of the whole step. Each micro-batch adds its summed
+    cross-entropy / predicted tokens, and z_loss_coefficient x its summed logsumexp(logits)^2 / positions:
+    together, the loss of one forward over the whole step (see the module's docstring)."""
+    n_items, n_positions = step_size
+    loss_sum, z_sum = 0.0, 0.0
     for m, (batch, count) in enumerate(zip(micro, counts)):
-        if count == 0 and world == 1:
+        if count == 0 and world == 1 and z_coefficient == 0:
             continue  # nothing to predict: skip the forward (other ranks would wait for it under DDP)
         last = m == len(micro) - 1
         sync = contextlib.nullcontext()
@@ -860,20 +899,22 @@ def _forward_backward(
         batch = {k: v.to(dev) for k, v in batch.items()}
         with sync:
             with autocast():
-                loss = model(
+                logits = model(
                     input_ids=batch["input_ids"],
                     position_ids=batch["position_ids"],
                     seq_idx=batch["seq_idx"],
-                    labels=batch["labels"],
-                    num_items_in_batch=n_items,
                     use_cache=False,
-                ).loss
-            if count == 0:
-                loss = loss * 0.0  # keeps the ranks' collectives in step; adds nothing (not even z-loss)
+                ).logits  # (1, T, vocab)
+            loss = causal_lm_loss(logits, batch["labels"], num_items_in_batch=n_items)  # 0 when count == 0
+            if z_coefficient > 0:
+                z = z_coefficient * logits.float().logsumexp(dim=-1).pow(2).sum() / n_positions
+                loss = loss + z
+                z_sum += float(z.detach())
             # DDP and FSDP average gradients over ranks, but the loss is already normalised globally.
             (loss * world).backward()
         loss_sum += float(loss.detach())
-    return _all_sum([loss_sum], world, dev)[0]
+    total, z_total = _all_sum([loss_sum, z_sum], world, dev)
+    return total, z_total
 
 
 def _clip(model: nn.Module, clip: float) -> float:
@@ -984,7 +1025,12 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
         "--max-steps", type=int, help="optimizer steps (default: one epoch, rounded up to whole steps)"
     )
     p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate")
-    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="final lr as a fraction of the peak")
+    p.add_argument(
+        "--min-lr-ratio",
+        type=float,
+        default=0.1,
+        help="lr at the end of the cosine, as a fraction of the peak",
+    )
     p.add_argument("--warmup-steps", type=int, help="linear warmup steps (default: 5%% of max steps)")
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.95), metavar=("BETA1", "BETA2"))
