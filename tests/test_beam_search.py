@@ -149,7 +149,7 @@ def test_beam_search_from_a_generation_config(pair):
     assert torch.equal(generate(ours, ids, attention_mask=mask, generation_config=cfg), expected)
 
 
-def test_beam_search_refuses_what_it_does_not_do(pair):
+def test_beam_search_refuses_what_it_does_not_do(pair, capsys):
     _, ours, ids, mask, _ = pair
     cases = [
         (dict(num_beams=2, stop_strings="x", tokenizer=object()), "num_beams=2 with stop_strings"),
@@ -165,6 +165,13 @@ def test_beam_search_refuses_what_it_does_not_do(pair):
     for kw, match in cases:
         with pytest.raises((ValueError, TypeError), match=match):
             generate(ours, ids, attention_mask=mask, **{"max_new_tokens": 3, **kw})
+    assert capsys.readouterr().out == ""  # the refused streamer printed nothing (it printed a newline)
+    with pytest.raises(
+        ValueError, match="num_return_sequences=2 with greedy decoding would return identical"
+    ):
+        generate(
+            ours, ids, attention_mask=mask, num_return_sequences=2
+        )  # as transformers (it returned copies)
 
 
 def test_eos_and_pad_given_as_none_mean_none_as_in_transformers(pair):

@@ -88,8 +88,10 @@ class TextStreamer:
         _stream_decoder(tokenizer, skip_special_tokens, decode_kwargs)  # bad options fail here, not later
         self._stream: DecodeStream | None = None
         self._prompt_pending = skip_prompt
+        self._fed = False  # put was called since the last end
 
     def put(self, ids: Tensor | Sequence[int]) -> None:
+        self._fed = True
         ids = ids.tolist() if isinstance(ids, Tensor) else list(ids)
         if ids and isinstance(ids[0], list):
             if len(ids) > 1:
@@ -109,13 +111,15 @@ class TextStreamer:
         self._stream = None
         self._prompt_pending = self.skip_prompt  # the next generate starts with its prompt again
         self.on_finalized_text(piece, stream_end=True)
+        self._fed = False
 
     def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-        """Emit `text`; `stream_end` marks the end of a generation (printing then ends the line)."""
+        """Emit `text`; `stream_end` marks the end of a generation (printing then ends the line, unless
+        nothing was streamed: a generate refused before its first token prints nothing)."""
         if self.on_text is not None:
             if text:
                 self.on_text(text)
-        else:
+        elif text or self._fed:
             print(text, end="\n" if stream_end else "", flush=True)
 
 
@@ -591,6 +595,11 @@ def generate(
                 raise ValueError(
                     f"num_return_sequences={num_return_sequences} must be <= num_beams={num_beams}"
                 )
+        elif num_return_sequences > 1 and not do_sample:  # as transformers: the copies would be identical
+            raise ValueError(
+                f"num_return_sequences={num_return_sequences} with greedy decoding would return identical "
+                "copies; use do_sample=True or num_beams >= num_return_sequences"
+            )
         top_k = None if top_k is None else _as_int("top_k", top_k, 0, " (0 or None: no top-k)")
         temperature = _as_float("temperature", 1.0 if temperature is None else temperature)
         top_p = None if top_p is None else _as_float("top_p", top_p)
