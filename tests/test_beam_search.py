@@ -9,6 +9,7 @@ import pytest
 import torch
 from test_generation import left_pad
 
+import bamba.generation
 from bamba import BambaForCausalLM
 from bamba.generation import TextStreamer, generate
 
@@ -43,7 +44,9 @@ def both(ref, ours, ids, mask, **kw):
         dict(num_beams=3, repetition_penalty=1.3, num_return_sequences=2),
     ],
 )
-def test_beam_search_equals_transformers(pair, kw):
+@pytest.mark.parametrize("room", [256, 1])  # 1: the beams' columns double at 1, 2, 4 and 8 new tokens
+def test_beam_search_equals_transformers(pair, kw, room, monkeypatch):
+    monkeypatch.setattr(bamba.generation, "_ROOM", room)
     ref, ours, ids, mask, eos = pair
     common = dict(max_new_tokens=10, eos_token_id=eos, return_dict_in_generate=True, output_scores=True)
     theirs, got = both(ref, ours, ids, mask, **common, **kw)
@@ -59,6 +62,16 @@ def test_beam_search_equals_transformers(pair, kw):
     assert torch.equal(
         generate(ours, ids, attention_mask=mask, max_new_tokens=10, eos_token_id=eos, **kw), got.sequences
     )
+
+
+def test_a_huge_max_new_tokens_costs_what_the_beams_use(pair):
+    """The beams' columns grow as tokens come: a search that its eos ids end early no longer allocates
+    max_new_tokens columns first (10**12 failed to allocate)."""
+    _, ours, ids, mask, _ = pair
+    kw = dict(attention_mask=mask, eos_token_id=[36, 24, 81, 61], num_beams=3, early_stopping=True)
+    short = generate(ours, ids, max_new_tokens=30, **kw)
+    assert short.shape[1] < ids.shape[1] + 30  # the search ended on its own
+    assert torch.equal(generate(ours, ids, max_new_tokens=10**12, **kw), short)
 
 
 def forward_calls(model) -> list[int]:

@@ -218,7 +218,7 @@ def test_generation_config_stop_tokens_and_budgets_as_transformers(hf_folder):
     assert not torch.equal(generate(ours, ids, top_k=None, **sampled), theirs)  # top_k does matter here
 
 
-def test_streamers_end_and_reset(hf_folder, byte_tokenizer):
+def test_streamers_end_and_reset(hf_folder, byte_tokenizer, capsys):
     """A streamer ends even when nothing is generated (an iterating consumer would wait forever), and a
     reused TextStreamer skips each call's prompt."""
     _, folder = hf_folder(seed=2)
@@ -236,6 +236,10 @@ def test_streamers_end_and_reset(hf_folder, byte_tokenizer):
         with pytest.raises(ValueError):
             generate(model, streamer=it, **bad)
         assert list(it) == []  # an error ends it too
+        printing = TextStreamer(byte_tokenizer, skip_prompt=True)
+        with pytest.raises(ValueError):
+            generate(model, streamer=printing, **bad)
+        assert capsys.readouterr().out == ""  # a refused printing streamer prints nothing (not a newline)
     pieces: list[str] = []
     s = TextStreamer(byte_tokenizer, skip_prompt=True, on_text=pieces.append)
     for _ in range(2):

@@ -520,10 +520,23 @@ def test_starting_over_sets_the_earlier_checkpoint_aside(corpus, tmp_path, capsy
     assert len(aside) == 1 and not (tmp_path / "checkpoint-last").exists()  # (the second had none to move)
     assert read_trainer_state(str(tmp_path / aside[0]))["step"] == 2  # kept
     metrics = run(corpus, tmp_path, max_steps=2)  # nothing to resume: a fresh start, not the earlier run
-    assert metrics["step"] == 2 and [r["step"] for r in iter_log(tmp_path / "log.jsonl") if "loss" in r] == [
-        1,
-        2,
-    ]
+    logged = [r["step"] for r in iter_log(tmp_path / "log.jsonl") if "loss" in r]
+    assert metrics["step"] == 2 and logged == [1, 2]
+    # starting over from the last checkpoint's weights: read before it is set aside
+    run(corpus, tmp_path, max_steps=1, resume=False, config=None, init_from=str(tmp_path / "checkpoint-last"))
+    assert len(list(tmp_path.glob("checkpoint-last.replaced-*"))) == 2
+    # a start over that is refused (here: FSDP without a distributed launch) moves nothing
+    with pytest.raises(ValueError, match="fsdp"):
+        run(corpus, tmp_path, max_steps=1, resume=False, fsdp=True)
+    assert len(list(tmp_path.glob("checkpoint-last.replaced-*"))) == 2
+    assert (tmp_path / "checkpoint-last").is_dir()
+
+
+def test_a_file_in_the_way_of_checkpoints_is_named_before_training(corpus, tmp_path):
+    (tmp_path / "checkpoint-last").write_text("")  # (NotADirectoryError at the first save, after training)
+    for resume in (True, False):
+        with pytest.raises(ValueError, match="checkpoint-last is a file, where checkpoints go"):
+            run(corpus, tmp_path, max_steps=1, resume=resume)
 
 
 def test_resuming_with_another_model_shape_names_the_config_fields(corpus, tmp_path):
@@ -542,6 +555,11 @@ def test_resuming_with_another_model_config_of_the_same_shapes_names_the_fields(
     err = capsys.readouterr().err
     assert "train: resuming with another model config: rms_norm_eps: 1e-05 -> 0.001" in err
     run(corpus, tmp_path, max_steps=3, config=BambaConfig(**{**TINY, "rms_norm_eps": 1e-3}))
+    assert "another model config" not in capsys.readouterr().err
+    # config.json's storage dtype is not a change: the trainer saves fp32 whatever it says
+    bf16 = tmp_path / "bf16-config.json"
+    bf16.write_text(json.dumps({**TINY, "rms_norm_eps": 1e-3, "dtype": "bfloat16"}))
+    run(corpus, tmp_path, max_steps=4, config=str(bf16))
     assert "another model config" not in capsys.readouterr().err
 
 

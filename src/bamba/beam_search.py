@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from .cache import HybridMambaAttentionDynamicCache
-from .generation import StepRules, _prefill, constrain_scores, process_logits
+from .generation import StepRules, _prefill, constrain_scores, process_logits, widen
 
 NEG = -1.0e9  # the score of what must not be picked, as transformers uses it (finite: sums stay ordered)
 
@@ -61,6 +61,7 @@ def beam_search(
     num_beams: int,
     max_new_tokens: int,
     min_total: int,
+    room: int | None = None,
     eos: list[int],
     pad: int,
     rules: StepRules,
@@ -76,7 +77,8 @@ def beam_search(
     `starts` (b,)); see the module doc. `keep_scores`: also keep each step's scores and raw logits.
     `sampling` (beam sampling): `process_logits`' temperature / top_k / top_p / min_p, applied to each
     step's log-probabilities; the continuations are then drawn (without replacement, from `generator`)
-    in proportion to their total probability instead of taken best first, as transformers does."""
+    in proportion to their total probability instead of taken best first, as transformers does.
+    `room`: new-token columns allocated at first (default: max_new_tokens), doubled whenever full."""
     b, t = input_ids.shape
     k, device = num_beams, input_ids.device
     total = t + max_new_tokens  # the length limit
@@ -92,12 +94,13 @@ def beam_search(
     mask = attention_mask.repeat_interleave(k, dim=0) if attention_mask is not None else None
     starts = starts.repeat_interleave(k)  # (b*k,)
 
-    running = input_ids.new_full((b, k, total), pad)  # (b, k, total) the running beams
+    room = max_new_tokens if room is None else room  # new-token columns held (grown as tokens come)
+    running = input_ids.new_full((b, k, t + room), pad)  # (b, k, t + room) the running beams
     running[:, :, :t] = input_ids[:, None]
     running_scores = torch.zeros(b, k, device=device)
     running_scores[:, 1:] = NEG  # at first all beams are the same: only the first one's continuations count
-    running_src = torch.full((b, k, max_new_tokens), -1, dtype=torch.long, device=device)
-    best = running.clone()  # (b, k, total) finished hypotheses
+    running_src = torch.full((b, k, room), -1, dtype=torch.long, device=device)  # (b, k, room)
+    best = running.clone()  # (b, k, t + room) finished hypotheses
     best_scores = torch.full((b, k), NEG, device=device)
     best_src = running_src.clone()
     best_done = torch.zeros(b, k, dtype=torch.bool, device=device)  # a real hypothesis in that slot
@@ -107,8 +110,12 @@ def beam_search(
 
     for step in range(max_new_tokens):
         cur = t + step  # tokens per sequence so far
+        if step == running_src.shape[-1]:  # full: double the room (at most up to max_new_tokens)
+            room = min(2 * step, max_new_tokens)
+            running, best = widen(running, t + room, pad), widen(best, t + room, pad)
+            running_src, best_src = widen(running_src, room, -1), widen(best_src, room, -1)
         raw = logits.float()  # (b*k, vocab)
-        history = running.view(b * k, total)[:, :cur] if rules.reads_history else None
+        history = running.view(b * k, -1)[:, :cur] if rules.reads_history else None
         scores = constrain_scores(raw.log_softmax(-1), history, starts, cur, min_total, eos, rules)
         if sampling is not None:
             scores = process_logits(scores, None, **sampling)
@@ -124,7 +131,7 @@ def beam_search(
             cand_scores, order = total_scores.gather(1, cand).sort(dim=-1, descending=True)
             cand = cand.gather(1, order)
         src = cand // vocab  # (b, n_keep) the beam each continuation extends
-        cand_seqs = _take(running, src)  # (b, n_keep, total)
+        cand_seqs = _take(running, src)  # (b, n_keep, t + room)
         cand_seqs[:, :, cur] = cand % vocab
         cand_src = _take(running_src, src)  # (b, n_keep, new)
         cand_src[:, :, step] = src + offsets
@@ -169,14 +176,14 @@ def beam_search(
         cache.reorder_cache(running_src[:, :, step].reshape(-1))
         if mask is not None:  # (the rows of a prompt's beams have the same mask: no reordering needed)
             mask = torch.cat([mask, mask.new_ones(b * k, 1)], dim=1)
-        nxt = running.view(b * k, total)[:, cur : cur + 1]  # (b*k, 1)
+        nxt = running.view(b * k, -1)[:, cur : cur + 1]  # (b*k, 1)
         logits = model(nxt, attention_mask=mask, past_key_values=cache, use_cache=True).logits[:, -1]
 
     n = num_return_sequences
-    best_src = best_src[:, :n].reshape(b * n, max_new_tokens)
+    best_src = best_src[:, :n].reshape(b * n, -1)  # (b*n, room)
     length = int((best_src >= 0).sum(dim=1).max()) if max_new_tokens else 0  # the longest returned
     return BeamResult(
-        sequences=best[:, :n].reshape(b * n, total)[:, : t + length],
+        sequences=best[:, :n].reshape(b * n, -1)[:, : t + length],
         sequences_scores=best_scores[:, :n].reshape(b * n),
         beam_indices=best_src[:, :length].int(),  # int32, as transformers
         scores=tuple(all_scores),

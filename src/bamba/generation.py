@@ -91,12 +91,12 @@ class TextStreamer:
         self._fed = False  # put was called since the last end
 
     def put(self, ids: Tensor | Sequence[int]) -> None:
-        self._fed = True
         ids = ids.tolist() if isinstance(ids, Tensor) else list(ids)
         if ids and isinstance(ids[0], list):
             if len(ids) > 1:
                 raise ValueError("TextStreamer supports batch size 1 only")
             ids = ids[0]
+        self._fed = True
         if self._prompt_pending:
             self._prompt_pending = False
             return
@@ -441,6 +441,11 @@ NOT_SET = object()
 _ROOM = 256  # new-token columns `generate` allocates at first; it doubles them when full
 
 
+def widen(x: Tensor, width: int, fill: int) -> Tensor:
+    """x (..., w) with its last dimension filled out with `fill` to `width` (>= w) columns."""
+    return torch.cat([x, x.new_full((*x.shape[:-1], width - x.shape[-1]), fill)], dim=-1)
+
+
 def _with_generation_config(fn: Callable[P, R]) -> Callable[P, R]:
     """`generation_config`'s fields become defaults of `fn`: explicitly passed arguments win. An eos or
     pad id passed as None (explicitly or by the config) becomes NOT_SET: none, where leaving it out means
@@ -686,6 +691,7 @@ def generate(
                 starts,
                 num_beams=num_beams,
                 max_new_tokens=max_new_tokens,
+                room=min(max_new_tokens, _ROOM),
                 min_total=min_total,
                 eos=eos,
                 pad=pad,
@@ -768,8 +774,7 @@ def generate(
                     all_logits.append(raw)
                 nxt = nxt.masked_fill(finished, pad)
             if t + step == out.shape[1]:  # full: double the room (at most up to t + max_new_tokens)
-                more = min(out.shape[1], t + max_new_tokens - out.shape[1])
-                out = torch.cat([out, out.new_full((b, more), pad)], dim=1)
+                out = widen(out, min(2 * out.shape[1], t + max_new_tokens), pad)
             out[active, t + step] = nxt
             n_new = step + 1
             if streamer is not None:

@@ -454,12 +454,29 @@ def _resolve_config(config: str | BambaConfig | None, init_from: str | None) -> 
     return preset(config)
 
 
+def _set_aside_checkpoints(out_dir: str) -> list[str]:
+    """Rename an earlier run's checkpoint-last (and .checkpoint-last.old) to checkpoint-last.replaced-<time>:
+    kept, but out of the way of a later resume, which would otherwise continue the earlier run. Returns
+    the new names."""
+    names = []
+    for name in (CHECKPOINT_NAME, f".{CHECKPOINT_NAME}.old"):
+        if os.path.isdir(os.path.join(out_dir, name)):
+            stem, n = f"{name.lstrip('.')}.replaced-{time.strftime('%Y%m%d-%H%M%S')}", 1
+            while os.path.exists(os.path.join(out_dir, stem + (f"-{n}" if n > 1 else ""))):
+                n += 1
+            names.append(stem + (f"-{n}" if n > 1 else ""))
+            os.replace(os.path.join(out_dir, name), os.path.join(out_dir, names[-1]))
+    return names
+
+
 def _load_weights(model: nn.Module, folder: str) -> list[str]:
     """Load `folder`'s weights into `model`; returns the config fields that differ ("field: there -> here"),
     which can only be fields that leave every shape as it is (other shapes raise, naming the fields)."""
     loaded = BambaForCausalLM.from_pretrained(folder, dtype=torch.float32)
     ours, theirs = model.config.to_dict(), loaded.config.to_dict()
-    fields = [f"{k}: {theirs.get(k)!r} -> {ours[k]!r}" for k in ours if ours[k] != theirs.get(k)]
+    fields = [  # (not the weights' storage dtype: the trainer saves fp32 whatever config.json said)
+        f"{k}: {theirs.get(k)!r} -> {ours[k]!r}" for k in ours if ours[k] != theirs.get(k) and k != "dtype"
+    ]
     try:
         model.load_state_dict(loaded.state_dict())
     except RuntimeError:  # other shapes: say which config fields differ, not which tensors
@@ -634,16 +651,8 @@ def train(
                 "cannot resume from it; restore it, use another out_dir, or resume=False (--no-resume) to "
                 "start over"
             )
-        # A fresh start moves an earlier run's checkpoints out of the way (kept): left in place, a later
-        # resume would continue the earlier run.
-        set_aside = []
-        for name in (CHECKPOINT_NAME, f".{CHECKPOINT_NAME}.old") if not resume and main else ():
-            if os.path.isdir(os.path.join(out_dir, name)):
-                stem, n = f"{name.lstrip('.')}.replaced-{time.strftime('%Y%m%d-%H%M%S')}", 1
-                while os.path.exists(os.path.join(out_dir, stem + (f"-{n}" if n > 1 else ""))):
-                    n += 1
-                set_aside.append(stem + (f"-{n}" if n > 1 else ""))
-                os.replace(os.path.join(out_dir, name), os.path.join(out_dir, set_aside[-1]))
+        if os.path.exists(last) and not os.path.isdir(last):  # (the first save would fail, after training)
+            raise ValueError(f"train: {last} is a file, where checkpoints go; move it away")
         state: dict[str, Any] | None = None
         config_changes: list[str] = []  # model config fields set otherwise than in the resumed checkpoint
         if ckpt is not None:
@@ -691,6 +700,8 @@ def train(
                 os.makedirs(out_dir, exist_ok=True)
                 os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
                 _trim_log(log_path, step)
+                # the run is set up (nothing can refuse it now): a start over sets earlier checkpoints aside
+                set_aside = [] if resume else _set_aside_checkpoints(out_dir)
                 bar.note(
                     f"train: {model.num_parameters():,} parameters | {td.n_docs} documents, {td.n_tokens:,} tokens "
                     f"in {len(td.rows)} rows of <= {row_tokens} | eval {len(td.eval_rows)} rows | {rows_per_step} "
