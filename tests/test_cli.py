@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import importlib
+import io
 import subprocess
 import sys
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -210,32 +212,114 @@ def test_chat_loop_uses_the_template_and_keeps_history(folder, monkeypatch):
     assert seen[1].startswith(seen[0]) and "<|user|>\nor not" in seen[1]  # the history is kept
 
 
-def test_chat_keeps_the_latest_context_when_the_reply_budget_fills_the_window(folder, monkeypatch):
-    """max_new_tokens >= max_position_embeddings (64 here) leaves room for the latest token only; the
-    oldest tokens go first, never the newest, and the prompt is never empty."""
+def _scripted_lines(lines: list[str]) -> Callable[[str], str]:
+    """An input_fn giving `lines`, then EOF."""
+    it = iter(lines)
+
+    def read(prompt: str) -> str:
+        line = next(it, None)
+        if line is None:
+            raise EOFError
+        return line
+
+    return read
+
+
+def _recording_generate(monkeypatch, **override) -> list[list[int]]:
+    """Record the prompt ids of each generate call the chat makes (with `override` applied to its options)."""
     import bamba.generation as g
-    from bamba.generation import chat
 
     prompts: list[list[int]] = []
     real = g.generate
 
-    def recording_generate(model, ids, **kw):
+    def recording(model, ids, **kw):
         prompts.append(ids[0].tolist())
-        return real(model, ids, **{**kw, "max_new_tokens": 2})
+        return real(model, ids, **{**kw, **override})
 
-    monkeypatch.setattr(g, "generate", recording_generate)
-    for budget in (60, 70, 100):
-        lines = iter(["to be or not to be, that is the question"])
+    monkeypatch.setattr(g, "generate", recording)
+    return prompts
 
-        def one_line(prompt: str, lines=lines) -> str:
-            line = next(lines, None)
-            if line is None:
-                raise EOFError
-            return line
 
-        chat(model=folder, max_new_tokens=budget, temperature=0, input_fn=one_line, output_fn=lambda s: None)
-    full = prompts[0]  # 60: room for 4 tokens
-    assert len(full) == 4 and prompts[1] == prompts[2] == full[-1:]
+def test_chat_leaves_out_whole_old_turns_to_fit_the_context(folder, monkeypatch, capsys):
+    """Past the model's context (64 tokens here) less the reply's budget, the oldest turns are left out,
+    whole: every prompt is the template's rendering of the system message and the latest turns. (The
+    prompt's oldest tokens were cut, starting it inside an earlier message without its system part.)"""
+    from bamba.generation import chat
+    from bamba.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_pretrained(folder)
+    prompts = _recording_generate(monkeypatch, max_new_tokens=2)
+    lines = ["to be or not", "that is the question", "to be", "or not to be", "the question"]
+    system = {"role": "system", "content": "be brief"}
+    chat(
+        model=folder,
+        max_new_tokens=4,
+        temperature=0,
+        system="be brief",
+        input_fn=_scripted_lines(lines),
+        output_fn=lambda s: None,
+    )
+    assert len(prompts) == 5 and all(len(p) <= 64 - 4 for p in prompts)
+    text = [tok.decode(p) for p in prompts]
+    assert "be brief" in text[0] and "to be or not" in text[0]
+    left_out = 0
+    for i, t in enumerate(text):  # each: system + whole turns (replies not checked) + the newest line
+        user_lines = [line for line in lines[: i + 1] if f"<|user|>\n{line}" in t]
+        assert user_lines[-1] == lines[i] and user_lines == lines[i + 1 - len(user_lines) : i + 1]
+        messages = [system, {"role": "user", "content": lines[i]}]
+        assert t.startswith(tok.apply_chat_template(messages[:1], tokenize=False))
+        left_out = max(left_out, i + 1 - len(user_lines))
+    assert left_out > 0
+    err = capsys.readouterr().err
+    assert "the oldest turn is left out of the prompt (1 so far)" in err
+
+
+def test_chat_refuses_a_line_it_cannot_take_and_goes_on(folder, monkeypatch, capsys):
+    """A line that is not UTF-8, or whose prompt alone exceeds the context, is refused with a message and
+    the chat goes on (it ended the session, or cut the prompt's start)."""
+    from bamba.generation import chat
+
+    prompts = _recording_generate(monkeypatch, max_new_tokens=1)
+    long_line = " ".join(["to be or not to be"] * 40)  # far beyond 64 tokens
+    bad = "to be \udcff"  # an undecodable byte, as input() gives it (surrogateescape)
+    chat(
+        model=folder,
+        max_new_tokens=100,
+        temperature=0,
+        input_fn=_scripted_lines([bad, long_line, "to be"]),
+        output_fn=lambda s: None,
+    )
+    err = capsys.readouterr().err
+    assert "the input line is not valid UTF-8 text" in err and "type it again" in err
+    assert "beyond the model's context (64 tokens); type a shorter one" in err
+    assert len(prompts) == 1  # only "to be" was answered: its prompt whole, though the budget is 100
+
+
+def test_chat_template_refusals_are_one_line_and_system_is_passed(folder, monkeypatch, capsys):
+    import bamba.generation as g
+
+    real_load = g.load_for_cli
+
+    def load_strict(*args):
+        lm, tok = real_load(*args)
+        tok.chat_template = (
+            "{% if messages[0]['role'] != 'system' %}{{ raise_exception('a system message is needed') }}"
+            "{% endif %}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+        )
+        return lm, tok
+
+    monkeypatch.setattr(g, "load_for_cli", load_strict)
+    prompts = _recording_generate(monkeypatch, max_new_tokens=1)
+    args = ["chat", "--model", folder, "--max-new-tokens", "2"]
+    monkeypatch.setattr("sys.stdin", io.StringIO("to be\n"))
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "the chat template refused the conversation: a system message is needed (--system gives" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    monkeypatch.setattr("sys.stdin", io.StringIO("to be\n"))
+    assert main([*args, "--system", "be brief"]) == 0
+    assert len(prompts) == 1
 
 
 def test_chat_passes_top_k_and_seeds_the_conversation_once(folder, monkeypatch):

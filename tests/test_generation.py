@@ -229,6 +229,10 @@ def test_streamers_end_and_reset(hf_folder, byte_tokenizer, capsys):
     )  # a missing end() fails, not hangs
     generate(model, ids, max_new_tokens=0, streamer=it)
     assert list(it) == []  # returns: end() was called
+    it = TextIteratorStreamer(byte_tokenizer, timeout=10)
+    generate(model, ids, max_new_tokens=2, streamer=it, eos_token_id=[])
+    first = next(it)  # an iterator, as transformers' (next() raised a TypeError)
+    assert iter(it) is it and first and len([first, *it]) >= 2
     for bad in (dict(input_ids=ids.expand(2, 4)), dict(input_ids=ids, do_sample=True, top_p=2.0)):
         it = TextIteratorStreamer(
             byte_tokenizer, skip_prompt=True, timeout=10

@@ -55,6 +55,17 @@ def test_sampled_prompts_run_one_by_one(folder):
     assert ours(prompts, batch_size=3, **kw) != alone  # batched: one shared stream
 
 
+def test_a_streamer_streams_the_prompts_one_after_the_other(folder):
+    """With a streamer, prompts run one by one (batched, the streamer refused the batch of 2)."""
+    from bamba.generation import TextStreamer
+
+    ours = pipeline("text-generation", model=folder)
+    pieces: list[str] = []
+    streamer = TextStreamer(ours.tokenizer, skip_prompt=True, on_text=pieces.append)
+    out = ours(["ROMEO: what", "ay"], max_new_tokens=4, streamer=streamer, return_full_text=False)
+    assert "".join(pieces) == "".join(r[0]["generated_text"] for r in out)
+
+
 def test_max_length_counts_each_prompt_as_transformers(folder):
     import transformers
 

@@ -143,9 +143,16 @@ class TextIteratorStreamer(TextStreamer):
         if stream_end:
             self._queue.put(None)
 
-    def __iter__(self) -> Iterator[str]:
-        while (piece := self._queue.get(timeout=self.timeout)) is not None:
-            yield piece
+    def __iter__(self) -> TextIteratorStreamer:
+        return self
+
+    def __next__(self) -> str:
+        """The next piece of text (waiting up to `timeout` seconds: queue.Empty after that); StopIteration
+        at the end of a generation."""
+        piece = self._queue.get(timeout=self.timeout)
+        if piece is None:
+            raise StopIteration
+        return piece
 
 
 # ----- sampling -----------------------------------------------------------------------------------------
@@ -1071,18 +1078,29 @@ def chat(
     input_fn: Callable[[str], str] = input,
     output_fn: Callable[[str], None] = lambda s: print(s, end="", flush=True),
     top_k: int | None = None,
+    system: str | None = None,
 ) -> None:
-    """An interactive loop. With a chat template, turns are kept as messages; without one, each line
-    continues the running transcript. An empty line or EOF (Ctrl-D) ends it. A seed seeds the whole
-    conversation once (each turn continues the same random stream)."""
+    """An interactive loop. With a chat template, turns are kept as messages (after a `system` message if
+    given); without one, each line continues the running transcript (after `system`'s text). An empty line
+    or EOF (Ctrl-D) ends it. A seed seeds the whole conversation once (each turn continues the same
+    random stream). When the conversation outgrows the model's context less `max_new_tokens`, its oldest
+    turns are left out of the prompt (whole turns: the system message and the newest line always stay);
+    a line whose prompt alone exceeds the context, or that is not UTF-8, is refused and the chat goes on."""
     _check_budget(max_new_tokens)
+    if system is not None:
+        _check_text("the system message", system)
     sampling = cli_sampling(temperature, top_p, top_k, None)  # checked before the model loads
     lm, tok = load_for_cli(model, dtype, device, quantize)
     if seed is not None:
         sampling["generator"] = torch.Generator(device=lm.device).manual_seed(seed)
     has_template = getattr(tok, "chat_template", None) is not None
-    messages: list[dict[str, str]] = []
-    transcript = ""
+    context = lm.config.max_position_embeddings
+    budget = max(1, context - max_new_tokens)  # prompt tokens that leave room for a whole reply
+    head: list[Any] = []  # what every prompt starts with: the system message (or text)
+    if system is not None:
+        head = [{"role": "system", "content": system}] if has_template else [system + "\n\n"]
+    turns: list[list[Any]] = []  # earlier turns: [user, assistant] messages, or [line + reply] text
+    dropped = 0  # oldest turns left out of the prompt (they never come back)
     while True:
         try:
             line = input_fn("> ")
@@ -1091,17 +1109,34 @@ def chat(
             break
         if not line.strip():
             break
-        _check_text("the input line", line)
-        if has_template:
-            messages.append({"role": "user", "content": line})
-            prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            ids = tok.encode(prompt, add_special_tokens=False)
-        else:
-            transcript += line + "\n"
-            ids = tok.encode(transcript)
+        try:
+            _check_text("the input line", line)
+        except ValueError as e:
+            print(f"bamba chat: {e}; type it again", file=sys.stderr, flush=True)
+            continue
+        new = [{"role": "user", "content": line}] if has_template else [line + "\n"]
+        while True:
+            ids = _chat_prompt(tok, has_template, head + [m for turn in turns[dropped:] for m in turn] + new)
+            if len(ids) <= budget or dropped == len(turns):
+                break
+            dropped += 1
+            print(
+                f"bamba chat: the oldest turn is left out of the prompt ({dropped} so far), so that the "
+                f"conversation fits the model's context ({context} tokens, {max_new_tokens} of them for "
+                "the reply)",
+                file=sys.stderr,
+                flush=True,
+            )
+        if len(ids) > context:
+            print(
+                f"bamba chat: this line makes a prompt of {len(ids)} tokens, beyond the model's context "
+                f"({context} tokens); type a shorter one",
+                file=sys.stderr,
+                flush=True,
+            )
+            continue
         pieces: list[str] = []
-        keep = max(1, lm.config.max_position_embeddings - max_new_tokens)  # the latest context
-        prompt_ids = torch.tensor([ids[-keep:]])
+        prompt_ids = torch.tensor([ids])
         generate(
             lm,
             prompt_ids,
@@ -1121,9 +1156,24 @@ def chat(
         output_fn("\n")
         reply = "".join(pieces)
         if has_template:
-            messages.append({"role": "assistant", "content": reply})
+            turns.append([*new, {"role": "assistant", "content": reply}])
         else:
-            transcript += reply.replace("\r\n", "\n").lstrip().split("\n\n")[0] + "\n\n"
+            turns.append([new[0] + reply.replace("\r\n", "\n").lstrip().split("\n\n")[0] + "\n\n"])
+
+
+def _chat_prompt(tok: Any, has_template: bool, parts: list[Any]) -> list[int]:
+    """The prompt's ids: `parts` are messages rendered by the chat template (which may refuse them), or
+    pieces of the plain transcript."""
+    if not has_template:
+        return tok.encode("".join(parts))
+    import jinja2
+
+    try:
+        prompt = tok.apply_chat_template(parts, add_generation_prompt=True, tokenize=False)
+    except jinja2.TemplateError as e:  # e.g. raise_exception("...") in the template
+        hint = "" if parts[0]["role"] == "system" else " (--system gives a system message)"
+        raise ValueError(f"the chat template refused the conversation: {e}{hint}") from None
+    return tok.encode(prompt, add_special_tokens=False)
 
 
 def _blank_line_in_reply(tokenizer: Any, prompt_len: int) -> Callable[[Tensor, Any], bool]:
@@ -1153,8 +1203,10 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cli_generate)
     c = sub.add_parser("chat", help="an interactive loop (empty line or Ctrl-D to quit)")
     _add_sampling_args(c)
+    c.add_argument("--system", default=None, help="a system message that starts the conversation")
     c.set_defaults(
         func=lambda a: chat(
+            system=a.system,
             model=a.model,
             max_new_tokens=a.max_new_tokens,
             temperature=a.temperature,
