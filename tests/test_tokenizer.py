@@ -582,6 +582,57 @@ def test_generation_blocks_and_named_extra_tokens_in_templates_as_transformers(l
         _ = ours.video_token
 
 
+def test_reasoning_fields_and_content_blocks_in_templates_as_transformers(llama3, tmp_path):
+    """A message's reasoning reaches templates under all its names (a Qwen-style template reads
+    reasoning_content, a gpt-oss-style one thinking), and continue_final_message continues the last text
+    block of a content list, or a reasoning field, as transformers 5 does (these rendered nothing, or were
+    refused)."""
+    template = (
+        "{% for m in messages %}<{{ m['role'] }}>"
+        "{% if m.reasoning_content %}[r:{{ m.reasoning_content }}]{% endif %}"
+        "{% if m.thinking %}[t:{{ m.thinking }}]{% endif %}"
+        "{% if m.content is string %}{{ m.content }}{% else %}"
+        "{% for b in m.content %}{% if b.text %}{{ b.text }}|{% endif %}{% endfor %}{% endif %}"
+        "</{{ m['role'] }}>{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    folder = _copy_llama3(llama3, tmp_path, chat_template=template)
+    ours, hf = Tokenizer.from_pretrained(folder), _hf(folder)
+    user = {"role": "user", "content": "hi"}
+    cases = [
+        ([user, {"role": "assistant", "content": "yo", "reasoning": "think"}], {}),
+        ([user, {"role": "assistant", "content": "yo", "thinking": "a", "reasoning_content": "b"}], {}),
+        ([user, {"role": "assistant", "content": "yo", "reasoning_content": None, "thinking": "c"}], {}),
+        (
+            [
+                user,
+                {
+                    "role": "assistant",
+                    "content": [
+                        {"type": "text", "text": "one"},
+                        {"type": "image"},
+                        {"type": "text", "text": "two"},
+                    ],
+                },
+            ],
+            dict(continue_final_message=True),
+        ),
+        (
+            [user, {"role": "assistant", "content": "", "reasoning_content": "so far"}],
+            dict(continue_final_message="reasoning_content"),
+        ),
+    ]
+    for chat, kw in cases[:-1]:
+        expected = hf.apply_chat_template(chat, tokenize=False, **kw)
+        assert ours.apply_chat_template(chat, tokenize=False, **kw) == expected, (chat, kw)
+    assert "[r:think][t:think]" in hf.apply_chat_template(cases[0][0], tokenize=False)
+    # a reasoning field rendered under two names: cut after the first, where transformers cuts after the
+    # last and leaves its marker in the first
+    chat, kw = cases[-1]
+    leaky = hf.apply_chat_template(chat, tokenize=False, **kw)
+    assert leaky == "<user>hi</user><assistant>[r:so farCONTINUE_FINAL_MESSAGE_TAG ][t:so far"
+    assert ours.apply_chat_template(chat, tokenize=False, **kw) == "<user>hi</user><assistant>[r:so far"
+
+
 def test_call_arguments_are_read_as_transformers_or_refused(trained):
     ours, hf = Tokenizer.from_pretrained(trained), _hf(trained)
     batch = ["the king is dead", "a"]

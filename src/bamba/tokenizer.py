@@ -209,6 +209,19 @@ def _compile_template(source: str) -> Any:
     return env.from_string(source)
 
 
+# The names a message's reasoning goes by; templates read one or another (transformers 5 fills them all).
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
+def _alias_reasoning(message: dict[str, Any]) -> dict[str, Any]:
+    """`message` with its reasoning (the first of _REASONING_FIELDS it has) also under reasoning_content and,
+    unless it has its own, thinking, as transformers 5 passes messages to chat templates."""
+    reasoning = next((message[k] for k in _REASONING_FIELDS if message.get(k) is not None), None)
+    if reasoning is None:
+        return message
+    return {"thinking": reasoning, **message, "reasoning_content": reasoning}
+
+
 class Tokenizer:
     """A `tokenizers.Tokenizer` plus the special tokens, chat template and settings of tokenizer_config.json.
 
@@ -614,18 +627,36 @@ class Tokenizer:
         """One chat rendered; with `continue_final_message`, cut right after the final message's text."""
         if not chat:
             raise ValueError("cannot apply a chat template to an empty list of messages")
-        # transformers drops None-valued keys: templates test `'key' in message`, not `is none`.
-        chat = [{k: v for k, v in m.items() if v is not None} for m in chat]
+        # transformers drops None-valued keys (templates test `'key' in message`, not `is none`), and passes a
+        # message's reasoning under each of its names (templates read one or another)
+        chat = [_alias_reasoning({k: v for k, v in m.items() if v is not None}) for m in chat]
         field = continue_final_message if isinstance(continue_final_message, str) else "content"
+        copies = 1  # of the final text, each with the marker
         if continue_final_message:
             final = chat[-1].get(field)
-            if not isinstance(final, str):
-                raise ValueError(
-                    f"continue_final_message: the final message has no string {field!r} to continue"
-                )
             # A marker after the final text shows where it ends in the rendered chat. Its trailing space
             # tells whether the template trimmed the message: then the text is cut with its spaces trimmed.
-            chat[-1] = {**chat[-1], field: final + _CONTINUE_MARKER}
+            if isinstance(final, str):  # every copy of the field (reasoning has several names)
+                names = (
+                    [n for n in _REASONING_FIELDS if chat[-1].get(n) == final]
+                    if field in _REASONING_FIELDS
+                    else []
+                )
+                chat[-1] = {**chat[-1], **{n: final + _CONTINUE_MARKER for n in names or [field]}}
+                copies = len(names)
+            elif isinstance(final, list | tuple) and any(isinstance(b, dict) and "text" in b for b in final):
+                at = max(
+                    i for i, b in enumerate(final) if isinstance(b, dict) and "text" in b
+                )  # the last text
+                blocks = list(final)
+                final = blocks[at]["text"]
+                blocks[at] = {**blocks[at], "text": final + _CONTINUE_MARKER}
+                chat[-1] = {**chat[-1], field: blocks}
+            else:
+                raise ValueError(
+                    f"continue_final_message: the final message has no text in {field!r} to continue (a string, "
+                    "or content blocks with a 'text')"
+                )
         compiled = _compile_template(template)
         text = compiled.render(
             messages=chat,
@@ -636,7 +667,9 @@ class Tokenizer:
         )
         if not continue_final_message:
             return text
-        at = text.rfind(_CONTINUE_MARKER.strip())
+        # the final text's last rendering; with several copies (reasoning), the first (transformers cuts at
+        # the last and leaves its marker in the earlier ones)
+        at = (text.find if copies > 1 else text.rfind)(_CONTINUE_MARKER.strip())
         if at < 0 or final.strip() not in text:
             raise ValueError(
                 f"continue_final_message: the chat template does not write the final message's {field!r} as "
