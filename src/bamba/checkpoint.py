@@ -337,17 +337,20 @@ def load_pretrained(
     model.tie_weights()
     model.eval()
     model.generation_config = read_generation_config(folder)
+
+    def release(module_name: str) -> None:  # a quantized or packed copy replaced the mapped weight
+        st, name = mapped.get(module_name + ".weight", (None, ""))
+        if st is not None:
+            st.release(name)
+
     if quantization is not None:
         from .quantize import quantize
+        from .runtime import release_free_memory
 
-        quantize(model, quantization, group_size)
+        quantize(model, quantization, group_size, on_quantized=release)
+        release_free_memory()  # quantizing's freed temporaries (about 1 GB for bench-small's int8)
     if pack:
         from .linear import pack_for_cpu
-
-        def release(module_name: str) -> None:  # the packed copy replaces the mapped weight
-            st, name = mapped.get(module_name + ".weight", (None, ""))
-            if st is not None:
-                st.release(name)
 
         pack_for_cpu(model, on_packed=release)
     return model

@@ -73,6 +73,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -445,10 +446,17 @@ def _targets(model: nn.Module, method: str, group_size: int) -> list[str]:
     return names
 
 
-def quantize(model: nn.Module, method: str = "int8_weight_only", group_size: int | None = None) -> nn.Module:
+def quantize(
+    model: nn.Module,
+    method: str = "int8_weight_only",
+    group_size: int | None = None,
+    on_quantized: Callable[[str], None] | None = None,
+) -> nn.Module:
     """Quantize `model`'s Linear layers in place and record `model.quantization_config`. `method` is one
     of METHODS or its short name (SHORT_NAMES: "int8", "int4", "int8dq"); `group_size` (int4): 128 when
-    None. A model already quantized the same way (group size None: any) is returned as it is."""
+    None. A model already quantized the same way (group size None: any) is returned as it is.
+    `on_quantized(name)` runs after each layer (the loader releases the layer's memory-mapped weight
+    there, so that the float weights do not all stay in memory beside the quantized ones)."""
     method = SHORT_NAMES.get(method, method)
     if method not in METHODS:
         raise ValueError(f"quantization={method!r}: expected one of {METHODS} or {tuple(SHORT_NAMES)}")
@@ -482,6 +490,8 @@ def quantize(model: nn.Module, method: str = "int8_weight_only", group_size: int
                 replace_module(model, name, Int4WeightOnlyLinear.from_linear(linear, group_size))
             else:
                 replace_module(model, name, INT8_MODULES[method].from_linear(linear))
+            if on_quantized is not None:
+                on_quantized(name)
     model.quantization_config = {
         "quant_method": "bamba",
         "format": method,

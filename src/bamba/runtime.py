@@ -29,3 +29,16 @@ def tune_cpu_allocator(mmap_threshold: int = 64 << 20, trim_threshold: int = 256
     except (OSError, AttributeError):
         return False
     return bool(mallopt(M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(M_TRIM_THRESHOLD, trim_threshold))
+
+
+def release_free_memory() -> bool:
+    """Give the C heap's free memory back to the system (glibc's malloc_trim), e.g. after a load made and
+    freed large temporaries that the process will not need again. Returns whether it was done: False off
+    Linux, where the C library is not glibc, or when nothing could be released."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return False
+    return bool(malloc_trim(0))
