@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import sys
+from typing import Any
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
 
@@ -22,11 +23,8 @@ def tune_cpu_allocator(mmap_threshold: int = 64 << 20, trim_threshold: int = 256
 
     Returns whether they were set: False off Linux, or where the C library is not glibc (e.g. musl).
     """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
+    mallopt = _glibc("mallopt")
+    if mallopt is None:
         return False
     return bool(mallopt(M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(M_TRIM_THRESHOLD, trim_threshold))
 
@@ -35,10 +33,15 @@ def release_free_memory() -> bool:
     """Give the C heap's free memory back to the system (glibc's malloc_trim), e.g. after a load made and
     freed large temporaries that the process will not need again. Returns whether it was done: False off
     Linux, where the C library is not glibc, or when nothing could be released."""
+    malloc_trim = _glibc("malloc_trim")
+    return malloc_trim is not None and bool(malloc_trim(0))
+
+
+def _glibc(name: str) -> Any:
+    """glibc's function `name`, or None off Linux or where the C library is not glibc (e.g. musl)."""
     if not sys.platform.startswith("linux"):
-        return False
+        return None
     try:
-        malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        return getattr(ctypes.CDLL("libc.so.6"), name)
     except (OSError, AttributeError):
-        return False
-    return bool(malloc_trim(0))
+        return None
