@@ -332,6 +332,27 @@ def test_a_tied_config_with_a_distinct_stored_head_loads_it_untied_as_transforme
         torch.testing.assert_close(BambaForCausalLM.from_pretrained(tmp_path / "again")(ids).logits, want)
 
 
+def test_a_tied_checkpoint_holding_only_the_head_loads_as_transformers(saved, tmp_path):
+    """A tied checkpoint whose file keeps lm_head.weight and not model.embed_tokens.weight (the other
+    copy of the same tensor): transformers loads it; it was refused as missing the embeddings."""
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    _, folder = saved
+    cfg = json.loads((folder / "config.json").read_text())
+    tensors = load_file(str(folder / "model.safetensors"))
+    tensors["lm_head.weight"] = tensors.pop("model.embed_tokens.weight")  # the tied weight, under the head
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": True}))
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    transformers.logging.set_verbosity_error()
+    ref = transformers.BambaForCausalLM.from_pretrained(tmp_path).eval()
+    ours = BambaForCausalLM.from_pretrained(tmp_path)
+    assert ours.lm_head.weight is ours.model.embed_tokens.weight
+    ids = torch.randint(1, 97, (1, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, ref(ids).logits)
+
+
 @pytest.mark.parametrize("dtype", [torch.int8, torch.complex64, "int8", torch.bool, 3])
 def test_a_non_float_dtype_is_refused_when_saving_and_loading(saved, tmp_path, dtype):
     """torch.int8 used to pass: saving truncated every weight to int8, loading failed deep in torch."""
@@ -427,3 +448,22 @@ def test_quantized_integer_tensors_must_keep_their_dtype(tmp_path):
     save_safetensors(tensors, path)
     with pytest.raises(CheckpointError, match=rf"{name}: expected torch.int8, found torch.int32"):
         BambaForCausalLM.from_pretrained(tmp_path)
+
+
+def test_max_shard_size_is_read_as_transformers_or_refused_by_name():
+    """Decimal and binary units up to T ("1TB" was refused); a float or a size <= 0 gets an error naming
+    max_shard_size (a float raised a TypeError from `re`, "0" was taken)."""
+    from bamba.checkpoint import parse_size
+
+    sizes = {"5GB": 5 * 10**9, "500MB": 5 * 10**8, "1.5GB": 15 * 10**8, "1TB": 10**12, "1GiB": 2**30}
+    assert {k: parse_size(k) for k in sizes} == sizes
+    assert parse_size("2TiB") == 2 * 2**40 and parse_size("10kb") == 10**4 and parse_size(7) == 7
+    for bad, message in [
+        (1e9, "found float"),
+        (True, "found bool"),
+        ("0", "must be > 0"),
+        (-3, "must be > 0"),
+        ("5 parsecs", "expected a byte count"),
+    ]:
+        with pytest.raises(ValueError, match=f"max_shard_size=.*{message}"):
+            parse_size(bad)

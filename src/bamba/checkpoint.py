@@ -322,6 +322,11 @@ def load_pretrained(
         for module in model.modules():  # every holder of the config (the layers keep it too)
             if getattr(module, "config", None) is old:
                 module.config = config
+    embed = prefix + "embed_tokens.weight"
+    if prefix and config.tie_word_embeddings and embed not in loaded and "lm_head.weight" in loaded:
+        loaded[embed] = loaded.pop("lm_head.weight")  # a tied checkpoint that kept the head's copy only
+        if "lm_head.weight" in mapped:
+            mapped[embed] = mapped.pop("lm_head.weight")
     tied = {"lm_head.weight"} if config.tie_word_embeddings and prefix else set()
     missing = [k for k in expected if k not in loaded and k not in tied and k not in mismatched]
     problems = []
@@ -486,15 +491,28 @@ def read_quantization_config(folder: str) -> dict | None:
 
 
 # ----- saving -----------------------------------------------------------------------------------------------
+_SIZE_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+_SIZE_UNITS |= {k + "I": 2 ** (10 * i) for i, k in enumerate("KMGT", 1)}  # KiB, MiB, GiB, TiB
+
+
 def parse_size(size: int | str) -> int:
+    """max_shard_size in bytes: an int, or a string like "5GB", "500MB", "1.5GiB", "2TB" (decimal units
+    K, M, G, T; binary Ki, Mi, Gi, Ti)."""
+    expected = "expected a byte count (an int) or a size like '5GB' or '500MB'"
+    if isinstance(size, bool) or not isinstance(size, int | str):
+        raise ValueError(f"max_shard_size={size!r}: {expected}, found {type(size).__name__}")
     if isinstance(size, int):
+        if size <= 0:
+            raise ValueError(f"max_shard_size={size}: must be > 0")
         return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B?|B?)\s*", size, flags=re.IGNORECASE)
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B?)\s*", size, flags=re.IGNORECASE)
     if not m:
-        raise ValueError(f"max_shard_size={size!r}: expected a byte count or a size like '5GB' or '500MB'")
+        raise ValueError(f"max_shard_size={size!r}: {expected}")
     unit = m.group(2).upper().rstrip("B")
-    scale = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "KI": 2**10, "MI": 2**20, "GI": 2**30}[unit]
-    return int(float(m.group(1)) * scale)
+    value = int(float(m.group(1)) * _SIZE_UNITS[unit])
+    if value <= 0:
+        raise ValueError(f"max_shard_size={size!r}: must be > 0")
+    return value
 
 
 def atomic_write(path: str, write: Any, mode: str = "w") -> None:
