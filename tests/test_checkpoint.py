@@ -457,7 +457,8 @@ def test_max_shard_size_is_read_as_transformers_or_refused_by_name():
 
     sizes = {"5GB": 5 * 10**9, "500MB": 5 * 10**8, "1.5GB": 15 * 10**8, "1TB": 10**12, "1GiB": 2**30}
     assert {k: parse_size(k) for k in sizes} == sizes
-    assert parse_size("2TiB") == 2 * 2**40 and parse_size("10kb") == 10**4 and parse_size(7) == 7
+    assert parse_size("2TiB") == 2 * 2**40 and parse_size(7) == 7
+    assert parse_size("10kb") == 10**4 // 8 and parse_size("5Gb") == 5 * 10**9 // 8  # bits, as transformers
     for bad, message in [
         (1e9, "found float"),
         (True, "found bool"),

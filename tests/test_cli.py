@@ -293,6 +293,17 @@ def test_chat_refuses_a_line_it_cannot_take_and_goes_on(folder, monkeypatch, cap
     assert "the input line is not valid UTF-8 text" in err and "type it again" in err
     assert "beyond the model's context (64 tokens); type a shorter one" in err
     assert len(prompts) == 1  # only "to be" was answered: its prompt whole, though the budget is 100
+    # a refused line leaves the history as it was (it first left out every earlier turn)
+    prompts.clear()
+    chat(
+        model=folder,
+        max_new_tokens=4,
+        temperature=0,
+        input_fn=_scripted_lines(["to be", long_line, "or"]),
+        output_fn=lambda s: None,
+    )
+    assert len(prompts) == 2 and "left out" not in capsys.readouterr().err
+    assert prompts[1][: len(prompts[0])] == prompts[0]  # the first turn is still there
 
 
 def test_chat_template_refusals_are_one_line_and_system_is_passed(folder, monkeypatch, capsys):

@@ -1115,6 +1115,16 @@ def chat(
             print(f"bamba chat: {e}; type it again", file=sys.stderr, flush=True)
             continue
         new = [{"role": "user", "content": line}] if has_template else [line + "\n"]
+        alone = len(_chat_prompt(tok, has_template, head + new))  # the least prompt this line makes
+        if alone > context:  # refused before any turn is left out: the history stays as it was
+            print(
+                f"bamba chat: this line makes a prompt of {alone} tokens"
+                + (" with the system message" if head else "")
+                + f", beyond the model's context ({context} tokens); type a shorter one",
+                file=sys.stderr,
+                flush=True,
+            )
+            continue
         while True:
             ids = _chat_prompt(tok, has_template, head + [m for turn in turns[dropped:] for m in turn] + new)
             if len(ids) <= budget or dropped == len(turns):
@@ -1127,14 +1137,6 @@ def chat(
                 file=sys.stderr,
                 flush=True,
             )
-        if len(ids) > context:
-            print(
-                f"bamba chat: this line makes a prompt of {len(ids)} tokens, beyond the model's context "
-                f"({context} tokens); type a shorter one",
-                file=sys.stderr,
-                flush=True,
-            )
-            continue
         pieces: list[str] = []
         prompt_ids = torch.tensor([ids])
         generate(
