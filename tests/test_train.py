@@ -182,6 +182,31 @@ def test_grad_accumulation_2x1_equals_1x2_rows(corpus, tmp_path, z_loss):
     assert_same_weights(tmp_path / "a" / "final", tmp_path / "b" / "final", atol=1e-5)
 
 
+def test_row_orders_of_nearby_seeds_are_unrelated_and_old_runs_resume_in_theirs(
+    corpus, tmp_path, monkeypatch
+):
+    """Each epoch's order was seeded seed + epoch, so seed 1's first epoch was seed 0's second. Runs now
+    record row_order 2 (seeded from both); a trainer_state without it resumes in the order it began with."""
+    n = 50
+    old0, old1 = bamba.train.RowOrder(n, 0, version=1), bamba.train.RowOrder(n, 1, version=1)
+    assert [old1[i] for i in range(n)] == [old0[n + i] for i in range(n)]  # the overlap
+    new0, new1 = bamba.train.RowOrder(n, 0), bamba.train.RowOrder(n, 1)
+    assert [new1[i] for i in range(n)] != [new0[n + i] for i in range(n)]
+    assert sorted(new1[i] for i in range(n)) == list(range(n))  # still a permutation per epoch
+    run(corpus, tmp_path, max_steps=1)
+    state_file = tmp_path / "checkpoint-last" / "trainer_state.pt"
+    state = torch.load(state_file, weights_only=True)
+    assert state["row_order"] == 2
+    torch.save({k: v for k, v in state.items() if k != "row_order"}, state_file)  # as an older trainer wrote
+    versions = []
+    real = bamba.train.RowOrder
+    monkeypatch.setattr(bamba.train, "RowOrder", lambda *a: versions.append(a[2]) or real(*a))
+    run(corpus, tmp_path, max_steps=2)
+    assert versions == [1] and torch.load(state_file, weights_only=True)["row_order"] == 1
+    with pytest.raises(ValueError, match="row_order=3: expected 1 or 2"):
+        real(n, 0, version=3)
+
+
 def test_max_examples_reads_no_further(corpus, tmp_path):
     """max_examples stops reading there (it read the whole corpus, then kept the first ones): a broken line
     after the first 12 documents is never reached."""
@@ -319,11 +344,11 @@ def test_micro_batches_with_nothing_to_predict_are_skipped(corpus, tmp_path):
         data=[str(words)],
         row_tokens=2,
         grad_accum=2,
-        max_steps=6,
+        max_steps=20,  # a step reads 2 random rows: both without a target in 1 step of 4
         eval_fraction=0.0,
     )
     mixed = list(iter_log(tmp_path / "mixed" / "log.jsonl"))
-    assert len(mixed) == 6 and any("skipped" in r for r in mixed) and any("loss" in r for r in mixed)
+    assert len(mixed) == 20 and any("skipped" in r for r in mixed) and any("loss" in r for r in mixed)
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in mixed if "loss" in r)
 
 

@@ -123,18 +123,33 @@ def fingerprint(rows: list[Row]) -> str:
 
 
 class RowOrder:
-    """The row index at every position of the endless training stream: epoch e is a permutation seeded seed+e."""
+    """The row index at every position of the endless training stream: each epoch is a permutation whose
+    generator is seeded from (seed, epoch).
 
-    def __init__(self, n_rows: int, seed: int) -> None:
-        self.n_rows, self.seed = n_rows, seed
+    version 2 (runs started now) seeds it with a hash of both; version 1 (trainer_state.pt files without
+    "row_order", which resume as they began) with seed + epoch, so that nearby seeds shared orders (seed
+    1's first epoch was seed 0's second)."""
+
+    VERSION = 2
+
+    def __init__(self, n_rows: int, seed: int, version: int = VERSION) -> None:
+        if version not in (1, 2):
+            raise ValueError(f"train: row_order={version!r}: expected 1 or 2 (a newer trainer's run?)")
+        self.n_rows, self.seed, self.version = n_rows, seed, version
         self._epoch, self._perm = -1, []
 
     def __getitem__(self, position: int) -> int:
         epoch = position // self.n_rows
         if epoch != self._epoch:
-            g = torch.Generator().manual_seed(self.seed + epoch)
+            g = torch.Generator().manual_seed(self._epoch_seed(epoch))
             self._epoch, self._perm = epoch, torch.randperm(self.n_rows, generator=g).tolist()
         return self._perm[position % self.n_rows]
+
+    def _epoch_seed(self, epoch: int) -> int:
+        if self.version == 1:
+            return self.seed + epoch
+        digest = hashlib.sha256(f"bamba row order {self.seed} {epoch}".encode()).digest()
+        return int.from_bytes(digest[:8], "little") >> 1  # (a seed below 2**63)
 
 
 def stream_positions(step: int, micro: int, rank: int, batch_rows: int, world: int, grad_accum: int) -> range:
@@ -628,7 +643,6 @@ def train(
                 )
         if warmup_steps is None:
             warmup_steps = max_steps // 20
-        order = RowOrder(len(td.rows), seed)
         # What a resumed run must share with the run it continues, or it would read other rows.
         layout = {
             "data_fingerprint": fingerprint(td.rows),
@@ -666,6 +680,8 @@ def train(
             config_changes = _load_weights(model, ckpt)
         elif init_from is not None:
             _load_weights(model, init_from)
+        # rows in the order the run began with (its trainer_state's row_order; 1 before there was one)
+        order = RowOrder(len(td.rows), seed, RowOrder.VERSION if state is None else state.get("row_order", 1))
         wrapped = _wrap(model, world, dev, fsdp)
         try:
             optimizer = torch.optim.AdamW(
@@ -732,6 +748,7 @@ def train(
                     return
                 trainer_state = {
                     **layout,
+                    "row_order": order.version,
                     "step": step,
                     "tokens_seen": tokens_seen,
                     "max_steps": max_steps,
