@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -468,3 +470,39 @@ def test_max_shard_size_is_read_as_transformers_or_refused_by_name():
     ]:
         with pytest.raises(ValueError, match=f"max_shard_size=.*{message}"):
             parse_size(bad)
+
+
+def test_a_save_removes_what_a_killed_save_left(saved, tmp_path):
+    """A save killed (SIGKILL) while it wrote left its staged .tmp- files, and later saves kept them (up
+    to a checkpoint's size each time); now a save removes those of dead writers on this machine, and
+    leaves those of live writers (here: this process's parent) and of other machines."""
+    model, _ = saved
+    folder = tmp_path / "m"
+    code = (
+        "import os, sys, bamba.checkpoint as c\n"
+        "real = c._safetensors_writer\n"
+        "def dying(*a, **k):\n"
+        "    write = real(*a, **k)\n"
+        "    def w(f):\n"
+        "        write(f); f.flush(); os.kill(os.getpid(), 9)\n"
+        "    return w\n"
+        "c._safetensors_writer = dying\n"
+        "from bamba import BambaForCausalLM\n"
+        "BambaForCausalLM.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2])\n"
+    )
+    model.save_pretrained(folder)
+    src = tmp_path / "src"
+    model.save_pretrained(src)
+    r = subprocess.run([sys.executable, "-c", code, str(src), str(folder)], capture_output=True)
+    assert r.returncode == -9
+    left = [f for f in os.listdir(folder) if f.startswith(".tmp-")]
+    assert left  # the killed save's staged shard
+    from bamba.checkpoint import _staging_prefix
+
+    live = folder / (_staging_prefix(os.getppid()) + "x.safetensors")
+    other = folder / ".tmp-another_host-1-x.safetensors"
+    for f in (live, other):
+        f.write_bytes(b"")
+    model.save_pretrained(folder)
+    assert sorted(f for f in os.listdir(folder) if f.startswith(".tmp-")) == sorted([live.name, other.name])
+    BambaForCausalLM.from_pretrained(folder)

@@ -8,11 +8,13 @@ Saving writes every file atomically (temporary file + rename), in the layout `tr
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import mmap
 import os
 import re
+import socket
 import struct
 import tempfile
 import warnings
@@ -535,11 +537,39 @@ def chmod_as_created(path: str, mode: int) -> None:
     os.chmod(path, mode & ~umask)
 
 
+def _staging_prefix(pid: int | None = None) -> str:
+    """Staged files are named .tmp-<host>-<pid>-...: a later save can tell those of a killed writer."""
+    host = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())
+    return f".tmp-{host}-{os.getpid() if pid is None else pid}-"
+
+
+def remove_dead_staging(folder: str) -> list[str]:
+    """Remove the staged files that writers on this machine left in `folder` when they were killed (their
+    process is gone); returns their names. Those of live writers, and of other machines, stay."""
+    host_prefix = _staging_prefix(0).removesuffix("0-")
+    removed = []
+    for name in os.listdir(folder):
+        pid = name.removeprefix(host_prefix).split("-", 1)[0]
+        if not name.startswith(host_prefix) or not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # alive (or another user's: PermissionError below)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(folder, name))
+            removed.append(name)
+    return removed
+
+
 def _write_staged(path: str, write: Any, mode: str = "w") -> str:
     """Call `write(f)` on a new temporary file beside `path`, flushed to disk; returns its path (the caller
     renames it into place). Nothing is left behind if `write` fails."""
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=_staging_prefix(), suffix=os.path.basename(path))
     chmod_as_created(tmp, 0o666)  # mkstemp's 0600 would make shared checkpoints unreadable to others
     try:
         with os.fdopen(fd, mode) as f:
@@ -595,7 +625,8 @@ def save_pretrained(
     """Write config.json, generation_config.json and model.safetensors (or shards + index) to `folder`.
 
     transformers' BambaForCausalLM.from_pretrained reads the result. The tied lm_head is not stored (as
-    transformers does). Stale shards of an earlier save in the same folder are removed.
+    transformers does). Stale shards of an earlier save in the same folder are removed, and so are the
+    staged files of a save on this machine that was killed (.tmp-<host>-<pid>-*, its process gone).
     """
     dtype = _parse_dtype(dtype)
     folder = os.fspath(folder)
@@ -678,6 +709,7 @@ def save_pretrained(
             if os.path.exists(tmp):
                 os.remove(tmp)
         raise
+    remove_dead_staging(folder)  # what a killed save of this machine left (up to a checkpoint's size)
 
 
 def _read_text(path: str) -> str | None:
