@@ -461,6 +461,8 @@ def test_max_shard_size_is_read_as_transformers_or_refused_by_name():
     assert {k: parse_size(k) for k in sizes} == sizes
     assert parse_size("2TiB") == 2 * 2**40 and parse_size(7) == 7
     assert parse_size("10kb") == 10**4 // 8 and parse_size("5Gb") == 5 * 10**9 // 8  # bits, as transformers
+    assert parse_size("64b") == parse_size("64B") == 64  # (no unit: bytes)
+    assert parse_size("9007199254740MB") == 9007199254740 * 10**6  # exact (a float lost the last digits)
     for bad, message in [
         (1e9, "found float"),
         (True, "found bool"),

@@ -266,8 +266,9 @@ def crash_at(step: int):
 
 def test_resume_after_a_crash_gives_the_losses_of_an_uninterrupted_run(corpus, tmp_path):
     # grad_accum 2 and two epochs (rows are reshuffled each epoch) so the data position matters.
-    opts = dict(max_steps=8, save_every=3, grad_accum=2, eval_every=4, row_tokens=256)
+    opts = dict(max_steps=8, save_every=3, grad_accum=2, batch_rows=3, eval_every=4, row_tokens=256)
     run(corpus, tmp_path / "full", **opts)
+    assert [r for r in iter_log(tmp_path / "full" / "log.jsonl") if "loss" in r][-1]["epoch"] > 1  # crossed
     with pytest.raises(Crash):
         run(
             corpus, tmp_path / "crashed", callback=crash_at(5), **opts
@@ -517,6 +518,10 @@ def test_a_corrupt_trainer_state_names_the_file(corpus, tmp_path):
         r"dict of the torch \(uint8 tensor\) and python \(tuple\) random states, found dict\).*--no-resume",
     ):
         run(corpus, tmp_path, max_steps=2)
+    for bad in (3, True):  # (RowOrder's own error did not name the file; True resumed as order 1)
+        torch.save({**good, "row_order": bad}, state)
+        with pytest.raises(ValueError, match=rf"malformed \(row_order should be 1 or 2, found .*{bad}\)"):
+            run(corpus, tmp_path, max_steps=2)
     state.write_bytes(b"not a checkpoint")
     with pytest.raises(
         ValueError, match="cannot resume: .*trainer_state.pt is unreadable or corrupt.*--no-resume"

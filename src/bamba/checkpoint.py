@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fractions
 import json
 import mmap
 import os
@@ -499,7 +500,8 @@ _SIZE_UNITS |= {k + "I": 2 ** (10 * i) for i, k in enumerate("KMGT", 1)}  # KiB,
 
 def parse_size(size: int | str) -> int:
     """max_shard_size in bytes: an int, or a string like "5GB", "500MB", "1.5GiB", "2TB" (decimal units
-    K, M, G, T; binary Ki, Mi, Gi, Ti; a lowercase final b, as in "5Gb", means bits, as in transformers)."""
+    K, M, G, T; binary Ki, Mi, Gi, Ti; after K, M, G or T a lowercase b, as in "5Gb", means bits, as in
+    transformers; a bare number or "B" / "b" is bytes)."""
     expected = "expected a byte count (an int) or a size like '5GB' or '500MB'"
     if isinstance(size, bool) or not isinstance(size, int | str):
         raise ValueError(f"max_shard_size={size!r}: {expected}, found {type(size).__name__}")
@@ -511,7 +513,7 @@ def parse_size(size: int | str) -> int:
     if not m:
         raise ValueError(f"max_shard_size={size!r}: {expected}")
     unit = m.group(2).upper().rstrip("B")
-    value = int(float(m.group(1)) * _SIZE_UNITS[unit])
+    value = int(fractions.Fraction(m.group(1)) * _SIZE_UNITS[unit])  # (exact: no float rounding)
     if m.group(2).endswith("b") and unit in ("K", "M", "G", "T"):  # "5Gb": bits, as transformers reads it
         value //= 8
     if value <= 0:

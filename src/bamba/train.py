@@ -3,8 +3,8 @@
 Data. Every document becomes BOS + tokens + EOS. Documents are packed greedily, in order, into rows of at most
 `row_tokens` tokens (`bamba.data.pack_examples`); a document longer than a row is split into row-sized pieces,
 each trained on as its own example (the first token of each piece is not predicted, as for any example).
-Rows are shuffled once per epoch by a generator seeded with `seed + epoch`, so the order of rows is a pure
-function of (seed, step) and a resumed run reads exactly the rows an uninterrupted run would.
+Rows are shuffled once per epoch by a generator seeded from (seed, epoch) (`RowOrder`), so the order of rows
+is a pure function of (seed, step) and a resumed run reads exactly the rows an uninterrupted run would.
 
 Batches. A micro-batch is `batch_rows` rows flattened into one row with no padding (shape (1, T)):
 `position_ids` restart at 0 and `seq_idx` numbers the examples, so neither attention nor the Mamba-2 scan
@@ -281,6 +281,8 @@ def read_trainer_state(ckpt: str) -> dict[str, Any]:
             "a dict of the torch (uint8 tensor) and python (tuple) random states",
         ),
     }
+    if "row_order" in state:  # (absent: a run begun before there were several orders, which used the first)
+        expected["row_order"] = (_is_count(state["row_order"]) and state["row_order"] in (1, 2), "1 or 2")
     bad = [f"{k} should be {what}, found {_short(state[k])}" for k, (ok, what) in expected.items() if not ok]
     if bad:
         raise ValueError(
