@@ -293,6 +293,8 @@ def test_chat_refuses_a_line_it_cannot_take_and_goes_on(folder, monkeypatch, cap
     assert "the input line is not valid UTF-8 text" in err and "type it again" in err
     assert "beyond the model's context (64 tokens); type a shorter one" in err
     assert len(prompts) == 1  # only "to be" was answered: its prompt whole, though the budget is 100
+    # and its reply within the context (it could run past max_position_embeddings)
+    assert f"this reply can take {64 - len(prompts[0])} tokens, not 100" in err
     # a refused line leaves the history as it was (it first left out every earlier turn)
     prompts.clear()
     chat(

@@ -1085,7 +1085,8 @@ def chat(
     or EOF (Ctrl-D) ends it. A seed seeds the whole conversation once (each turn continues the same
     random stream). When the conversation outgrows the model's context less `max_new_tokens`, its oldest
     turns are left out of the prompt (whole turns: the system message and the newest line always stay);
-    a line whose prompt alone exceeds the context, or that is not UTF-8, is refused and the chat goes on."""
+    a line whose prompt alone exceeds the context, or that is not UTF-8, is refused and the chat goes on;
+    a reply never runs past the context (it gets fewer tokens, with a note, when the prompt leaves less)."""
     _check_budget(max_new_tokens)
     if system is not None:
         _check_text("the system message", system)
@@ -1139,10 +1140,18 @@ def chat(
             )
         pieces: list[str] = []
         prompt_ids = torch.tensor([ids])
+        room = min(max_new_tokens, context - len(ids))  # the reply stays within the context too
+        if room < max_new_tokens:
+            print(
+                f"bamba chat: this reply can take {room} tokens, not {max_new_tokens}: the prompt has "
+                f"{len(ids)} of the model's {context}",
+                file=sys.stderr,
+                flush=True,
+            )
         generate(
             lm,
             prompt_ids,
-            max_new_tokens=max_new_tokens,
+            max_new_tokens=room,
             **sampling,
             eos_token_id=eos_ids_with(lm, tok),
             **pad_id_of(tok),
