@@ -58,9 +58,9 @@ def test_finished_rows_are_padded_and_dropped(hf_folder):
 
 
 def test_output_grows_as_tokens_come(hf_folder, monkeypatch):
-    """The output starts with a few new-token columns and doubles them when full: the same tokens as
-    transformers past several doublings (greedy, a left-padded batch, a stop string, sampled rows kept
-    in the batch), and a huge max_new_tokens that eos ends costs only what was generated."""
+    """The output starts with a few new-token columns and doubles them when full: the same tokens past
+    several doublings (greedy on a left-padded batch, against transformers; sampled rows kept in the batch,
+    against one allocation), and a huge max_new_tokens that eos ends costs only what was generated."""
     import bamba.generation as generation
 
     ref, folder = hf_folder(seed=3)

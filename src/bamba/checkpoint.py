@@ -539,16 +539,15 @@ def chmod_as_created(path: str, mode: int) -> None:
     os.chmod(path, mode & ~umask)
 
 
-def _staging_prefix(pid: int | None = None) -> str:
+def _staging_host_prefix() -> str:
     """Staged files are named .tmp-<host>-<pid>-...: a later save can tell those of a killed writer."""
-    host = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())
-    return f".tmp-{host}-{os.getpid() if pid is None else pid}-"
+    return f".tmp-{re.sub(r'[^A-Za-z0-9_.]', '_', socket.gethostname())}-"
 
 
 def remove_dead_staging(folder: str) -> list[str]:
     """Remove the staged files that writers on this machine left in `folder` when they were killed (their
     process is gone); returns their names. Those of live writers, and of other machines, stay."""
-    host_prefix = _staging_prefix(0).removesuffix("0-")
+    host_prefix = _staging_host_prefix()
     removed = []
     for name in os.listdir(folder):
         pid = name.removeprefix(host_prefix).split("-", 1)[0]
@@ -571,7 +570,9 @@ def _write_staged(path: str, write: Any, mode: str = "w") -> str:
     """Call `write(f)` on a new temporary file beside `path`, flushed to disk; returns its path (the caller
     renames it into place). Nothing is left behind if `write` fails."""
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=_staging_prefix(), suffix=os.path.basename(path))
+    fd, tmp = tempfile.mkstemp(
+        dir=folder, prefix=f"{_staging_host_prefix()}{os.getpid()}-", suffix=os.path.basename(path)
+    )
     chmod_as_created(tmp, 0o666)  # mkstemp's 0600 would make shared checkpoints unreadable to others
     try:
         with os.fdopen(fd, mode) as f:

@@ -1113,40 +1113,34 @@ def chat(
         try:
             _check_text("the input line", line)
         except ValueError as e:
-            print(f"bamba chat: {e}; type it again", file=sys.stderr, flush=True)
+            _chat_note(f"{e}; type it again")
             continue
         new = [{"role": "user", "content": line}] if has_template else [line + "\n"]
-        alone = len(_chat_prompt(tok, has_template, head + new))  # the least prompt this line makes
-        if alone > context:  # refused before any turn is left out: the history stays as it was
-            print(
-                f"bamba chat: this line makes a prompt of {alone} tokens"
+        ids = _chat_prompt(tok, has_template, head + new)  # the least prompt this line makes
+        if len(ids) > context:  # refused before any turn is left out: the history stays as it was
+            _chat_note(
+                f"this line makes a prompt of {len(ids)} tokens"
                 + (" with the system message" if head else "")
-                + f", beyond the model's context ({context} tokens); type a shorter one",
-                file=sys.stderr,
-                flush=True,
+                + f", beyond the model's context ({context} tokens); type a shorter one"
             )
             continue
-        while True:
-            ids = _chat_prompt(tok, has_template, head + [m for turn in turns[dropped:] for m in turn] + new)
-            if len(ids) <= budget or dropped == len(turns):
+        while dropped < len(turns):  # leave out the oldest turns until the rest fit the budget
+            with_turns = _chat_prompt(tok, has_template, head + [m for t in turns[dropped:] for m in t] + new)
+            if len(with_turns) <= budget:
+                ids = with_turns
                 break
             dropped += 1
-            print(
-                f"bamba chat: the oldest turn is left out of the prompt ({dropped} so far), so that the "
-                f"conversation fits the model's context ({context} tokens, {max_new_tokens} of them for "
-                "the reply)",
-                file=sys.stderr,
-                flush=True,
+            _chat_note(
+                f"the oldest turn is left out of the prompt ({dropped} so far), so that the conversation "
+                f"fits the model's context ({context} tokens, {max_new_tokens} of them for the reply)"
             )
         pieces: list[str] = []
         prompt_ids = torch.tensor([ids])
         room = min(max_new_tokens, context - len(ids))  # the reply stays within the context too
         if room < max_new_tokens:
-            print(
-                f"bamba chat: this reply can take {room} tokens, not {max_new_tokens}: the prompt has "
-                f"{len(ids)} of the model's {context}",
-                file=sys.stderr,
-                flush=True,
+            _chat_note(
+                f"this reply can take {room} tokens, not {max_new_tokens}: the prompt has {len(ids)} of "
+                f"the model's {context}"
             )
         generate(
             lm,
@@ -1170,6 +1164,11 @@ def chat(
             turns.append([*new, {"role": "assistant", "content": reply}])
         else:
             turns.append([new[0] + reply.replace("\r\n", "\n").lstrip().split("\n\n")[0] + "\n\n"])
+
+
+def _chat_note(text: str) -> None:
+    """A note of `bamba chat` on stderr (the reply streams to stdout)."""
+    print(f"bamba chat: {text}", file=sys.stderr, flush=True)
 
 
 def _chat_prompt(tok: Any, has_template: bool, parts: list[Any]) -> list[int]:

@@ -72,8 +72,8 @@ class TextGenerationPipeline:
     `add_special_tokens` for string prompts, `tools` / `documents` for chat templates, `batch_size`
     (prompts generated together, left-padded; default: all of them, with each prompt's output as if it
     ran alone; one by one when sampling, as transformers, so that a seed gives each prompt its draws,
-    and with a `streamer`, which then streams them one after the other), and `generation_config` (a GenerationConfig or a dict, its fields below explicit
-    arguments). Other keyword arguments are those of `bamba.generation.generate` (default
+    and with a `streamer`, which then streams them one after the other), and `generation_config` (a
+    GenerationConfig or a dict, its fields below explicit arguments). Other keyword arguments are those of `bamba.generation.generate` (default
     max_new_tokens=50, greedy unless do_sample=True; transformers 5's pipeline samples 256 tokens at
     temperature 0.7 by default).
     """

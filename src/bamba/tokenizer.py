@@ -631,26 +631,28 @@ class Tokenizer:
         # message's reasoning under each of its names (templates read one or another)
         chat = [_alias_reasoning({k: v for k, v in m.items() if v is not None}) for m in chat]
         field = continue_final_message if isinstance(continue_final_message, str) else "content"
-        copies = 1  # of the final text, each with the marker
+        copies = 1  # marked copies of the final text in the chat
         if continue_final_message:
             final = chat[-1].get(field)
+            texts = (
+                [i for i, b in enumerate(final) if isinstance(b, dict) and "text" in b]
+                if isinstance(final, list | tuple)
+                else []
+            )  # content blocks with a text
             # A marker after the final text shows where it ends in the rendered chat. Its trailing space
             # tells whether the template trimmed the message: then the text is cut with its spaces trimmed.
             if isinstance(final, str):  # every copy of the field (reasoning has several names)
                 names = (
                     [n for n in _REASONING_FIELDS if chat[-1].get(n) == final]
                     if field in _REASONING_FIELDS
-                    else []
+                    else [field]
                 )
-                chat[-1] = {**chat[-1], **{n: final + _CONTINUE_MARKER for n in names or [field]}}
+                chat[-1] = {**chat[-1], **{n: final + _CONTINUE_MARKER for n in names}}
                 copies = len(names)
-            elif isinstance(final, list | tuple) and any(isinstance(b, dict) and "text" in b for b in final):
-                at = max(
-                    i for i, b in enumerate(final) if isinstance(b, dict) and "text" in b
-                )  # the last text
+            elif texts:  # the last text block
                 blocks = list(final)
-                final = blocks[at]["text"]
-                blocks[at] = {**blocks[at], "text": final + _CONTINUE_MARKER}
+                final = blocks[texts[-1]]["text"]
+                blocks[texts[-1]] = {**blocks[texts[-1]], "text": final + _CONTINUE_MARKER}
                 chat[-1] = {**chat[-1], field: blocks}
             else:
                 raise ValueError(

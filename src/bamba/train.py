@@ -130,11 +130,12 @@ class RowOrder:
     "row_order", which resume as they began) with seed + epoch, so that nearby seeds shared orders (seed
     1's first epoch was seed 0's second)."""
 
-    VERSION = 2
+    VERSIONS = (1, 2)
+    VERSION = 2  # of runs started now
 
     def __init__(self, n_rows: int, seed: int, version: int = VERSION) -> None:
-        if version not in (1, 2):
-            raise ValueError(f"train: row_order={version!r}: expected 1 or 2 (a newer trainer's run?)")
+        if version not in self.VERSIONS:
+            raise ValueError(f"train: row_order={version!r}: expected one of {self.VERSIONS}")
         self.n_rows, self.seed, self.version = n_rows, seed, version
         self._epoch, self._perm = -1, []
 
@@ -282,7 +283,10 @@ def read_trainer_state(ckpt: str) -> dict[str, Any]:
         ),
     }
     if "row_order" in state:  # (absent: a run begun before there were several orders, which used the first)
-        expected["row_order"] = (_is_count(state["row_order"]) and state["row_order"] in (1, 2), "1 or 2")
+        expected["row_order"] = (
+            _is_count(state["row_order"]) and state["row_order"] in RowOrder.VERSIONS,
+            f"one of {RowOrder.VERSIONS}",
+        )
     bad = [f"{k} should be {what}, found {_short(state[k])}" for k, (ok, what) in expected.items() if not ok]
     if bad:
         raise ValueError(
@@ -478,11 +482,13 @@ def _set_aside_checkpoints(out_dir: str) -> list[str]:
     names = []
     for name in (CHECKPOINT_NAME, f".{CHECKPOINT_NAME}.old"):
         if os.path.isdir(os.path.join(out_dir, name)):
-            stem, n = f"{name.lstrip('.')}.replaced-{time.strftime('%Y%m%d-%H%M%S')}", 1
-            while os.path.exists(os.path.join(out_dir, stem + (f"-{n}" if n > 1 else ""))):
+            stem = new = f"{name.lstrip('.')}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+            n = 1
+            while os.path.exists(os.path.join(out_dir, new)):  # (twice in one second)
                 n += 1
-            names.append(stem + (f"-{n}" if n > 1 else ""))
-            os.replace(os.path.join(out_dir, name), os.path.join(out_dir, names[-1]))
+                new = f"{stem}-{n}"
+            os.replace(os.path.join(out_dir, name), os.path.join(out_dir, new))
+            names.append(new)
     return names
 
 
@@ -597,10 +603,10 @@ def train(
         raise ValueError(f"train: weight_decay={weight_decay} must be >= 0")
     if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
         raise ValueError(f"train: betas={tuple(betas)} must be two numbers in [0, 1) (AdamW's beta1, beta2)")
-    for name, path in (("out_dir", out_dir), ("log_file", log_file)):
-        if path is not None and os.path.exists(path) and os.path.isdir(path) != (name == "out_dir"):
-            kind = "a folder" if name == "out_dir" else "a file"
-            raise ValueError(f"train: {name}={path!r} exists and is not {kind}")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"train: out_dir={out_dir!r} exists and is not a folder")
+    if log_file is not None and os.path.isdir(log_file):
+        raise ValueError(f"train: log_file={log_file!r} exists and is not a file")
     for name, value in (
         ("warmup_steps", warmup_steps),
         ("eval_every", eval_every),
