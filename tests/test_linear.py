@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import functools
+import shutil
 
 import pytest
 import torch
@@ -324,3 +326,113 @@ def test_compiled_linear_takes_f_linear(monkeypatch):
     with torch.no_grad():
         x = torch.randn(8, 64)
         torch.testing.assert_close(torch.compile(packed)(x), F.linear(x, lin.weight, lin.bias))
+
+
+# ----- the compiled GEMV ---------------------------------------------------------------------------------
+needs_compiler = pytest.mark.skipif(
+    not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+    reason="no C++ compiler: the compiled GEMV cannot be built here (its fallback is tested apart)",
+)
+
+
+@needs_compiler
+@pytest.mark.parametrize("bias", [False, True])
+def test_compiled_gemv_matches_f_linear(bias):
+    """One row of any layout ((in,), (1, in), (1, 1, in), strided) by an fp32 weight: F.linear's result,
+    in the input's shape; bf16 rows are computed in fp32 and returned in bf16."""
+    torch.manual_seed(7)
+    w, b = torch.randn(70, 64), (torch.randn(70) if bias else None)
+    for x in (torch.randn(64), torch.randn(1, 64), torch.randn(1, 1, 64), torch.randn(1, 1, 128)[..., ::2]):
+        out = linear.compiled_gemv(linear.gemv_fp32, x, b, w)
+        assert out.shape == F.linear(x, w, b).shape
+        torch.testing.assert_close(out, F.linear(x, w, b), atol=1e-5, rtol=1e-5)
+    xb = torch.randn(1, 64, dtype=torch.bfloat16)
+    out = linear.compiled_gemv(linear.gemv_fp32, xb, b, w)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, F.linear(xb.float(), w, b).bfloat16(), atol=0, rtol=0)
+
+
+@needs_compiler
+def test_compiled_int8_gemv_is_the_dequantized_product_in_fp32():
+    """The int8 graph: x @ (q * scales).T in fp32, much closer to it than the packed kernel's bf16."""
+    from bamba.quantize import dequantize_int8, quantize_int8
+
+    torch.manual_seed(8)
+    q, scales = quantize_int8(torch.randn(70, 64))
+    x = torch.randn(1, 1, 64)
+    ref = F.linear(x, dequantize_int8(q, scales))
+    out = linear.compiled_gemv(linear.gemv_int8, x, None, q, scales)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(linear.gemv_int8(x[0, 0], q, scales), ref[0, 0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_dense_linear_takes_the_compiled_gemv_by_the_rule(monkeypatch, fast):
+    """One row, no gradient, a contiguous weight of COMPILED_GEMV_MIN_WEIGHTS or more, where it measured
+    faster: the compiled GEMV; anything else keeps its path. The output is F.linear's either way."""
+    monkeypatch.setattr(linear, "compiled_gemv_is_fast", lambda dtype: fast)
+    monkeypatch.setattr(linear, "COMPILED_GEMV_MIN_WEIGHTS", 64 * 70)
+    calls = []
+    monkeypatch.setattr(linear, "compiled_gemv", lambda g, x, b, w: calls.append(1) or F.linear(x, w, b))
+    torch.manual_seed(9)
+    w, small = torch.randn(70, 64), torch.randn(69, 64)
+    cases = [  # (x, w, taken where fast)
+        (torch.randn(1, 1, 64), w, True),
+        (torch.randn(64), w, True),
+        (torch.randn(2, 64), w, False),  # two rows
+        (torch.randn(1, 64), small, False),  # below the size
+        (torch.randn(1, 64), torch.randn(64, 70).t(), False),  # a transposed (non-contiguous) weight
+        (torch.randn(1, 64, requires_grad=True), w, False),  # autograd
+    ]
+    for x, weight, taken in cases:
+        calls.clear()
+        out = linear.dense_linear(x, weight)
+        torch.testing.assert_close(out, F.linear(x, weight), atol=1e-5, rtol=1e-5)
+        assert len(calls) == (fast and taken), (x.shape, weight.shape, x.requires_grad)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast must see F.linear
+        calls.clear()
+        assert linear.dense_linear(torch.randn(1, 64), w).dtype == torch.bfloat16 and not calls
+
+
+def test_compiled_gemv_gate_keeps_the_old_path_when_it_cannot_compile(monkeypatch):
+    """No compiler (the compile raises), BAMBA_COMPILED_GEMV=0, or a dtype without a compiled graph: the
+    gate says no, without raising, and Linear still gives F.linear's result."""
+    gate = linear.compiled_gemv_is_fast.__wrapped__  # unmemoized
+    monkeypatch.setattr(linear, "_gemv_kernel", functools.cache(linear._gemv_kernel.__wrapped__))  # empty
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+
+    monkeypatch.setattr(torch._inductor, "compile", no_compiler)
+    assert gate(torch.float32) is False and gate(torch.int8) is False
+    assert gate(torch.bfloat16) is False
+    monkeypatch.setattr(linear, "compiled_gemv_is_fast", gate)
+    monkeypatch.setattr(linear, "COMPILED_GEMV_MIN_WEIGHTS", 1)
+    x, w = torch.randn(1, 64), torch.randn(70, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(linear.dense_linear(x, w), F.linear(x, w), atol=1e-5, rtol=1e-5)
+    monkeypatch.undo()
+    monkeypatch.setenv("BAMBA_COMPILED_GEMV", "0")
+    calls = []
+    monkeypatch.setattr(linear, "_gemv_kernel", lambda *a: calls.append(1))
+    assert linear.compiled_gemv_is_fast.__wrapped__(torch.float32) is False and not calls
+
+
+@needs_compiler
+def test_a_model_decodes_the_same_through_the_compiled_gemv(monkeypatch):
+    """A tiny model whose every one-row fp32 Linear takes the compiled GEMV: the same logits (within
+    rounding) and greedy tokens as F.linear's, cached decoding included."""
+    model = BambaForCausalLM(BambaConfig(**TINY)).eval()
+    ids = torch.tensor([[5, 9, 2, 7]])
+    with torch.no_grad():
+        ref_logits = model(ids[:, :1]).logits
+    ref = model.generate(ids, max_new_tokens=6, do_sample=False)
+    monkeypatch.setattr(linear, "compiled_gemv_is_fast", lambda dtype: True)
+    monkeypatch.setattr(linear, "COMPILED_GEMV_MIN_WEIGHTS", 1)
+    calls = []
+    real = linear.compiled_gemv
+    monkeypatch.setattr(linear, "compiled_gemv", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids[:, :1]).logits, ref_logits, atol=1e-5, rtol=1e-5)
+    assert calls
+    assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False), ref)

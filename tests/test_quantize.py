@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import sys
 
 import pytest
 import torch
@@ -65,6 +67,36 @@ def test_int8_linear_matches_reference(rows):
     torch.testing.assert_close(linear_int8(x, q, s, bias), ref, atol=0.02 * ref.abs().max().item(), rtol=0)
     # the quantization error itself: |w - q s| <= s / 2 per element (plus bf16 rounding of s)
     assert (dequantize_int8(q, s) - w).abs().le(s.float()[:, None] * 0.51 + 1e-6).all()
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_int8_linear_one_row_takes_the_compiled_gemv_where_it_is_fast(monkeypatch, fast):
+    """One row (no gradient) by a large enough int8 weight, where the compiled GEMV measured faster: it
+    computes in fp32 (the reference's result within fp32 rounding, which the packed kernel's bf16 misses);
+    more rows, or where it is not faster, keep the packed kernel."""
+    from bamba import linear
+
+    if fast and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+        pytest.skip("no C++ compiler: the compiled GEMV cannot be built here")
+    quantize_mod = sys.modules["bamba.quantize"]  # (bamba.quantize is also the function)
+    monkeypatch.setattr(linear, "compiled_gemv_is_fast", lambda dtype: fast)
+    monkeypatch.setattr(linear, "COMPILED_GEMV_MIN_WEIGHTS", 1)
+    calls = []
+    real = quantize_mod.compiled_gemv
+    monkeypatch.setattr(quantize_mod, "compiled_gemv", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    w, bias = torch.randn(192, 256) * 0.05, torch.randn(192)
+    q, s = quantize_int8(w)
+    for x in (torch.randn(1, 1, 256), torch.randn(2, 256)):
+        calls.clear()
+        ref = linear_int8_reference(x, q, s, bias)
+        out = linear_int8(x, q, s, bias)
+        one_row = x.numel() == 256
+        assert len(calls) == (fast and one_row)
+        if fast and one_row:
+            torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        else:
+            torch.testing.assert_close(out, ref, atol=0.02 * ref.abs().max().item(), rtol=0)
 
 
 @pytest.mark.parametrize("rows", [1, 7, 64])

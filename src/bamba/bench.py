@@ -323,11 +323,11 @@ def _linear_flops_per_token(cfg: Any, context: int) -> float:
 def machine_limits(threads: int) -> dict[str, Any]:
     """fp32 matmul FLOP/s (the faster of torch.mm's BLAS and oneDNN; both are kept), int8 matmul (int32
     sums) op/s, and memory read bandwidth (bytes/s), best of a few runs each; and the CPU's name and the
-    path `bamba.linear` takes for fp32 matmuls there."""
+    paths `bamba.linear` takes for fp32 matmuls there."""
     import torch
 
     torch.set_num_threads(threads)
-    from .linear import X86, onednn_available, onednn_fp32_is_fast, onednn_linear
+    from .linear import X86, compiled_gemv_is_fast, onednn_available, onednn_fp32_is_fast, onednn_linear
 
     n = 2048
     a, b = torch.randn(n, n), torch.randn(n, n)
@@ -343,6 +343,8 @@ def machine_limits(threads: int) -> dict[str, Any]:
         out["fp32_matmuls"] = "oneDNN"
     else:
         out["fp32_matmuls"] = "BLAS, oneDNN for 4-256 rows" if onednn_available() and X86 else "BLAS"
+    if compiled_gemv_is_fast(torch.float32):
+        out["fp32_matmuls"] += "; 1 row: compiled GEMV"
     qa, qb = a.clamp(-1, 1).mul(127).to(torch.int8), b.clamp(-1, 1).mul(127).to(torch.int8)
     torch._int_mm(qa, qb)
     best = min(_timed(lambda: torch._int_mm(qa, qb)) for _ in range(5))

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import platform
 import time
 from collections.abc import Callable, Iterator
@@ -48,6 +49,9 @@ ONEDNN_FAST = 1.3  # oneDNN takes every fp32 row count where its GEMM measures t
 ONEDNN_GEMV_MIN_WEIGHTS = 2**19  # ... but 1-3 rows only on weights this large (its call costs ~10 us more)
 UPCAST_MIN_ROWS = 9  # bf16 inputs with at least this many rows use `linear_upcast` where bf16 GEMM is slow
 PACKED_BF16_MAX_ROWS = 128  # above this, a packed bf16 weight is unpacked for `linear_upcast` (prefill)
+COMPILED_GEMV_MIN_WEIGHTS = 2**20  # one input row by weights this large may take the compiled GEMV
+COMPILED_GEMV_FAST = 1.05  # ... where it measured this much faster than the path it replaces
+COMPILED_GEMV_PROBE = (4096, 1024)  # (out, in) of the weights that measurement uses
 
 
 def _probe(*shape: int) -> Tensor:
@@ -118,12 +122,16 @@ def use_onednn_fp32(rows: int, weights: int) -> bool:
 
 
 def dense_linear(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
-    """F.linear(x, w, bias) for fp32 on the CPU, through oneDNN where `use_onednn_fp32` says (inference)
-    or `onednn_trains` says (autograd), on what `onednn_can_take`; F.linear itself (the reference)
+    """F.linear(x, w, bias) for fp32 on the CPU: one input row through the compiled GEMV where
+    `takes_compiled_gemv` says, else through oneDNN where `use_onednn_fp32` says (inference) or
+    `onednn_trains` says (autograd), on what `plain_cpu_fp32` allows; F.linear itself (the reference)
     otherwise."""
-    if onednn_can_take(x, w, bias):
+    if plain_cpu_fp32(x, w, bias):
         if not needs_grad(x, w, bias):
-            if use_onednn_fp32(x.numel() // x.shape[-1], w.numel()):
+            rows = x.numel() // x.shape[-1]
+            if rows == 1 and takes_compiled_gemv(w):
+                return compiled_gemv(gemv_fp32, x, bias, w)
+            if use_onednn_fp32(rows, w.numel()):
                 return onednn_linear(x, w, bias)
         elif onednn_trains():
             return OneDNNLinearFunction.apply(x, w, bias)
@@ -131,14 +139,23 @@ def dense_linear(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
 
 
 def onednn_can_take(x: Tensor, *others: Tensor | None) -> bool:
-    """Can oneDNN's fp32 op serve these tensors here? On x86 builds with oneDNN: plain (not DTensor...),
-    non-empty fp32 CPU tensors, outside autocast (which must see F.linear or torch.matmul to cast), torch.func transforms and
-    forward-mode AD (the op has no forward derivative), and torch.compile (whose inductor fails to lower
-    the op, and picks its own kernels anyway)."""
+    """Can oneDNN's fp32 op serve these tensors here? On x86 builds with oneDNN, what
+    `plain_cpu_fp32` allows."""
     return (
         not torch.compiler.is_compiling()  # first: dynamo would trace into the cached gate below
         and onednn_available()  # cached; x86 builds with oneDNN only (most calls elsewhere stop here)
         and X86
+        and plain_cpu_fp32(x, *others)
+    )
+
+
+def plain_cpu_fp32(x: Tensor, *others: Tensor | None) -> bool:
+    """Can a CPU fast path (oneDNN's op, a compiled GEMV) serve these tensors? Plain (not DTensor...),
+    non-empty fp32 CPU tensors, outside autocast (which must see F.linear or torch.matmul to cast it),
+    torch.func transforms and forward-mode AD (the fast ops have no forward derivative), and
+    torch.compile (whose inductor fails to lower oneDNN's op, and picks its own kernels anyway)."""
+    return (
+        not torch.compiler.is_compiling()
         and all(
             type(t) in (Tensor, nn.Parameter)
             and t.device.type == "cpu"
@@ -204,6 +221,120 @@ class OneDNNLinearFunction(torch.autograd.Function):
 def needs_grad(*tensors: Tensor | None) -> bool:
     """Will autograd record an op on these tensors?"""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+# ----- compiled GEMV: one input row ------------------------------------------------------------------------
+def gemv_fp32(x: Tensor, w: Tensor) -> Tensor:
+    """x (in,) fp32, w (out, in) fp32 -> (out,): one dot product per weight row. The graph that
+    `compiled_gemv` compiles; run eagerly it is the reference (it materializes w * x)."""
+    return (w * x).sum(-1)
+
+
+def gemv_int8(x: Tensor, w: Tensor, scales: Tensor) -> Tensor:
+    """x (in,) fp32, w (out, in) int8, scales (out,) -> (out,) fp32: x @ (w * scales[:, None]).T, the
+    int8 weight converted in the loop (see `gemv_fp32`)."""
+    return (w.float() * x).sum(-1) * scales.float()
+
+
+@functools.cache
+def _gemv_kernel(
+    graph: Callable[..., Tensor], inputs: tuple[tuple[tuple[int, ...], torch.dtype], ...]
+) -> Any:
+    """`graph` compiled by TorchInductor (C++, vectorized, OpenMP) for inputs of these (shape, dtype):
+    a kernel that takes contiguous CPU tensors of exactly those and returns the output. Compiled once per
+    process and shape (0.3-0.5 s with inductor's on-disk cache warm, 2-4 s cold), without dynamo: a call
+    costs about 5 us (a torch.compile'd function's guards cost 16)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    examples = [torch.zeros(shape, dtype=dtype) for shape, dtype in inputs]
+    with torch._inductor.config.patch(compile_threads=1), _isolated():  # no worker pool for one kernel
+        return torch._inductor.compile(make_fx(graph)(*examples), examples)
+
+
+def compiled_gemv(graph: Callable[..., Tensor], x: Tensor, bias: Tensor | None, *weights: Tensor) -> Tensor:
+    """graph(x, *weights) (+ bias) through its compiled kernel, for x (..., in) holding one row (any
+    float dtype; computed in fp32) and contiguous CPU weights; returns (..., out) in x's dtype. No
+    autograd. Reference: the graph run eagerly."""
+    x1 = x.reshape(-1).float().contiguous()  # (in,)
+    kernel = _gemv_kernel(graph, tuple((tuple(t.shape), t.dtype) for t in (x1, *weights)))
+    y = kernel(x1, *weights)  # (out,) fp32
+    if bias is not None:
+        y = y + bias
+    return y.view(*x.shape[:-1], y.shape[0]).to(x.dtype)
+
+
+def takes_compiled_gemv(w: Tensor) -> bool:
+    """Does one input row by the CPU weight `w` go through `compiled_gemv` (no autograd)? For contiguous
+    weights of `COMPILED_GEMV_MIN_WEIGHTS` elements or more, where the compiled kernel measured faster
+    than the path it replaces (`compiled_gemv_is_fast`)."""
+    return (
+        not torch.compiler.is_compiling()  # first: dynamo would trace into the cached gate below
+        and w.numel() >= COMPILED_GEMV_MIN_WEIGHTS
+        and w.is_contiguous()
+        and w.device.type == "cpu"
+        and compiled_gemv_is_fast(w.dtype)
+    )
+
+
+def _gemv_baseline(dtype: torch.dtype) -> Callable[[Tensor, Tensor], Tensor] | None:
+    """The path one input row by a large weight of `dtype` takes without the compiled GEMV: (x (1, in),
+    w) -> (1, out), or None where there is no compiled version (other dtypes)."""
+    if dtype == torch.float32:
+        return onednn_linear if use_onednn_fp32(1, COMPILED_GEMV_MIN_WEIGHTS) else F.linear
+    if dtype == torch.int8:
+        ones = torch.ones(COMPILED_GEMV_PROBE[0], dtype=torch.bfloat16)  # the int8 modules' bf16 scales
+        return lambda x, w: torch.ops.aten._weight_int8pack_mm(x.bfloat16(), w, ones)
+    return None
+
+
+@functools.cache
+def compiled_gemv_is_fast(dtype: torch.dtype) -> bool:
+    """Measured once per weight dtype (fp32, int8) and process: does the compiled GEMV compile here (it
+    needs a C++ compiler) and take at most 1 / `COMPILED_GEMV_FAST` of the time of the path it replaces,
+    on weights that do not fit in the caches? False when BAMBA_COMPILED_GEMV=0. Costs one compile and
+    about 20 ms."""
+    baseline = _gemv_baseline(dtype)
+    if baseline is None or os.environ.get("BAMBA_COMPILED_GEMV", "1") == "0":
+        return False
+    n, k = COMPILED_GEMV_PROBE
+    count = max(1, 64 * 2**20 // (n * k * dtype.itemsize))  # 64 MB of weights: out of most caches
+    ws = [torch.full((n, k), 1, dtype=dtype) for _ in range(count)]
+    graph = gemv_fp32 if dtype == torch.float32 else gemv_int8
+    extra = () if dtype == torch.float32 else (torch.ones(n, dtype=torch.bfloat16),)
+    x = _probe(1, k)
+
+    def run(fn: Callable[[Tensor], Any]) -> None:
+        for w in ws:
+            fn(w)
+
+    try:
+        with _isolated():
+            run(lambda w: compiled_gemv(graph, x, None, w, *extra))  # compiles
+    except Exception:  # noqa: BLE001 - no compiler, an inductor that cannot build it: keep the old path
+        return False
+    # interleaved, best of 5 each: a single measure of each drifted by more than the gap between them
+    times = _interleaved_best_times(
+        [
+            lambda: run(lambda w: compiled_gemv(graph, x, None, w, *extra)),
+            lambda: run(lambda w: baseline(x, w)),
+        ]
+    )
+    return times[0] * COMPILED_GEMV_FAST < times[1]
+
+
+def _interleaved_best_times(fns: list[Callable[[], Any]], reps: int = 5) -> list[float]:
+    """The best of `reps` timed calls of each of `fns`, called in turn (each warmed up first), so that a
+    machine's drift touches them all alike (`_isolated`)."""
+    best = [float("inf")] * len(fns)
+    with _isolated():
+        for fn in fns:
+            fn()
+        for _ in range(reps):
+            for i, fn in enumerate(fns):
+                t = time.perf_counter()
+                fn()
+                best[i] = min(best[i], time.perf_counter() - t)
+    return best
 
 
 class Linear(nn.Linear):

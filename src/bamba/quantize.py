@@ -80,7 +80,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .linear import X86, PackedLinear, dense_linear, is_tied_lm_head, replace_module
+from .linear import (
+    X86,
+    PackedLinear,
+    compiled_gemv,
+    dense_linear,
+    gemv_int8,
+    is_tied_lm_head,
+    needs_grad,
+    replace_module,
+    takes_compiled_gemv,
+)
 
 METHODS = ("int8_weight_only", "int4_weight_only", "int8_dynamic_activation_int8_weight")
 SHORT_NAMES = {"int8": METHODS[0], "int4": METHODS[1], "int8dq": METHODS[2]}  # command-line names
@@ -110,8 +120,10 @@ def linear_int8_reference(x: Tensor, q: Tensor, scales: Tensor, bias: Tensor | N
 
 
 def linear_int8(x: Tensor, q: Tensor, scales: Tensor, bias: Tensor | None = None) -> Tensor:
-    """x (..., in) @ dequant(q).T: the packed CPU kernel (bf16 activations) for few rows, else the
-    dequantized weight through `dense_linear` (on other devices: the reference)."""
+    """x (..., in) @ dequant(q).T: on the CPU, one row through the compiled GEMV where
+    `takes_compiled_gemv` says (fp32 activations), up to `INT8_KERNEL_MAX_ROWS` rows through the packed
+    kernel (bf16 activations), else the dequantized weight through `dense_linear`; on other devices the
+    reference."""
     rows = x.numel() // x.shape[-1]
     if x.device.type != "cpu":
         return linear_int8_reference(x, q, scales, bias)
@@ -119,6 +131,8 @@ def linear_int8(x: Tensor, q: Tensor, scales: Tensor, bias: Tensor | None = None
     # garbage or crashed): dequantize, then the fastest dense GEMM.
     if rows > INT8_KERNEL_MAX_ROWS or q.shape[1] % INT8_KERNEL_IN_MULTIPLE:
         return dense_linear(x, dequantize_int8(q, scales, x.dtype), bias)
+    if rows == 1 and not needs_grad(x) and takes_compiled_gemv(q):  # decoding one row: fp32 activations
+        return compiled_gemv(gemv_int8, x, bias, q, scales.contiguous())
     x2 = x.reshape(rows, x.shape[-1]).to(torch.bfloat16).contiguous()
     if scales.dtype != torch.bfloat16:  # a model cast after quantizing
         scales = scales.to(torch.bfloat16)
