@@ -404,8 +404,12 @@ def test_compiled_gemv_gate_keeps_the_old_path_when_it_cannot_compile(monkeypatc
         raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
 
     monkeypatch.setattr(torch._inductor, "compile", no_compiler)
+    monkeypatch.setattr(linear, "GEMV_PROBES", {})
     assert gate(torch.float32) is False and gate(torch.int8) is False
     assert gate(torch.bfloat16) is False
+    assert linear.GEMV_PROBES[torch.float32] == (
+        "not compiled (RuntimeError: InvalidCxxCompiler: No working C++ compiler found)"
+    )
     monkeypatch.setattr(linear, "compiled_gemv_is_fast", gate)
     monkeypatch.setattr(linear, "COMPILED_GEMV_MIN_WEIGHTS", 1)
     x, w = torch.randn(1, 64), torch.randn(70, 64)
@@ -413,9 +417,11 @@ def test_compiled_gemv_gate_keeps_the_old_path_when_it_cannot_compile(monkeypatc
         torch.testing.assert_close(linear.dense_linear(x, w), F.linear(x, w), atol=1e-5, rtol=1e-5)
     monkeypatch.undo()
     monkeypatch.setenv("BAMBA_COMPILED_GEMV", "0")
+    monkeypatch.setattr(linear, "GEMV_PROBES", {})
     calls = []
     monkeypatch.setattr(linear, "_gemv_kernel", lambda *a: calls.append(1))
     assert linear.compiled_gemv_is_fast.__wrapped__(torch.float32) is False and not calls
+    assert linear.GEMV_PROBES[torch.float32] == "off (BAMBA_COMPILED_GEMV=0)"
 
 
 @needs_compiler

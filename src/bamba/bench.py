@@ -327,7 +327,14 @@ def machine_limits(threads: int) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(threads)
-    from .linear import X86, compiled_gemv_is_fast, onednn_available, onednn_fp32_is_fast, onednn_linear
+    from .linear import (
+        GEMV_PROBES,
+        X86,
+        compiled_gemv_is_fast,
+        onednn_available,
+        onednn_fp32_is_fast,
+        onednn_linear,
+    )
 
     n = 2048
     a, b = torch.randn(n, n), torch.randn(n, n)
@@ -343,8 +350,11 @@ def machine_limits(threads: int) -> dict[str, Any]:
         out["fp32_matmuls"] = "oneDNN"
     else:
         out["fp32_matmuls"] = "BLAS, oneDNN for 4-256 rows" if onednn_available() and X86 else "BLAS"
-    if compiled_gemv_is_fast(torch.float32):
-        out["fp32_matmuls"] += "; 1 row: compiled GEMV"
+    taken = compiled_gemv_is_fast(torch.float32)
+    out["fp32_matmuls"] += f"; 1 row: {'compiled GEMV' if taken else 'no compiled GEMV'}"
+    out["compiled_gemv_probe"] = GEMV_PROBES.get(torch.float32, "")  # its times, or why not
+    if not taken:
+        out["fp32_matmuls"] += f" ({out['compiled_gemv_probe']})"
     qa, qb = a.clamp(-1, 1).mul(127).to(torch.int8), b.clamp(-1, 1).mul(127).to(torch.int8)
     torch._int_mm(qa, qb)
     best = min(_timed(lambda: torch._int_mm(qa, qb)) for _ in range(5))

@@ -13,6 +13,15 @@
     1.2x at 8 rows was too small to measure reliably in the 30 ms we allow, so it is a fixed rule).
     There, 1-3 rows take oneDNN only for weights of 2**19 elements or more: its call costs about 10 us
     more than F.linear's, which small weights do not repay (crossover measured at about 0.5M weights).
+  * one input row (decoding at batch 1), no gradient, by an fp32 weight of 2**20 elements or more: a
+    GEMV that TorchInductor compiles from plain PyTorch, one dot product per weight row (`gemv_fp32`,
+    `compiled_gemv`), where it measured faster than the path above once per process
+    (`compiled_gemv_is_fast`; it needs a C++ compiler, and BAMBA_COMPILED_GEMV=0 turns it off). On the
+    EPYC it streams weights at 41.6 GB/s where oneDNN's GEMV reads 36.4 and a plain sum 42.6
+    (bench-small's 87 decode-step layers); fp32 decoding at batch 1 went from 23.6 to 29.3 tok/s in one
+    process. A process's first compile costs about 2 s (loading TorchInductor), each further weight
+    shape 0.05-0.3 s (2-4 s with inductor's on-disk cache cold). int8 weight-only layers take the same
+    route (`gemv_int8`, in `bamba.quantize`).
   * fp32 training (autograd) on those same CPUs: `OneDNNLinearFunction`, whose forward and both
     gradients are oneDNN GEMMs (`benchmarks/bench_train_step.py` on the EPYC, 2,048 tokens per step:
     bench-small 79 -> 125 tok/s, the demo model 2,907 -> 3,670), except under autocast, which must see
@@ -34,6 +43,7 @@ import contextlib
 import functools
 import os
 import platform
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -236,18 +246,23 @@ def gemv_int8(x: Tensor, w: Tensor, scales: Tensor) -> Tensor:
     return (w.float() * x).sum(-1) * scales.float()
 
 
+_COMPILE_LOCK = threading.Lock()
+
+
 @functools.cache
 def _gemv_kernel(
     graph: Callable[..., Tensor], inputs: tuple[tuple[tuple[int, ...], torch.dtype], ...]
 ) -> Any:
     """`graph` compiled by TorchInductor (C++, vectorized, OpenMP) for inputs of these (shape, dtype):
     a kernel that takes contiguous CPU tensors of exactly those and returns the output. Compiled once per
-    process and shape (0.3-0.5 s with inductor's on-disk cache warm, 2-4 s cold), without dynamo: a call
-    costs about 5 us (a torch.compile'd function's guards cost 16)."""
+    process and shape (see the module doc for the cost), without dynamo: a call costs about 5 us (a
+    torch.compile'd function's guards cost 16)."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
     examples = [torch.zeros(shape, dtype=dtype) for shape, dtype in inputs]
-    with torch._inductor.config.patch(compile_threads=1), _isolated():  # no worker pool for one kernel
+    # one compile at a time (inductor's config is global; generation may run in several threads), and
+    # no worker pool for one kernel
+    with _COMPILE_LOCK, torch._inductor.config.patch(compile_threads=1), _isolated():
         return torch._inductor.compile(make_fx(graph)(*examples), examples)
 
 
@@ -287,14 +302,20 @@ def _gemv_baseline(dtype: torch.dtype) -> Callable[[Tensor, Tensor], Tensor] | N
     return None
 
 
+GEMV_PROBES: dict[torch.dtype, str] = {}  # what `compiled_gemv_is_fast` found, per dtype (for reports)
+
+
 @functools.cache
 def compiled_gemv_is_fast(dtype: torch.dtype) -> bool:
     """Measured once per weight dtype (fp32, int8) and process: does the compiled GEMV compile here (it
     needs a C++ compiler) and take at most 1 / `COMPILED_GEMV_FAST` of the time of the path it replaces,
     on weights that do not fit in the caches? False when BAMBA_COMPILED_GEMV=0. Costs one compile and
-    about 20 ms."""
+    about 40 ms; what it found is kept in `GEMV_PROBES[dtype]`."""
     baseline = _gemv_baseline(dtype)
-    if baseline is None or os.environ.get("BAMBA_COMPILED_GEMV", "1") == "0":
+    if baseline is None:
+        return False
+    if os.environ.get("BAMBA_COMPILED_GEMV", "1") == "0":
+        GEMV_PROBES[dtype] = "off (BAMBA_COMPILED_GEMV=0)"
         return False
     n, k = COMPILED_GEMV_PROBE
     count = max(1, 64 * 2**20 // (n * k * dtype.itemsize))  # 64 MB of weights: out of most caches
@@ -310,16 +331,22 @@ def compiled_gemv_is_fast(dtype: torch.dtype) -> bool:
     try:
         with _isolated():
             run(lambda w: compiled_gemv(graph, x, None, w, *extra))  # compiles
-    except Exception:  # noqa: BLE001 - no compiler, an inductor that cannot build it: keep the old path
+    except Exception as e:  # noqa: BLE001 - no compiler, an inductor that cannot build it: keep the old path
+        GEMV_PROBES[dtype] = f"not compiled ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})"
         return False
-    # interleaved, best of 5 each: a single measure of each drifted by more than the gap between them
-    times = _interleaved_best_times(
+    # interleaved, best of 9 each: a single measure of each drifted by more than the gap between them
+    compiled, old = _interleaved_best_times(
         [
             lambda: run(lambda w: compiled_gemv(graph, x, None, w, *extra)),
             lambda: run(lambda w: baseline(x, w)),
-        ]
+        ],
+        reps=9,
     )
-    return times[0] * COMPILED_GEMV_FAST < times[1]
+    fast = compiled * COMPILED_GEMV_FAST < old
+    GEMV_PROBES[dtype] = (
+        f"{'taken' if fast else 'not taken'}: {compiled * 1e3:.2f} ms against {old * 1e3:.2f}"
+    )
+    return fast
 
 
 def _interleaved_best_times(fns: list[Callable[[], Any]], reps: int = 5) -> list[float]:
