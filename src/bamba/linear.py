@@ -259,11 +259,13 @@ def _gemv_kernel(
     torch.compile'd function's guards cost 16)."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    examples = [torch.zeros(shape, dtype=dtype) for shape, dtype in inputs]
+    # never touched: traced with fake tensors, and inductor only reads their metadata (a 9B model's
+    # lm_head would otherwise cost 4 GB to compile)
+    examples = [torch.empty(shape, dtype=dtype) for shape, dtype in inputs]
     # one compile at a time (inductor's config is global; generation may run in several threads), and
     # no worker pool for one kernel
     with _COMPILE_LOCK, torch._inductor.config.patch(compile_threads=1), _isolated():
-        return torch._inductor.compile(make_fx(graph)(*examples), examples)
+        return torch._inductor.compile(make_fx(graph, tracing_mode="fake")(*examples), examples)
 
 
 def compiled_gemv(graph: Callable[..., Tensor], x: Tensor, bias: Tensor | None, *weights: Tensor) -> Tensor:
