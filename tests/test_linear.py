@@ -410,6 +410,9 @@ def test_compiled_gemv_gate_keeps_the_old_path_when_it_cannot_compile(monkeypatc
     assert linear.GEMV_PROBES[torch.float32] == (
         "not compiled (RuntimeError: InvalidCxxCompiler: No working C++ compiler found)"
     )
+    monkeypatch.setattr(torch._inductor, "compile", lambda *a, **k: (_ for _ in ()).throw(OSError()))
+    assert gate(torch.float32) is False  # an error without a message
+    assert linear.GEMV_PROBES[torch.float32] == "not compiled (OSError: )"
     monkeypatch.setattr(linear, "compiled_gemv_is_fast", gate)
     monkeypatch.setattr(linear, "COMPILED_GEMV_MIN_WEIGHTS", 1)
     x, w = torch.randn(1, 64), torch.randn(70, 64)

@@ -334,7 +334,8 @@ def compiled_gemv_is_fast(dtype: torch.dtype) -> bool:
         with _isolated():
             run(lambda w: compiled_gemv(graph, x, None, w, *extra))  # compiles
     except Exception as e:  # noqa: BLE001 - no compiler, an inductor that cannot build it: keep the old path
-        GEMV_PROBES[dtype] = f"not compiled ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})"
+        first_line = (str(e).strip().splitlines() or [""])[0][:200]
+        GEMV_PROBES[dtype] = f"not compiled ({type(e).__name__}: {first_line})"
         return False
     # interleaved, best of 9 each: a single measure of each drifted by more than the gap between them
     compiled, old = _interleaved_best_times(
