@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
+from conftest import HAS_CXX
 
 BENCH = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_memory.py")
 pytestmark = pytest.mark.skipif(
@@ -144,7 +144,7 @@ print(json.dumps({"peak_extra": status("VmHWM") - before}))
 
 
 @pytest.mark.skipif(
-    not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+    not HAS_CXX,
     reason="no C++ compiler for the compiled GEMV",
 )
 def test_compiling_a_gemv_for_a_large_weight_allocates_no_weight():

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 
 import pytest
 import torch
-from conftest import TINY
+from conftest import HAS_CXX, TINY
 
 from bamba import BambaConfig, BambaForCausalLM
 from bamba.quantize import (
@@ -76,7 +75,7 @@ def test_int8_linear_one_row_takes_the_compiled_gemv_where_it_is_fast(monkeypatc
     more rows, or where it is not faster, keep the packed kernel."""
     from bamba import linear
 
-    if fast and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+    if fast and not HAS_CXX:
         pytest.skip("no C++ compiler: the compiled GEMV cannot be built here")
     quantize_mod = sys.modules["bamba.quantize"]  # (bamba.quantize is also the function)
     monkeypatch.setattr(linear, "compiled_gemv_is_fast", lambda dtype: fast)

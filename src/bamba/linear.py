@@ -82,14 +82,22 @@ def _isolated() -> Iterator[None]:
 
 def _best_time(fn: Any, *args: Any, reps: int = 3) -> float:
     """Best of `reps` timed calls after a warm-up (`_isolated`)."""
+    return _best_times([lambda: fn(*args)], reps)[0]
+
+
+def _best_times(fns: list[Callable[[], Any]], reps: int) -> list[float]:
+    """The best of `reps` timed calls of each of `fns`, called in turn (each warmed up first), so that a
+    machine's drift touches them all alike (`_isolated`)."""
+    best = [float("inf")] * len(fns)
     with _isolated():
-        fn(*args)
-        times = []
+        for fn in fns:
+            fn()
         for _ in range(reps):
-            t = time.perf_counter()
-            fn(*args)
-            times.append(time.perf_counter() - t)
-    return min(times)
+            for i, fn in enumerate(fns):
+                t = time.perf_counter()
+                fn()
+                best[i] = min(best[i], time.perf_counter() - t)
+    return best
 
 
 @functools.cache
@@ -293,14 +301,19 @@ def takes_compiled_gemv(w: Tensor) -> bool:
     )
 
 
-def _gemv_baseline(dtype: torch.dtype) -> Callable[[Tensor, Tensor], Tensor] | None:
-    """The path one input row by a large weight of `dtype` takes without the compiled GEMV: (x (1, in),
-    w) -> (1, out), or None where there is no compiled version (other dtypes)."""
+def _gemv_probe_paths(dtype: torch.dtype, x: Tensor) -> tuple[Callable, Callable] | None:
+    """For one input row x (1, in) by a large weight w of `dtype`: (the compiled GEMV, the path it
+    replaces), each w -> (1, out); None for dtypes without a compiled graph. int8 weights get unit bf16
+    scales, as the int8 modules keep them."""
     if dtype == torch.float32:
-        return onednn_linear if use_onednn_fp32(1, COMPILED_GEMV_MIN_WEIGHTS) else F.linear
+        old = onednn_linear if use_onednn_fp32(1, COMPILED_GEMV_MIN_WEIGHTS) else F.linear
+        return (lambda w: compiled_gemv(gemv_fp32, x, None, w)), (lambda w: old(x, w))
     if dtype == torch.int8:
-        ones = torch.ones(COMPILED_GEMV_PROBE[0], dtype=torch.bfloat16)  # the int8 modules' bf16 scales
-        return lambda x, w: torch.ops.aten._weight_int8pack_mm(x.bfloat16(), w, ones)
+        ones = torch.ones(COMPILED_GEMV_PROBE[0], dtype=torch.bfloat16)
+        return (
+            lambda w: compiled_gemv(gemv_int8, x, None, w, ones),
+            lambda w: torch.ops.aten._weight_int8pack_mm(x.bfloat16(), w, ones),
+        )
     return None
 
 
@@ -313,18 +326,15 @@ def compiled_gemv_is_fast(dtype: torch.dtype) -> bool:
     needs a C++ compiler) and take at most 1 / `COMPILED_GEMV_FAST` of the time of the path it replaces,
     on weights that do not fit in the caches? False when BAMBA_COMPILED_GEMV=0. Costs one compile and
     about 40 ms; what it found is kept in `GEMV_PROBES[dtype]`."""
-    baseline = _gemv_baseline(dtype)
-    if baseline is None:
+    n, k = COMPILED_GEMV_PROBE
+    paths = _gemv_probe_paths(dtype, _probe(1, k))
+    if paths is None:
         return False
     if os.environ.get("BAMBA_COMPILED_GEMV", "1") == "0":
         GEMV_PROBES[dtype] = "off (BAMBA_COMPILED_GEMV=0)"
         return False
-    n, k = COMPILED_GEMV_PROBE
     count = max(1, 64 * 2**20 // (n * k * dtype.itemsize))  # 64 MB of weights: out of most caches
     ws = [torch.full((n, k), 1, dtype=dtype) for _ in range(count)]
-    graph = gemv_fp32 if dtype == torch.float32 else gemv_int8
-    extra = () if dtype == torch.float32 else (torch.ones(n, dtype=torch.bfloat16),)
-    x = _probe(1, k)
 
     def run(fn: Callable[[Tensor], Any]) -> None:
         for w in ws:
@@ -332,39 +342,18 @@ def compiled_gemv_is_fast(dtype: torch.dtype) -> bool:
 
     try:
         with _isolated():
-            run(lambda w: compiled_gemv(graph, x, None, w, *extra))  # compiles
+            run(paths[0])  # compiles
     except Exception as e:  # noqa: BLE001 - no compiler, an inductor that cannot build it: keep the old path
         first_line = (str(e).strip().splitlines() or [""])[0][:200]
         GEMV_PROBES[dtype] = f"not compiled ({type(e).__name__}: {first_line})"
         return False
     # interleaved, best of 9 each: a single measure of each drifted by more than the gap between them
-    compiled, old = _interleaved_best_times(
-        [
-            lambda: run(lambda w: compiled_gemv(graph, x, None, w, *extra)),
-            lambda: run(lambda w: baseline(x, w)),
-        ],
-        reps=9,
-    )
+    compiled, old = _best_times([lambda: run(paths[0]), lambda: run(paths[1])], reps=9)
     fast = compiled * COMPILED_GEMV_FAST < old
     GEMV_PROBES[dtype] = (
         f"{'taken' if fast else 'not taken'}: {compiled * 1e3:.2f} ms against {old * 1e3:.2f}"
     )
     return fast
-
-
-def _interleaved_best_times(fns: list[Callable[[], Any]], reps: int = 5) -> list[float]:
-    """The best of `reps` timed calls of each of `fns`, called in turn (each warmed up first), so that a
-    machine's drift touches them all alike (`_isolated`)."""
-    best = [float("inf")] * len(fns)
-    with _isolated():
-        for fn in fns:
-            fn()
-        for _ in range(reps):
-            for i, fn in enumerate(fns):
-                t = time.perf_counter()
-                fn()
-                best[i] = min(best[i], time.perf_counter() - t)
-    return best
 
 
 class Linear(nn.Linear):
