@@ -176,6 +176,8 @@ def test_bad_generation_arguments(hf_folder):
         (dict(top_k=-1), "top_k=-1 must be an integer >= 0"),
         (dict(top_p=0.0), "top_p=0.0 must be in \\(0, 1\\]"),
         (dict(min_p=1.5), "min_p=1.5 must be in \\[0, 1\\]"),
+        (dict(temperature=float("nan")), "temperature=nan must be > 0 when sampling"),
+        (dict(seed=10**23), "seed=100000000000000000000000 must be in \\[-2\\*\\*63, 2\\*\\*64\\)"),
     ]:
         with pytest.raises(ValueError, match=match):
             generate(model, torch.ones(1, 3, dtype=torch.long), do_sample=True, **bad)

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from .cache import HybridMambaAttentionDynamicCache
-from .generation import StepRules, _prefill, constrain_scores, process_logits, widen
+from .generation import StepRules, _prefill, constrain_scores, grown_room, process_logits, widen
 
 NEG = -1.0e9  # the score of what must not be picked, as transformers uses it (finite: sums stay ordered)
 
@@ -61,7 +61,7 @@ def beam_search(
     num_beams: int,
     max_new_tokens: int,
     min_total: int,
-    room: int | None = None,
+    room: int,
     eos: list[int],
     pad: int,
     rules: StepRules,
@@ -78,7 +78,7 @@ def beam_search(
     `sampling` (beam sampling): `process_logits`' temperature / top_k / top_p / min_p, applied to each
     step's log-probabilities; the continuations are then drawn (without replacement, from `generator`)
     in proportion to their total probability instead of taken best first, as transformers does.
-    `room`: new-token columns allocated at first (default: max_new_tokens), doubled whenever full."""
+    `room`: new-token columns allocated at first, grown by `grown_room` whenever full."""
     b, t = input_ids.shape
     k, device = num_beams, input_ids.device
     total = t + max_new_tokens  # the length limit
@@ -94,7 +94,6 @@ def beam_search(
     mask = attention_mask.repeat_interleave(k, dim=0) if attention_mask is not None else None
     starts = starts.repeat_interleave(k)  # (b*k,)
 
-    room = max_new_tokens if room is None else room  # new-token columns held (grown as tokens come)
     running = input_ids.new_full((b, k, t + room), pad)  # (b, k, t + room) the running beams
     running[:, :, :t] = input_ids[:, None]
     running_scores = torch.zeros(b, k, device=device)
@@ -110,8 +109,8 @@ def beam_search(
 
     for step in range(max_new_tokens):
         cur = t + step  # tokens per sequence so far
-        if step == running_src.shape[-1]:  # full: double the room (at most up to max_new_tokens)
-            room = min(2 * step, max_new_tokens)
+        if step == running_src.shape[-1]:  # full: grow the new-token room
+            room = grown_room(step, max_new_tokens)
             running, best = widen(running, t + room, pad), widen(best, t + room, pad)
             running_src, best_src = widen(running_src, room, -1), widen(best_src, room, -1)
         raw = logits.float()  # (b*k, vocab)

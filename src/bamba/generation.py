@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .cache import HybridMambaAttentionDynamicCache
@@ -450,7 +451,13 @@ _ROOM = 256  # new-token columns `generate` allocates at first; it doubles them 
 
 def widen(x: Tensor, width: int, fill: int) -> Tensor:
     """x (..., w) with its last dimension filled out with `fill` to `width` (>= w) columns."""
-    return torch.cat([x, x.new_full((*x.shape[:-1], width - x.shape[-1]), fill)], dim=-1)
+    return F.pad(x, (0, width - x.shape[-1]), value=fill)
+
+
+def grown_room(filled: int, max_new_tokens: int) -> int:
+    """New-token columns to hold once `filled` columns are full: twice as many, at most max_new_tokens
+    (the rule of `generate` and of beam search alike)."""
+    return min(2 * filled, max_new_tokens)
 
 
 def _with_generation_config(fn: Callable[P, R]) -> Callable[P, R]:
@@ -634,8 +641,10 @@ def generate(
                 f"the prompt has {input_ids.shape[1]} tokens, longer than the model's context "
                 f"(max_position_embeddings={cfg.max_position_embeddings})"
             )
-        if do_sample and temperature <= 0:
+        if do_sample and not temperature > 0:  # nan too
             raise ValueError(f"temperature={temperature} must be > 0 when sampling")
+        if seed is not None and not -(2**63) <= _as_int("seed", seed) < 2**64:  # what torch's seeding takes
+            raise ValueError(f"seed={seed} must be in [-2**63, 2**64)")
         if top_p is not None and not 0 < top_p <= 1:
             raise ValueError(f"top_p={top_p!r} must be in (0, 1]")
         if min_p is not None and not 0 <= min_p <= 1:
@@ -780,8 +789,8 @@ def generate(
                 if output_logits:
                     all_logits.append(raw)
                 nxt = nxt.masked_fill(finished, pad)
-            if t + step == out.shape[1]:  # full: double the room (at most up to t + max_new_tokens)
-                out = widen(out, min(2 * out.shape[1], t + max_new_tokens), pad)
+            if t + step == out.shape[1]:  # full: double the new-token room
+                out = widen(out, t + grown_room(step, max_new_tokens), pad)
             out[active, t + step] = nxt
             n_new = step + 1
             if streamer is not None:
