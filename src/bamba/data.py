@@ -188,6 +188,16 @@ _SUPPORTED_SUFFIXES = (".txt", ".jsonl")
 _PARAGRAPH_BREAK = re.compile(r"\n(?:[ \t]*\n)+")
 
 
+def check_files(paths: list[str | os.PathLike[str]], where: str = "") -> None:
+    """Every path names an existing file: a folder raises ValueError, a missing file FileNotFoundError,
+    each naming the path (after `where`)."""
+    for path in map(Path, paths):
+        if path.is_dir():
+            raise ValueError(f"{where}{path} is a folder; give the .txt or .jsonl files in it")
+        if not path.is_file():
+            raise FileNotFoundError(f"{where}{path}: no such file")
+
+
 def iter_text_files(paths: list[str | os.PathLike[str]]) -> Iterator[str]:
     """Yield the documents in text files, file by file, in order.
 
@@ -199,11 +209,8 @@ def iter_text_files(paths: list[str | os.PathLike[str]]) -> Iterator[str]:
     extension raises ValueError, both naming the path.
     """
     files = [Path(p) for p in paths]
+    check_files(files, "iter_text_files: ")
     for path in files:
-        if path.is_dir():
-            raise ValueError(f"iter_text_files: {path} is a folder; give the .txt or .jsonl files in it")
-        if not path.is_file():
-            raise FileNotFoundError(f"iter_text_files: {path}: no such file")
         if path.suffix.lower() not in _SUPPORTED_SUFFIXES:
             raise ValueError(
                 f"iter_text_files: {path}: unsupported extension {path.suffix!r}, expected one of "

@@ -11,7 +11,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from .data import iter_text_files
+from .data import check_files, iter_text_files
 
 
 def train_tokenizer_files(
@@ -22,11 +22,7 @@ def train_tokenizer_files(
 
     if not files:
         raise ValueError("give at least one .txt or .jsonl file")
-    for path in files:
-        if os.path.isdir(path):
-            raise ValueError(f"{path} is a folder; give the .txt or .jsonl files in it")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: no such file")
+    check_files(files)
     with tempfile.TemporaryDirectory(prefix="bamba-tok-") as tmp:
         plain = []
         for i, path in enumerate(files):
