@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bamba import pipeline
+from bamba import BambaForCausalLM, pipeline
 from bamba.tokenizer import train_tokenizer
 
 
@@ -199,6 +199,10 @@ def test_hub_keywords_reach_the_tokenizer_too(folder, monkeypatch):
     pipeline(model=folder, revision="main", model_kwargs={"local_files_only": True})
     assert len(seen) >= 3  # the model, then tokenizer.json and its other files
     assert all(call == ("main", {"local_files_only": True}) for call in seen)
+    model = BambaForCausalLM.from_pretrained(folder)
+    seen.clear()  # an already loaded model: the same keywords go to the tokenizer alone
+    pipeline(model=model, tokenizer=folder, revision="main", model_kwargs={"local_files_only": True})
+    assert seen and all(call == ("main", {"local_files_only": True}) for call in seen)
 
 
 def test_decode_options_reach_the_tokenizer(pipes, monkeypatch):

@@ -273,16 +273,17 @@ def pipeline(
         from .demo import demo_path
 
         model = demo_path()
+    tokenizer_keywords = HUB_KEYWORDS | {"revision"}  # how a tokenizer is fetched
     if isinstance(model, BambaForCausalLM):
         if tokenizer is None:
             raise ValueError("pass tokenizer= (a folder or a Tokenizer) with an already loaded model")
-        loading = sorted(set(load_kwargs) - {"revision", "token"})
+        loading = sorted(set(load_kwargs) - tokenizer_keywords)  # (those go to the tokenizer alone)
         if loading:
             raise ValueError(f"pipeline: {loading} set how a model loads; the model given is already loaded")
         lm = model
     else:
         lm = BambaForCausalLM.from_pretrained(model, **{"pack": True, **load_kwargs})
         tokenizer = tokenizer if tokenizer is not None else model
-    hub = {k: v for k, v in load_kwargs.items() if k in HUB_KEYWORDS or k == "revision"}
+    hub = {k: v for k, v in load_kwargs.items() if k in tokenizer_keywords}
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.from_pretrained(tokenizer, **hub)
     return TextGenerationPipeline(lm, tok, **generate_defaults)
