@@ -326,6 +326,17 @@ def test_int4_group_size_must_be_one_the_kernel_takes(group_size):
         quantize(tiny(), "int4", group_size=group_size)
 
 
+@pytest.mark.parametrize("method", ["int8", "int8_dynamic_activation_int8_weight"])
+def test_group_size_is_refused_for_int8(method):
+    """A group size means int4; with int8 it used to be ignored silently (from_pretrained refused it)."""
+    model = tiny()
+    with pytest.raises(
+        TypeError, match=rf"quantize: group_size=64 applies to .*int4.* found quantization='{method}'"
+    ):
+        quantize(model, method, group_size=64)
+    assert getattr(model, "quantization_config", None) is None
+
+
 @pytest.mark.parametrize("in_features", [8, 24, 40, 72, 200])
 @pytest.mark.parametrize("rows", [1, 3, 64])
 def test_int8_kernel_is_skipped_for_widths_it_cannot_read(in_features, rows):

@@ -252,14 +252,10 @@ def load_pretrained(
     device), and huggingface_hub's download keywords (HUB_KEYWORDS: cache_dir, token, local_files_only,
     ...). A setting given both ways must agree; other keywords are refused.
     """
-    from .quantize import SHORT_NAMES
+    from .quantize import check_method
 
     dtype, device, hub_kwargs = _transformers_keywords(dtype, device, kwargs)
-    if group_size is not None and SHORT_NAMES.get(quantization, quantization) != "int4_weight_only":
-        raise TypeError(
-            f"from_pretrained: group_size={group_size!r} applies to quantization='int4_weight_only' only; "
-            f"found quantization={quantization!r}"
-        )
+    check_method(quantization, group_size, "from_pretrained")  # before anything loads
     folder = resolve_folder(path_or_repo_id, revision=revision, **hub_kwargs)
     if config is None:
         config = read_config(folder)
@@ -328,8 +324,6 @@ def load_pretrained(
     embed = prefix + "embed_tokens.weight"
     if prefix and config.tie_word_embeddings and embed not in loaded and "lm_head.weight" in loaded:
         loaded[embed] = loaded.pop("lm_head.weight")  # a tied checkpoint that kept the head's copy only
-        if "lm_head.weight" in mapped:
-            mapped[embed] = mapped.pop("lm_head.weight")
     tied = {"lm_head.weight"} if config.tie_word_embeddings and prefix else set()
     missing = [k for k in expected if k not in loaded and k not in tied and k not in mismatched]
     problems = []
@@ -353,10 +347,8 @@ def load_pretrained(
 
     if quantization is not None:
         from .quantize import quantize
-        from .runtime import release_free_memory
 
         quantize(model, quantization, group_size, on_quantized=release)
-        release_free_memory()  # quantizing's freed temporaries (about 1 GB for bench-small's int8)
     if pack:
         from .linear import pack_for_cpu
 
