@@ -908,23 +908,22 @@ def packed_seq_idx(
         if seq_idx is not None and not torch.equal(_changes(seq_idx), _changes(from_cu)):
             raise ValueError("seq_idx and cu_seq_lens give different sequence boundaries; pass one of them")
         seq_idx = from_cu
-    if seq_idx is not None and position_ids is not None and l > 1:
+    breaks = None  # (b, l-1): where the positions do not follow on from their predecessor
+    if position_ids is not None and l > 1:
         pos = position_ids.to(device).expand(b, l)
-        jumps = (pos[:, 1:] != pos[:, :-1] + 1) & ~_changes(seq_idx)  # (b, l-1): inside one sequence
-        if bool(jumps.any()):
+        breaks = pos[:, 1:] != pos[:, :-1] + 1
+    if seq_idx is not None:
+        jumps = breaks & ~_changes(seq_idx) if breaks is not None else None  # inside one sequence
+        if jumps is not None and bool(jumps.any()):
             r, i = (int(v) for v in jumps.nonzero()[0])
             raise ValueError(
                 f"position_ids jump from {int(pos[r, i])} to {int(pos[r, i + 1])} at row {r}, token {i + 1}, "
                 "inside a sequence that seq_idx / cu_seq_lens mark as one; they must agree on where sequences "
                 "start (or pass only one of them)"
             )
-    elif seq_idx is None:
-        if position_ids is None or l == 1:
-            return None
-        pos = position_ids.to(device).expand(b, l)
-        breaks = pos[:, 1:] != pos[:, :-1] + 1  # (b, l-1)
-        if not bool(breaks.any()):
-            return None
+    elif breaks is None or not bool(breaks.any()):
+        return None
+    else:
         seq_idx = F.pad(breaks.long(), (1, 0)).cumsum(-1)
     if not bool(_changes(seq_idx).any()):
         return None
