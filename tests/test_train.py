@@ -200,7 +200,13 @@ def test_row_orders_of_nearby_seeds_are_unrelated_and_old_runs_resume_in_theirs(
     torch.save({k: v for k, v in state.items() if k != "row_order"}, state_file)  # as an older trainer wrote
     versions = []
     real = bamba.train.RowOrder
-    monkeypatch.setattr(bamba.train, "RowOrder", lambda *a: versions.append(a[2]) or real(*a))
+
+    class Recording(real):  # the order the resumed run reads
+        def __init__(self, n_rows: int, seed: int, version: int = real.VERSION) -> None:
+            versions.append(version)
+            super().__init__(n_rows, seed, version)
+
+    monkeypatch.setattr(bamba.train, "RowOrder", Recording)
     run(corpus, tmp_path, max_steps=2)
     assert versions == [1] and torch.load(state_file, weights_only=True)["row_order"] == 1
     with pytest.raises(ValueError, match=r"row_order=3: expected one of \(1, 2\)"):
@@ -332,8 +338,10 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(corpus,
     assert not (tmp_path / "final").exists()
 
 
-def test_micro_batches_with_nothing_to_predict_are_skipped(corpus, tmp_path):
+@pytest.mark.parametrize("z_loss", [0.0, 0.01])
+def test_micro_batches_with_nothing_to_predict_are_skipped(corpus, tmp_path, z_loss):
     # (Rows of 1 token, where nothing at all is predicted, are refused: see test_bad_inputs_have_clear_messages.)
+    # With z-loss on, a micro-batch without targets still runs its forward (its positions' z-loss counts).
     # Documents "<bos> cat <eos>" in rows of 2 tokens alternate rows [<bos> cat] (1 target) and [<eos>] (none).
     words = tmp_path / "words.txt"
     words.write_text("\n\n".join(["cat"] * 40))
@@ -347,10 +355,13 @@ def test_micro_batches_with_nothing_to_predict_are_skipped(corpus, tmp_path):
         grad_accum=2,
         max_steps=20,  # a step reads 2 random rows: both without a target in 1 step of 4
         eval_fraction=0.0,
+        config=BambaConfig(**TINY, z_loss_coefficient=z_loss),
     )
     mixed = list(iter_log(tmp_path / "mixed" / "log.jsonl"))
     assert len(mixed) == 20 and any("skipped" in r for r in mixed) and any("loss" in r for r in mixed)
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in mixed if "loss" in r)
+    if z_loss:
+        assert all(0 < r["z_loss"] < r["loss"] for r in mixed if "loss" in r)
 
 
 def test_bad_inputs_have_clear_messages(corpus, tmp_path):

@@ -131,7 +131,7 @@ class RowOrder:
     1's first epoch was seed 0's second)."""
 
     VERSIONS = (1, 2)
-    VERSION = 2  # of runs started now
+    VERSION = VERSIONS[-1]  # of runs started now
 
     def __init__(self, n_rows: int, seed: int, version: int = VERSION) -> None:
         if version not in self.VERSIONS:
@@ -607,6 +607,17 @@ def train(
         raise ValueError(f"train: out_dir={out_dir!r} exists and is not a folder")
     if log_file is not None and os.path.isdir(log_file):
         raise ValueError(f"train: log_file={log_file!r} exists and is not a file")
+    last = os.path.join(out_dir, CHECKPOINT_NAME)
+    if os.path.exists(last) and not os.path.isdir(last):  # (the first save would fail, after training)
+        raise ValueError(f"train: {last} is a file, where checkpoints go; move it away")
+    if (
+        resume and os.path.isdir(last) and find_checkpoint(out_dir) is None
+    ):  # a fresh start would overwrite it
+        raise ValueError(
+            f"train: {last} has no {STATE_FILE} (damaged, or not written by the trainer), so the run "
+            "cannot resume from it; restore it, use another out_dir, or resume=False (--no-resume) to "
+            "start over"
+        )
     for name, value in (
         ("warmup_steps", warmup_steps),
         ("eval_every", eval_every),
@@ -666,15 +677,6 @@ def train(
         model.train()
         model.model.gradient_checkpointing = gradient_checkpointing
         ckpt = find_checkpoint(out_dir) if resume else None
-        last = os.path.join(out_dir, CHECKPOINT_NAME)
-        if resume and ckpt is None and os.path.isdir(last):  # (it would be overwritten by a fresh start)
-            raise ValueError(
-                f"train: {last} has no {STATE_FILE} (damaged, or not written by the trainer), so the run "
-                "cannot resume from it; restore it, use another out_dir, or resume=False (--no-resume) to "
-                "start over"
-            )
-        if os.path.exists(last) and not os.path.isdir(last):  # (the first save would fail, after training)
-            raise ValueError(f"train: {last} is a file, where checkpoints go; move it away")
         state: dict[str, Any] | None = None
         config_changes: list[str] = []  # model config fields set otherwise than in the resumed checkpoint
         if ckpt is not None:
@@ -834,7 +836,8 @@ def train(
                     wrapped,
                     micro,
                     counts,
-                    (int(n_items), int(step_tokens)),
+                    int(n_items),
+                    int(step_tokens),
                     cfg.z_loss_coefficient,
                     world,
                     fsdp,
@@ -910,7 +913,8 @@ def _forward_backward(
     model: nn.Module,
     micro: list[dict[str, Tensor]],
     counts: list[int],
-    step_size: tuple[int, int],
+    n_items: int,
+    n_positions: int,
     z_coefficient: float,
     world: int,
     fsdp: bool,
@@ -918,10 +922,9 @@ def _forward_backward(
     autocast: Callable[[], Any],
 ) -> tuple[float, float]:
     """Accumulate the gradients of one optimizer step; returns the step's loss and its z-loss part, over
-    all ranks. step_size: (predicted tokens, positions) of the whole step. Each micro-batch adds its summed
-    cross-entropy / predicted tokens, and z_loss_coefficient x its summed logsumexp(logits)^2 / positions:
-    together, the loss of one forward over the whole step (see the module's docstring)."""
-    n_items, n_positions = step_size
+    all ranks. n_items, n_positions: the whole step's predicted tokens and positions. Each micro-batch
+    adds its summed cross-entropy / n_items, and z_coefficient x its summed logsumexp(logits)^2 /
+    n_positions: together, the loss of one forward over the whole step (see the module's docstring)."""
     loss_sum, z_sum = 0.0, 0.0
     for m, (batch, count) in enumerate(zip(micro, counts)):
         if count == 0 and world == 1 and z_coefficient == 0:
