@@ -183,6 +183,11 @@ def test_bad_generation_arguments(hf_folder):
             generate(model, torch.ones(1, 3, dtype=torch.long), do_sample=True, **bad)
     with pytest.raises(ValueError, match="max_length=2 is shorter than the prompt \\(3 tokens\\)"):
         generate(model, torch.ones(1, 3, dtype=torch.long), max_length=2)
+    # as transformers (it returned identical copies)
+    with pytest.raises(
+        ValueError, match="num_return_sequences=2 with greedy decoding would return identical"
+    ):
+        generate(model, torch.ones(1, 3, dtype=torch.long), num_return_sequences=2)
 
 
 def test_generation_config_stop_tokens_and_budgets_as_transformers(hf_folder):

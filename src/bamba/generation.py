@@ -1172,7 +1172,7 @@ def chat(
         if has_template:
             turns.append([*new, {"role": "assistant", "content": reply}])
         else:
-            turns.append([new[0] + reply.replace("\r\n", "\n").lstrip().split("\n\n")[0] + "\n\n"])
+            turns.append([new[0] + _reply_text(reply).split("\n\n")[0] + "\n\n"])
 
 
 def _chat_note(text: str) -> None:
@@ -1201,9 +1201,15 @@ def _blank_line_in_reply(tokenizer: Any, prompt_len: int) -> Callable[[Tensor, A
     final newline, ending the reply before it starts when the model's first token is a newline.)"""
 
     def blank_line(ids: Tensor, scores: Any) -> bool:  # (whitespace before any text does not count)
-        return "\n\n" in tokenizer.decode(ids[0, prompt_len:].tolist()).replace("\r\n", "\n").lstrip()
+        return "\n\n" in _reply_text(tokenizer.decode(ids[0, prompt_len:].tolist()))
 
     return blank_line
+
+
+def _reply_text(text: str) -> str:
+    """A template-less chat reply as its turn is cut: Windows line ends as newlines, leading whitespace
+    dropped (the turn ends at its first blank line after some text)."""
+    return text.replace("\r\n", "\n").lstrip()
 
 
 def add_cli(sub: argparse._SubParsersAction) -> None:

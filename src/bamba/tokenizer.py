@@ -263,6 +263,11 @@ class Tokenizer:
         self.model_max_length = int(self.config.get("model_max_length", _NO_MAX_LENGTH))
         self.clean_up_tokenization_spaces = bool(self.config.get("clean_up_tokenization_spaces", False))
 
+    def _templates(self) -> dict[str, str]:
+        """Every chat template by name: the default one (if any) as "default", first, then the named."""
+        default = {"default": self.chat_template} if self.chat_template is not None else {}
+        return {**default, **self.named_chat_templates}
+
     def _register_added_tokens(self) -> None:
         """Add the config's added tokens and named special tokens that tokenizer.json lacks, as transformers does."""
         present = {t.content for t in self.backend.get_added_tokens_decoder().values()}
@@ -331,9 +336,7 @@ class Tokenizer:
             _write_template_files(template_file, extra_dir, self.chat_template, self.named_chat_templates)
             config.pop("chat_template", None)
         elif self.named_chat_templates:  # the list form, which transformers reads too
-            named = {"default": self.chat_template} if self.chat_template is not None else {}
-            named.update(self.named_chat_templates)
-            config["chat_template"] = [{"name": k, "template": v} for k, v in named.items()]
+            config["chat_template"] = [{"name": k, "template": v} for k, v in self._templates().items()]
         elif self.chat_template is not None:
             config["chat_template"] = self.chat_template
         else:
@@ -560,9 +563,7 @@ class Tokenizer:
             raise ValueError(f"apply_chat_template: {', '.join(unsupported)} is not supported here")
         for k in _UNSUPPORTED_CHAT_ARGS:
             kwargs.pop(k, None)  # passed as False / None: the default, nothing to do
-        named = dict(self.named_chat_templates)
-        if self.chat_template is not None:
-            named["default"] = self.chat_template
+        named = self._templates()
         if chat_template is None and tools is not None and "tool_use" in named:
             chat_template = "tool_use"  # as transformers picks it
         if chat_template is None:
