@@ -499,7 +499,7 @@ def test_a_save_removes_what_a_killed_save_left(saved, tmp_path):
     assert r.returncode == -9
     left = [f for f in os.listdir(folder) if f.startswith(".tmp-")]
     assert left  # the killed save's staged shard
-    from bamba.checkpoint import _staging_host_prefix
+    from bamba.files import _staging_host_prefix
 
     live = folder / f"{_staging_host_prefix()}{os.getppid()}-x.safetensors"
     other = folder / ".tmp-another_host-1-x.safetensors"

@@ -271,9 +271,11 @@ def demo():
     from bamba.tokenizer import Tokenizer
 
     folder = demo_path()
+    # fp32 on both sides: the stored bf16 logits tie often, and which of two tied tokens a bf16 GEMM
+    # favours depends on the CPU (on an AMX Xeon ours and transformers' differ by one bf16 ulp)
     return (
-        BambaForCausalLM.from_pretrained(folder),
-        transformers.BambaForCausalLM.from_pretrained(folder).eval(),
+        BambaForCausalLM.from_pretrained(folder, dtype=torch.float32),
+        transformers.BambaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval(),
         Tokenizer.from_pretrained(folder),
         transformers.AutoTokenizer.from_pretrained(folder),
     )

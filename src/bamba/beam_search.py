@@ -33,7 +33,8 @@ import torch
 from torch import Tensor
 
 from .cache import HybridMambaAttentionDynamicCache
-from .generation import StepRules, _prefill, constrain_scores, grown_room, process_logits, widen
+from .decoding import decode_step, prefill
+from .generation import StepRules, constrain_scores, grown_room, process_logits, widen
 
 NEG = -1.0e9  # the score of what must not be picked, as transformers uses it (finite: sums stay ordered)
 
@@ -88,7 +89,7 @@ def beam_search(
     offsets = torch.arange(b, device=device)[:, None] * k  # (b, 1) a prompt's first flat row
 
     cache = HybridMambaAttentionDynamicCache(model.config)
-    logits = _prefill(model, input_ids, attention_mask, cache, prefill_chunk_size)  # (b, vocab)
+    logits = prefill(model, input_ids, cache, attention_mask, prefill_chunk_size)  # (b, vocab)
     cache.batch_repeat_interleave(k)
     logits = logits.repeat_interleave(k, dim=0)  # (b*k, vocab)
     mask = attention_mask.repeat_interleave(k, dim=0) if attention_mask is not None else None
@@ -175,8 +176,8 @@ def beam_search(
         cache.reorder_cache(running_src[:, :, step].reshape(-1))
         if mask is not None:  # (the rows of a prompt's beams have the same mask: no reordering needed)
             mask = torch.cat([mask, mask.new_ones(b * k, 1)], dim=1)
-        nxt = running.view(b * k, -1)[:, cur : cur + 1]  # (b*k, 1)
-        logits = model(nxt, attention_mask=mask, past_key_values=cache, use_cache=True).logits[:, -1]
+        nxt = running.view(b * k, -1)[:, cur]  # (b*k,)
+        logits = decode_step(model, cache, nxt, mask)
 
     n = num_return_sequences
     best_src = best_src[:, :n].reshape(b * n, -1)  # (b*n, room)

@@ -478,7 +478,8 @@ def bench(
             f"checkpoint={checkpoint!r}: no config.json there; give a checkpoint folder, or leave it out to "
             f"create (once) and use the random bench-small one under {DEFAULT_DIR}/"
         )
-    from .checkpoint import atomic_write, read_config
+    from .checkpoint import read_config
+    from .files import atomic_write
 
     folder = checkpoint or ensure_checkpoint(os.path.join(DEFAULT_DIR, PRESET))  # (a given one exists)
     cfg = read_config(folder)

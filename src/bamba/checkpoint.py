@@ -8,16 +8,13 @@ Saving writes every file atomically (temporary file + rename), in the layout `tr
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import fractions
 import json
 import mmap
 import os
 import re
-import socket
 import struct
-import tempfile
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -26,28 +23,14 @@ import torch
 from torch import nn
 
 from .config import BambaConfig, is_token_ids
+from .files import _write_staged, atomic_write, remove_dead_staging
+from .hub import HUB_KEYWORDS, CheckpointError, resolve_folder
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 QUANT_CONFIG_FILE = "quantization_config.json"
 _WEIGHT_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json")
 GENERATION_CONFIG_FILE = "generation_config.json"
-_HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*"]
-# huggingface_hub.snapshot_download's keywords that loading passes on (the rest are set here)
-HUB_KEYWORDS = frozenset(
-    {
-        "cache_dir",
-        "force_download",
-        "local_files_only",
-        "token",
-        "etag_timeout",
-        "user_agent",
-        "headers",
-        "endpoint",
-        "max_workers",
-        "proxies",
-    }
-)
 # Keys found in some checkpoints that are derived buffers, not weights.
 _IGNORED_KEYS = re.compile(r".*rotary_emb\.inv_freq$")
 
@@ -66,52 +49,7 @@ _ST_DTYPES = {
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 
 
-class CheckpointError(ValueError):
-    """A checkpoint folder or file that cannot give a correct model."""
-
-
 # ----- locating files -------------------------------------------------------------------------------
-def resolve_folder(path_or_repo_id: str | os.PathLike, revision: str | None = None, **hub_kwargs: Any) -> str:
-    """A local folder as is; otherwise a hub repo id fetched through huggingface_hub's cache.
-
-    Offline mode (HF_HUB_OFFLINE=1 or local_files_only=True) is honoured: a repo that is not cached then
-    raises a FileNotFoundError that says so.
-    """
-    unknown = sorted(set(hub_kwargs) - HUB_KEYWORDS)
-    if unknown:
-        raise TypeError(
-            f"unknown keyword argument(s) {unknown}; loading takes revision and huggingface_hub's "
-            f"{sorted(HUB_KEYWORDS)}"
-        )
-    path = os.fspath(path_or_repo_id)
-    if not path:
-        raise FileNotFoundError("an empty path is not a checkpoint folder")
-    if os.path.isdir(path):
-        return path
-    if os.path.exists(path):
-        raise CheckpointError(f"{path}: expected a checkpoint folder, found a file")
-    if path.startswith((".", "/", "~")) or path.count("/") > 1 or not path:
-        raise FileNotFoundError(f"{path}: no such checkpoint folder")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
-
-    try:
-        return snapshot_download(path, revision=revision, allow_patterns=_HUB_PATTERNS, **hub_kwargs)
-    except LocalEntryNotFoundError as e:
-        raise FileNotFoundError(
-            f"{path}: not a local folder, and not in the Hugging Face cache while offline (or the hub is "
-            f"unreachable); download it first (hf download {path}) or pass a folder. ({e})"
-        ) from None
-    except RepositoryNotFoundError:
-        raise FileNotFoundError(f"{path}: not a local folder, and no such repository on the hub") from None
-
-
-def resolve_file(path_or_repo_id: str | os.PathLike, filename: str, **hub_kwargs: Any) -> str:
-    folder = resolve_folder(path_or_repo_id, **hub_kwargs)
-    path = os.path.join(folder, filename)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{folder}: missing {filename}")
-    return path
 
 
 # ----- reading safetensors ------------------------------------------------------------------------------
@@ -511,71 +449,6 @@ def parse_size(size: int | str) -> int:
     if value <= 0:
         raise ValueError(f"max_shard_size={size!r}: must be > 0")
     return value
-
-
-def atomic_write(path: str, write: Any, mode: str = "w") -> None:
-    """Write a file through a temporary file in the same folder and a rename: never half written."""
-    tmp = _write_staged(path, write, mode)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        os.remove(tmp)
-        raise
-
-
-def chmod_as_created(path: str, mode: int) -> None:
-    """Give `path` the mode a plain open (0o666) or mkdir (0o777) would: `mode` less the process's umask.
-    (Temporary files and folders are created private, 0600 / 0700.)"""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, mode & ~umask)
-
-
-def _staging_host_prefix() -> str:
-    """Staged files are named .tmp-<host>-<pid>-...: a later save can tell those of a killed writer."""
-    return f".tmp-{re.sub(r'[^A-Za-z0-9_.]', '_', socket.gethostname())}-"
-
-
-def remove_dead_staging(folder: str) -> list[str]:
-    """Remove the staged files that writers on this machine left in `folder` when they were killed (their
-    process is gone); returns their names. Those of live writers, and of other machines, stay."""
-    host_prefix = _staging_host_prefix()
-    removed = []
-    for name in os.listdir(folder):
-        pid = name.removeprefix(host_prefix).split("-", 1)[0]
-        if not name.startswith(host_prefix) or not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid), 0)
-            continue  # alive (or another user's: PermissionError below)
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            continue
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(os.path.join(folder, name))
-            removed.append(name)
-    return removed
-
-
-def _write_staged(path: str, write: Any, mode: str = "w") -> str:
-    """Call `write(f)` on a new temporary file beside `path`, flushed to disk; returns its path (the caller
-    renames it into place). Nothing is left behind if `write` fails."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(
-        dir=folder, prefix=f"{_staging_host_prefix()}{os.getpid()}-", suffix=os.path.basename(path)
-    )
-    chmod_as_created(tmp, 0o666)  # mkstemp's 0600 would make shared checkpoints unreadable to others
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return tmp
 
 
 def save_safetensors(

@@ -14,6 +14,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from .hub import resolve_file
+
 _INF = float("inf")
 
 
@@ -246,8 +248,6 @@ class BambaConfig:
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str | os.PathLike, **hub_kwargs: Any) -> BambaConfig:
-        from .checkpoint import resolve_file
-
         return cls.from_json_file(resolve_file(path_or_repo_id, "config.json", **hub_kwargs))
 
     def replace(self, **changes: Any) -> BambaConfig:

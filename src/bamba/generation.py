@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .cache import HybridMambaAttentionDynamicCache
-from .model import ModelOutput
+from .decoding import decode_step, prefill
+from .outputs import ModelOutput
 from .quantize import SHORT_NAMES
 from .tokenizer import DecodeStream
 
@@ -771,7 +772,7 @@ def generate(
         eos_t = torch.tensor(eos, device=device) if eos else None
         stop_window = max((len(s.encode("utf-8")) for s in stops), default=0) + 8  # tokens: >= 1 byte each
 
-        logits = _prefill(model, input_ids, mask, cache, prefill_chunk_size)  # (b, vocab)
+        logits = prefill(model, input_ids, cache, mask, prefill_chunk_size)  # (b, vocab)
         n_new = 0
         for step in range(max_new_tokens):
             raw = logits.float()  # (active, vocab)
@@ -823,27 +824,8 @@ def generate(
                     mask = mask[keep]
             if mask is not None:
                 mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-            logits = model(nxt[:, None], attention_mask=mask, past_key_values=cache, use_cache=True).logits[
-                :, -1
-            ]
+            logits = decode_step(model, cache, nxt, mask)
         return result(out[:, : t + n_new])
-
-
-def _prefill(
-    model: Any, ids: Tensor, mask: Tensor | None, cache: HybridMambaAttentionDynamicCache, chunk: int | None
-) -> Tensor:
-    """Run the prompt through the cache (in pieces of `chunk` tokens if given); last position's logits."""
-    if not chunk or ids.shape[1] <= chunk:
-        return model(
-            ids, attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1
-        ).logits[:, -1]
-    for start in range(0, ids.shape[1], chunk):
-        end = min(start + chunk, ids.shape[1])
-        m = mask[:, :end] if mask is not None else None
-        logits = model(
-            ids[:, start:end], attention_mask=m, past_key_values=cache, use_cache=True, logits_to_keep=1
-        ).logits
-    return logits[:, -1]
 
 
 def _criteria_hits(criteria: list[Callable[..., Any]], ids: Tensor, scores: tuple | None) -> Tensor:
@@ -891,8 +873,9 @@ def load_for_cli(
     model: str | None, dtype: str | None, device: str | None, quantize: str | None
 ) -> tuple[Any, Any]:
     """Model and tokenizer for the CLI: the embedded demo model when `model` is None."""
-    from .checkpoint import one_device, resolve_folder
+    from .checkpoint import one_device
     from .demo import demo_path
+    from .hub import resolve_folder
     from .model import BambaForCausalLM
     from .tokenizer import Tokenizer
 

@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 
-from .checkpoint import read_config, read_quantization_config, resolve_folder, weight_files
+from .checkpoint import read_config, read_quantization_config, weight_files
+from .hub import resolve_folder
 
 
 def model_info(model: str | None = None) -> dict[str, Any]:

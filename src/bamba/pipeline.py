@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from .checkpoint import HUB_KEYWORDS
 from .generation import eos_ids_with, generate, generation_config_fields
+from .hub import HUB_KEYWORDS
 from .model import BambaForCausalLM
 from .tokenizer import Tokenizer
 

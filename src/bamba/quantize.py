@@ -571,20 +571,17 @@ def perplexity(model: nn.Module, token_ids: Tensor, chunk_size: int = 2048) -> f
     The sequence runs through the model's cache in pieces of `chunk_size` tokens, so long texts fit in
     memory; every token after the first is scored.
     """
-    from .cache import HybridMambaAttentionDynamicCache
+    from .decoding import chunked_logits
 
     ids = token_ids if token_ids.dim() == 2 else token_ids[None]
     b, l = ids.shape
     if l < 2:
         raise ValueError(f"perplexity needs at least 2 tokens, found {l}")
-    cache = HybridMambaAttentionDynamicCache(model.config)
     nll, count = 0.0, 0
-    for start in range(0, l - 1, chunk_size):
-        piece = ids[:, start : min(start + chunk_size, l - 1)]  # inputs; targets are shifted by one
-        targets = ids[:, start + 1 : start + 1 + piece.shape[1]]
-        logits = model(piece, past_key_values=cache, use_cache=True).logits.float()  # (b, t, V)
+    for start, logits in chunked_logits(model, ids[:, :-1], chunk_size):  # targets are shifted by one
+        targets = ids[:, start + 1 : start + 1 + logits.shape[1]]
         nll += F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
+            logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
         ).item()
         count += targets.numel()
     return math.exp(nll / count)

@@ -80,7 +80,7 @@ def _read_json_object(path: str) -> dict[str, Any]:
 def _resolve(path: str | os.PathLike, filename: str, required: bool, **hub_kwargs: Any) -> str | None:
     """Path of `filename` in a local folder or a Hub repo id (via the shared checkpoint resolver);
     None when optional and absent."""
-    from .checkpoint import resolve_folder
+    from .hub import resolve_folder
 
     folder = resolve_folder(path, **hub_kwargs)
     file = os.path.join(folder, filename)

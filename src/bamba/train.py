@@ -52,9 +52,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .checkpoint import chmod_as_created, read_config, read_quantization_config
+from .checkpoint import read_config, read_quantization_config
 from .config import BambaConfig, preset
 from .data import IGNORE_INDEX, DataCollatorWithFlattening, iter_text_files, pack_examples
+from .files import chmod_as_created
 from .model import BambaForCausalLM, causal_lm_loss
 
 CHECKPOINT_NAME = "checkpoint-last"
