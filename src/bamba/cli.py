@@ -31,6 +31,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# ----- generate / chat commands (owner: the generation helper) ------------------------------------------
+
+
+# ----- train command (owner: the train helper) ----------------------------------------------------------
+
+
+# ----- info, train-tokenizer, bench commands (owner: the bench helper) -----------------------------------
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
