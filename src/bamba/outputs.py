@@ -1,4 +1,4 @@
-"""Model outputs: attribute access plus transformers 5's ModelOutput behaviour (index, key, iteration)."""
+"""Model and generate outputs, with transformers 5's ModelOutput behaviour (index, key, iteration)."""
 
 from __future__ import annotations
 
@@ -74,3 +74,37 @@ class CausalLMOutput(ModelOutput):
     past_key_values: Cache | None = None
     hidden_states: tuple[Tensor, ...] | None = None
     attentions: tuple[Tensor, ...] | None = None
+
+
+@dataclass
+class GenerateOutput(ModelOutput):
+    """`generate(..., return_dict_in_generate=True)`: as transformers' GenerateDecoderOnlyOutput.
+
+    sequences: (b * num_return_sequences, prompt + new) ids. scores (with output_scores=True) and logits
+    (output_logits=True): one (b * num_return_sequences, vocab) fp32 tensor per generated token: the scores
+    after the logits processors (penalties, bans, and when sampling temperature / top-k / top-p / min-p),
+    and the model's raw logits. Beam search returns a `GenerateBeamOutput`.
+    """
+
+    sequences: Tensor
+    scores: tuple[Tensor, ...] | None = None
+    logits: tuple[Tensor, ...] | None = None
+
+
+@dataclass
+class GenerateBeamOutput(ModelOutput):
+    """`generate(..., num_beams=k, return_dict_in_generate=True)`: as transformers'
+    GenerateBeamDecoderOnlyOutput (same fields in the same order).
+
+    sequences: (b * num_return_sequences, prompt + new) ids; sequences_scores (with output_scores=True):
+    (b * num_return_sequences,) the hypotheses' length-penalized sums of log-probabilities; scores
+    (output_scores=True) and logits (output_logits=True): one (b * k, vocab) fp32 tensor per step, the
+    processed log-probabilities and the raw logits of every beam; beam_indices: (b * num_return_sequences,
+    new) int32, the flat beam (prompt * k + beam) each token was chosen from.
+    """
+
+    sequences: Tensor
+    sequences_scores: Tensor | None = None
+    scores: tuple[Tensor, ...] | None = None
+    logits: tuple[Tensor, ...] | None = None
+    beam_indices: Tensor | None = None
