@@ -11,7 +11,8 @@ from test_generation import left_pad
 
 import bamba.generation
 from bamba import BambaForCausalLM
-from bamba.generation import TextStreamer, generate
+from bamba.generation import generate
+from bamba.streamers import TextStreamer
 
 
 @pytest.fixture

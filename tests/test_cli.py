@@ -106,7 +106,7 @@ def test_generate_verbose_reports_speed(folder, capsys):
 
 
 def test_generate_text_stats(folder):
-    from bamba.generation import generate_text
+    from bamba.chat import generate_text
     from bamba.linear import weight_bytes
 
     stats: dict = {}
@@ -173,8 +173,8 @@ def test_python_dash_m_bamba(folder):
 
 
 def test_chat_loop_uses_the_template_and_keeps_history(folder, monkeypatch):
-    import bamba.generation as g
-    from bamba.generation import chat
+    import bamba.chat as g
+    from bamba.chat import chat
     from bamba.tokenizer import Tokenizer
 
     seen: list[str] = []
@@ -227,7 +227,7 @@ def _scripted_lines(lines: list[str]) -> Callable[[str], str]:
 
 def _recording_generate(monkeypatch, **override) -> list[list[int]]:
     """Record the prompt ids of each generate call the chat makes (with `override` applied to its options)."""
-    import bamba.generation as g
+    import bamba.chat as g
 
     prompts: list[list[int]] = []
     real = g.generate
@@ -244,7 +244,7 @@ def test_chat_leaves_out_whole_old_turns_to_fit_the_context(folder, monkeypatch,
     """Past the model's context (64 tokens here) less the reply's budget, the oldest turns are left out,
     whole: every prompt is the template's rendering of the system message and the latest turns. (The
     prompt's oldest tokens were cut, starting it inside an earlier message without its system part.)"""
-    from bamba.generation import chat
+    from bamba.chat import chat
     from bamba.tokenizer import Tokenizer
 
     tok = Tokenizer.from_pretrained(folder)
@@ -276,7 +276,7 @@ def test_chat_leaves_out_whole_old_turns_to_fit_the_context(folder, monkeypatch,
 def test_chat_refuses_a_line_it_cannot_take_and_goes_on(folder, monkeypatch, capsys):
     """A line that is not UTF-8, or whose prompt alone exceeds the context, is refused with a message and
     the chat goes on (it ended the session, or cut the prompt's start)."""
-    from bamba.generation import chat
+    from bamba.chat import chat
 
     prompts = _recording_generate(monkeypatch, max_new_tokens=1)
     long_line = " ".join(["to be or not to be"] * 40)  # far beyond 64 tokens
@@ -308,7 +308,7 @@ def test_chat_refuses_a_line_it_cannot_take_and_goes_on(folder, monkeypatch, cap
 
 
 def test_chat_template_refusals_are_one_line_and_system_is_passed(folder, monkeypatch, capsys):
-    import bamba.generation as g
+    import bamba.chat as g
 
     real_load = g.load_for_cli
 
@@ -335,8 +335,8 @@ def test_chat_template_refusals_are_one_line_and_system_is_passed(folder, monkey
 
 
 def test_chat_passes_top_k_and_seeds_the_conversation_once(folder, monkeypatch):
-    import bamba.generation as g
-    from bamba.generation import chat
+    import bamba.chat as g
+    from bamba.chat import chat
 
     calls: list[dict] = []
     real = g.generate
@@ -366,8 +366,9 @@ def test_chat_passes_top_k_and_seeds_the_conversation_once(folder, monkeypatch):
 def test_a_tokenizer_without_pad_leaves_the_checkpoints_pad_id(folder, monkeypatch):
     """generate(pad_token_id=None) now means no pad id (as transformers); the command line passes the
     tokenizer's pad id only when it has one, so the checkpoint's stays the default."""
-    import bamba.generation as gen
-    from bamba.generation import generate_text
+    import bamba.chat as gen
+    from bamba.chat import generate_text
+    from bamba.generation import _with_generation_config
 
     seen = []
     real = gen.generate.__wrapped__  # below the generation_config wrapper, which turns None into NOT_SET
@@ -379,7 +380,7 @@ def test_a_tokenizer_without_pad_leaves_the_checkpoints_pad_id(folder, monkeypat
     lm, tok = gen.load_for_cli(folder, None, None, None)
     monkeypatch.setattr(type(tok), "pad_token_id", property(lambda self: None))
     monkeypatch.setattr(gen, "load_for_cli", lambda *a: (lm, tok))
-    monkeypatch.setattr(gen, "generate", gen._with_generation_config(recording))
+    monkeypatch.setattr(gen, "generate", _with_generation_config(recording))
     generate_text("to be", model=folder, max_new_tokens=2, temperature=0)
     assert seen == ["left out"]
 
@@ -388,8 +389,8 @@ def test_chat_without_a_template_replies_after_a_leading_newline(folder, monkeyp
     """Without a chat template a reply ends at its first blank line. A reply that starts with a newline
     goes on (the stop string "\\n\\n" matched across the prompt's final newline there and ended the
     reply before it started)."""
-    import bamba.generation as g
-    from bamba.generation import chat
+    import bamba.chat as g
+    from bamba.chat import chat
 
     real_load = g.load_for_cli
     tokens: list[int] = []  # the scripted replies, token by token

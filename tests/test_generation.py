@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from bamba import BambaForCausalLM
-from bamba.generation import TextIteratorStreamer, TextStreamer, generate, process_logits
+from bamba.generation import generate
+from bamba.sampling import process_logits
+from bamba.streamers import TextIteratorStreamer, TextStreamer
 
 
 def left_pad(rows: list[torch.Tensor], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

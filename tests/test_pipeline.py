@@ -57,7 +57,7 @@ def test_sampled_prompts_run_one_by_one(folder):
 
 def test_a_streamer_streams_the_prompts_one_after_the_other(folder):
     """With a streamer, prompts run one by one (batched, the streamer refused the batch of 2)."""
-    from bamba.generation import TextStreamer
+    from bamba.streamers import TextStreamer
 
     ours = pipeline("text-generation", model=folder)
     pieces: list[str] = []

@@ -3,10 +3,10 @@
 from .cache import HybridMambaAttentionDynamicCache
 from .config import BambaConfig, preset
 from .data import DataCollatorWithFlattening
-from .generation import TextIteratorStreamer, TextStreamer
 from .model import BambaForCausalLM, BambaModel
 from .pipeline import pipeline
 from .quantize import quantize  # `bamba.quantize(model, "int8_weight_only")`; the module: bamba.quantize
+from .streamers import TextIteratorStreamer, TextStreamer
 from .tokenizer import Tokenizer
 
 __all__ = [

@@ -10,9 +10,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import time
+from typing import Any
+
+from .chat import chat, format_stats, generate_text
+from .quantize import SHORT_NAMES
 
 # command modules, each exposing add_cli(subparsers)
-COMMAND_MODULES = ["bamba.generation", "bamba.info", "bamba.train", "bamba.tokenizer_cli", "bamba.bench"]
+COMMAND_MODULES = ["bamba.info", "bamba.train", "bamba.tokenizer_cli", "bamba.bench"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="bamba", description="Run, train and benchmark Bamba models (pure PyTorch)."
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_generate_commands(sub)
     for name in COMMAND_MODULES:
         try:
             module = importlib.import_module(name)
@@ -32,6 +38,74 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ----- generate / chat commands (owner: the generation helper) ------------------------------------------
+def _add_generate_commands(sub: argparse._SubParsersAction) -> None:
+    """`bamba generate` and `bamba chat` (bamba.chat)."""
+    p = sub.add_parser("generate", help="continue a prompt, streaming the text to stdout")
+    _add_sampling_args(p)
+    p.add_argument(
+        "--verbose", action="store_true", help="print load time, first-token time, tok/s and GB/s to stderr"
+    )
+    p.add_argument(
+        "--num-beams",
+        type=int,
+        default=1,
+        help="beam search with this many beams, the text at the end (beam sampling unless --temperature 0)",
+    )
+    p.add_argument("prompt")
+    p.set_defaults(func=_cli_generate)
+    c = sub.add_parser("chat", help="an interactive loop (empty line or Ctrl-D to quit)")
+    _add_sampling_args(c)
+    c.add_argument("--system", default=None, help="a system message that starts the conversation")
+    c.set_defaults(func=_cli_chat)
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    """The flags `bamba generate` and `bamba chat` share."""
+    p.add_argument(
+        "--model", default=None, help="checkpoint folder or hub repo id (default: the embedded demo model)"
+    )
+    p.add_argument("--max-new-tokens", type=int, default=200, help="default: 200")
+    p.add_argument("--temperature", type=float, default=0.8, help="default: 0.8; 0 for greedy decoding")
+    p.add_argument("--top-p", type=float, default=0.95, help="default: 0.95")
+    p.add_argument("--top-k", type=int, default=None, help="default: none")
+    p.add_argument("--seed", type=int, default=None, help="a fixed seed makes sampling repeatable")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as stored)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cpu)")
+    p.add_argument(
+        "--quantize",
+        choices=list(SHORT_NAMES),
+        default=None,
+        help="int8 / int4: weight-only; int8dq: int8 weights and int8 activations (see bamba.quantize)",
+    )
+
+
+def _sampling_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The values of `_add_sampling_args`' flags, as keyword arguments of generate_text and chat."""
+    names = "model max_new_tokens temperature top_p top_k seed dtype device quantize".split()
+    return {name: getattr(args, name) for name in names}
+
+
+def _cli_generate(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    first = True
+
+    def stream(piece: str) -> None:  # the prompt goes out with the first piece, once the model has loaded
+        nonlocal first
+        print((args.prompt if first else "") + piece, end="", flush=True)
+        first = False
+
+    stats: dict[str, float] = {}
+    generate_text(
+        args.prompt, **_sampling_options(args), stream=stream, stats=stats, num_beams=args.num_beams
+    )
+    print(args.prompt if first else "")  # the prompt alone when nothing was generated
+    if args.verbose:
+        print(format_stats(stats, time.perf_counter() - start), file=sys.stderr)
+    return 0
+
+
+def _cli_chat(args: argparse.Namespace) -> None:
+    chat(system=args.system, **_sampling_options(args))
 
 
 # ----- train command (owner: the train helper) ----------------------------------------------------------

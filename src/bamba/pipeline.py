@@ -8,9 +8,11 @@ from typing import Any
 
 import torch
 
-from .generation import eos_ids_with, generate, generation_config_fields
+from .demo import demo_path
+from .generation import generate, generation_config_fields
 from .hub import HUB_KEYWORDS
 from .model import BambaForCausalLM
+from .sampling import eos_ids_with
 from .tokenizer import Tokenizer
 
 Chat = list[dict[str, str]]
@@ -270,8 +272,6 @@ def pipeline(
     if task != "text-generation":
         raise ValueError(f"task {task!r} is not supported; only 'text-generation'")
     if model is None:
-        from .demo import demo_path
-
         model = demo_path()
     tokenizer_keywords = HUB_KEYWORDS | {"revision"}  # how a tokenizer is fetched
     if isinstance(model, BambaForCausalLM):
