@@ -108,7 +108,8 @@ def beam_search(
         cand_seqs, cand_src = beams.extend(cand, scores.shape[-1], step)
         ends = _ends(cand_seqs[:, :, cur], cur + 1 >= t + max_new_tokens, eos_t)  # (b, n_keep)
         beams.advance(cand_scores, cand_seqs, cand_src, ends)
-        if beams.done(cand_scores, cand_seqs, cand_src, ends, step):
+        beams.keep_finished(cand_scores, cand_seqs, cand_src, ends, step)
+        if beams.all_done(ends):
             break
         cache.reorder_cache(beams.running_src[:, :, step].reshape(-1))
         if mask is not None:  # (the rows of a prompt's beams have the same mask: no reordering needed)
@@ -230,10 +231,12 @@ class _Beams:
         self.running, self.running_scores = _take(seqs, pick), _take(live, pick)
         self.running_src = _take(seq_src, pick)
 
-    def done(self, cand_scores: Tensor, seqs: Tensor, seq_src: Tensor, ends: Tensor, step: int) -> bool:
-        """Keep the ending continuations among the best k as hypotheses, unless their prompt is done; is
-        every prompt done now? (`early_stopping`, with transformers' heuristic: the best running beam
-        against the worst hypothesis)."""
+    def keep_finished(
+        self, cand_scores: Tensor, seqs: Tensor, seq_src: Tensor, ends: Tensor, step: int
+    ) -> None:
+        """The ending continuations among the best k become hypotheses, scored by their length-penalized
+        sums, unless their prompt is done; the best k hypotheses stay. Then: may each prompt's running
+        beams still beat them? (transformers' heuristic: the best running beam against the worst of them)"""
         k, n_gen = self.running.shape[1], step + 1
         just_done = ends & (torch.arange(ends.shape[1], device=ends.device) < k)  # (b, n): the best k
         finished = cand_scores / (n_gen**self.length_penalty)
@@ -252,6 +255,10 @@ class _Beams:
         best_hope = self.running_scores[:, :1] / (hoped**self.length_penalty)  # (b, 1)
         worst = torch.where(self.best_done, self.best_scores.min(dim=1, keepdim=True).values, NEG)  # (b, k)
         self.improvable = self.improvable & (best_hope > worst).any(dim=-1, keepdim=True)
+
+    def all_done(self, ends: Tensor) -> bool:
+        """Is the search over: no prompt's running beams can beat its hypotheses, or (early_stopping=True)
+        every prompt has k hypotheses, or every continuation ends?"""
         all_full = bool(self.best_done.all()) and self.early_stopping is True
         return not bool(self.improvable.any()) or all_full or bool(ends.all())
 
