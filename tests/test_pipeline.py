@@ -187,15 +187,17 @@ def test_hub_keywords_reach_the_tokenizer_too(folder, monkeypatch):
     """model_kwargs' hub keywords (cache_dir, token, ...) and revision load the tokenizer as well as the
     model, as transformers' pipeline does; before, the tokenizer was looked up without them."""
     import bamba.checkpoint as ckpt
+    import bamba.hub as hub
 
     seen = []
-    real = ckpt.resolve_folder
+    real = hub.resolve_folder
 
     def recording(path, revision=None, **hub):
         seen.append((revision, hub))
         return real(path, revision=revision, **hub)
 
-    monkeypatch.setattr(ckpt, "resolve_folder", recording)
+    monkeypatch.setattr(ckpt, "resolve_folder", recording)  # (the model's loader)
+    monkeypatch.setattr(hub, "resolve_folder", recording)  # (the tokenizer's)
     pipeline(model=folder, revision="main", model_kwargs={"local_files_only": True})
     assert len(seen) >= 3  # the model, then tokenizer.json and its other files
     assert all(call == ("main", {"local_files_only": True}) for call in seen)
