@@ -112,7 +112,7 @@ class BambaAttention(nn.Module):
             out, weights = self._eager(q, k, v, mask, dropout)
         elif l == 1 and self.num_kv_heads != self.num_heads:
             # Decoding: the query heads sharing a kv head become rows of one query block, so the cached
-            # keys/values are read once per kv head (CPU SDPA's enable_gqa is ~3x slower here).
+            # keys/values are read once per kv head (faster than SDPA's enable_gqa: benchmarks/README.md).
             # Reference: the enable_gqa call below (tests/test_speed_paths.py compares them).
             out = grouped_decode_attention(q, k, v, mask.mask)  # (b, h, 1, hd)
         else:
@@ -144,9 +144,8 @@ class BambaAttention(nn.Module):
         return F.dropout(weights, dropout, self.training) @ v, weights
 
 
-# cuDNN's attention (which PyTorch prefers for bf16 on Hopper GPUs) builds a plan for every new key length:
-# on an H100 with torch 2.11 that cost 15 ms of CPU time per call, so each decoding step paid it again (bf16
-# decode at batch 1: 57 ms per step). The other backends have no such cost; on CUDA they are used instead.
+# cuDNN's attention builds a plan for every new key length, so each decoding step would pay for one; the
+# other backends do not (figures: benchmarks/README.md).
 _CUDA_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
@@ -171,12 +170,8 @@ def grouped_decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | Non
     return out.reshape(b, h, 1, hd)
 
 
-# CPU SDPA reads a long fp32 cache at about 40% of the memory's speed when a few query rows share each kv
-# head. Measured on a 2-core Zen 5 EPYC, 2 threads (3 layers of bench-small at batch 8, 16 heads / 4 kv
-# heads of 64; ms, SDPA against decode_attention_matmul): 130 keys 0.46 / 0.37, 600 keys 1.50 / 1.13,
-# 2,100 keys 5.40 / 4.24, 4,224 keys 10.5 / 8.2; at batch 1, 130 keys 0.09 / 0.11, 600 keys 0.19 / 0.19,
-# 4,224 keys 1.23 / 0.93. The products take the fp32 GEMM (bf16 stays on SDPA: a bf16 GEMM is slow on
-# CPUs without bf16 compute).
+# From this many keys, fp32 CPU decoding takes `decode_attention_matmul`: CPU SDPA reads a long cache slowly
+# when a few query rows share each kv head (figures: benchmarks/README.md). bf16 stays on SDPA.
 DECODE_MATMUL_MIN_KEYS = 512
 
 

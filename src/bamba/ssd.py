@@ -28,7 +28,7 @@ from torch import Tensor
 from . import linear
 
 # exp() of arguments below this is clamped: exp(-60) ~ 1e-26 is negligible next to fp32's 1e-7 resolution,
-# and it keeps results out of the denormal range, where CPU arithmetic is ~20x slower.
+# and it keeps results out of the denormal range, where CPU arithmetic is slow.
 _MIN_LOG_DECAY = -60.0
 READOUT_ONEDNN_MIN = 2**18  # state elements per (row, group) from which `state_readout` may take oneDNN
 
@@ -186,11 +186,8 @@ def state_readout(sg: Tensor, C: Tensor) -> Tensor:
 
     Several (row, group) pairs of states of at least `READOUT_ONEDNN_MIN` elements each, on CPUs where
     oneDNN's fp32 matmul beats MKL's (`bamba.linear.onednn_fp32_is_fast`): one oneDNN matrix-vector
-    product per pair. MKL's batched form read such states at a quarter of the memory's speed there (a
-    Zen 5 EPYC, bench-small's 1 MB states at batch 8: 641 against 353 us per layer; fp32 decoding at
-    batch 8 went from 112 to 116-122 tok/s). A single pair (batch 1, one group) gained nothing
-    measurable, and smaller states lose to the per-call cost (the demo model's 64 KB states at batch 8:
-    36 against 149 us per layer). Elsewhere, and as the reference: torch.matmul."""
+    product per pair, where MKL's batched form reads the states slowly (figures: benchmarks/README.md).
+    Elsewhere, and as the reference: torch.matmul."""
     b, g, m, n = sg.shape
     if (
         b * g == 1
@@ -245,8 +242,8 @@ def causal_conv1d(
     Returns the output (b, l, c) in x's dtype and the new state (b, k-1, c): the last k-1 inputs.
 
     The k taps are shifted multiply-adds over the channels-last input: no transposes (F.conv1d wants
-    channels first, and transposing there and back took twice as long at bench-small's shapes), and the
-    output stays contiguous for the ops that follow. Reference: `causal_conv1d_reference`.
+    channels first; transposing there and back was slower, see benchmarks/README.md), and the output
+    stays contiguous for the ops that follow. Reference: `causal_conv1d_reference`.
     """
     b, l, c = x.shape
     k = weight.shape[-1]
