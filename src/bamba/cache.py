@@ -93,6 +93,10 @@ class HybridMambaAttentionDynamicCache:
         """Number of tokens the cache holds (the same for every layer, attention or Mamba)."""
         return self.seen_tokens
 
+    def advance(self, n: int) -> None:
+        """Count n more tokens as held: called once per forward, after every layer has written them."""
+        self.seen_tokens += n
+
     def __len__(self) -> int:
         return self.config.num_hidden_layers
 

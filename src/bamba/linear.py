@@ -1,39 +1,17 @@
 """How Linear layers compute: the one place that picks a matmul path for a device, dtype and input size.
 
-- `Linear` is `nn.Linear` (same parameters, same state_dict) with two CPU fast paths:
-  * bf16 weights on a CPU where bf16 GEMM is slower than fp32 (`bf16_gemm_is_fast()` False): inputs
-    of more than 8 rows (prefill) run in fp32 from weight tiles upcast on the fly (`linear_upcast`),
-    so the weights stay bf16 (half the memory and bandwidth); fewer rows (decoding) use bf16 directly.
-  * fp32 weights, no gradient needed, on x86: oneDNN's matmul (`onednn_linear`, through `dense_linear`)
-    for 4..256 rows (batched decoding, short prompts), where F.linear's MKL call is slow: on the
-    2-core AVX-512 Xeon we measured (bench-small shapes, weights out of cache) 1.2-1.35x more time at
-    8-16 rows. On CPUs where MKL does not use its best kernels (AMD: on a 2-core Zen 5 EPYC, MKL ran
-    fp32 GEMMs at 208 GFLOP/s, AVX2 speed, and oneDNN at 455; GEMVs 2x slower too), every row count
-    takes oneDNN: `onednn_fp32_is_fast()` measures that once per process (a 2x gap; the Xeon's
-    1.2x at 8 rows was too small to measure reliably in the 30 ms we allow, so it is a fixed rule).
-    There, 1-3 rows take oneDNN only for weights of 2**19 elements or more: its call costs about 10 us
-    more than F.linear's, which small weights do not repay (crossover measured at about 0.5M weights).
-  * one input row (decoding at batch 1), no gradient, by an fp32 weight of 2**20 elements or more: a
-    GEMV that TorchInductor compiles from plain PyTorch, one dot product per weight row (`gemv_fp32`,
-    `compiled_gemv`), where it measured faster than the path above once per process
-    (`compiled_gemv_is_fast`; it needs a C++ compiler, and BAMBA_COMPILED_GEMV=0 turns it off). On the
-    EPYC it streams weights at 41.6 GB/s where oneDNN's GEMV reads 36.4 and a plain sum 42.6
-    (bench-small's 87 decode-step layers); fp32 decoding at batch 1 went from 23.6 to 29.3 tok/s in one
-    process. A process's first compile costs about 2 s (loading TorchInductor), each further weight
-    shape 0.05-0.3 s (2-4 s with inductor's on-disk cache cold). int8 weight-only layers take the same
-    route (`gemv_int8`, in `bamba.quantize`).
-  * fp32 training (autograd) on those same CPUs: `OneDNNLinearFunction`, whose forward and both
-    gradients are oneDNN GEMMs (`benchmarks/bench_train_step.py` on the EPYC, 2,048 tokens per step:
-    bench-small 79 -> 125 tok/s, the demo model 2,907 -> 3,670), except under autocast, which must see
-    F.linear to cast it, and where this PyTorch's oneDNN refuses transposed operands.
+- `Linear` is `nn.Linear` (same parameters, same state_dict) that takes, on CPUs, the path measured
+  fastest for its weight's dtype and the input's rows: bf16 prompts in fp32 from weight tiles upcast on
+  the fly, so the weights stay bf16 (`linear_upcast`, where `bf16_gemm_is_fast()` is False); fp32
+  inference through oneDNN's matmul (`onednn_linear`, where `use_onednn_fp32` says); one input row by a
+  large fp32 weight through a GEMV that TorchInductor compiles from plain PyTorch (`compiled_gemv`, where
+  `compiled_gemv_is_fast`; BAMBA_COMPILED_GEMV=0 turns it off; int8 weight-only layers take the same
+  route, `gemv_int8`); fp32 training through oneDNN (`OneDNNLinearFunction`, where `onednn_trains()`).
   Everything else is F.linear.
-- `PackedLinear`, made by `pack_for_cpu(model)`, is for inference on CPUs: the weight is stored once,
-  in oneDNN's blocked layout, and every input runs through oneDNN. With bf16 weights on a CPU with
-  AVX512-BF16 this reads the weights at ~1.5x the speed of F.linear's bf16 GEMV (decode batch 1 and
-  8). oneDNN's bf16 GEMM is slower than the fp32 one there, so inputs of more than 128 rows (prompts)
-  unpack the weight (a copy of one layer's weight, ~5% of that layer's GEMM time at 512 rows) and take
-  `linear_upcast`. `pack_for_cpu` only packs dtypes where it measured that packing pays (`packing_pays`).
+- `PackedLinear`, made by `pack_for_cpu(model)`, is for inference on CPUs: the weight is stored once, in
+  oneDNN's blocked layout, and every input runs through oneDNN (only for dtypes where `packing_pays`).
 
+The figures behind each rule, with the commands that measure them: benchmarks/README.md.
 References: each fast path equals F.linear in fp32 within rounding (tests/test_linear.py).
 """
 
@@ -263,8 +241,7 @@ def _gemv_kernel(
 ) -> Any:
     """`graph` compiled by TorchInductor (C++, vectorized, OpenMP) for inputs of these (shape, dtype):
     a kernel that takes contiguous CPU tensors of exactly those and returns the output. Compiled once per
-    process and shape (see the module doc for the cost), without dynamo: a call costs about 5 us (a
-    torch.compile'd function's guards cost 16)."""
+    process and shape, without dynamo, whose guards would cost more than the kernel's call."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
     # never touched: traced with fake tensors, and inductor only reads their metadata (a 9B model's

@@ -7,7 +7,6 @@ one to one onto `state_dict()` keys. Modules hold weights only; decoding state l
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,15 +16,14 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from .cache import HybridMambaAttentionDynamicCache
+from .checkpoint import load_pretrained, save_pretrained
 from .config import BambaConfig
-from .linear import Linear, needs_grad
+from .linear import Linear
+from .masks import AttentionMask, keep_positions, prepare_inputs
 from .outputs import BambaModelOutput, CausalLMOutput
 from .ssd import causal_conv1d, causal_conv1d_step, ssd_chunked, ssd_step_inplace
 
 Cache = HybridMambaAttentionDynamicCache
-
-
-# ----- outputs -----------------------------------------------------------------------------------------
 
 
 # ----- small modules -------------------------------------------------------------------------------------
@@ -69,17 +67,6 @@ class BambaMLP(nn.Module):
 
 
 # ----- attention ---------------------------------------------------------------------------------------
-def rotary_cos_sin(position_ids: Tensor, config: BambaConfig, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """cos, sin (b, l, rotary_dim) for the half-split rotation of the first `rotary_dim` dims."""
-    rd = config.rotary_dim
-    inv_freq = 1.0 / (
-        config.rope_theta ** (torch.arange(0, rd, 2, dtype=torch.float32, device=position_ids.device) / rd)
-    )
-    freqs = position_ids[..., None].float() * inv_freq  # (b, l, rd/2)
-    emb = torch.cat([freqs, freqs], dim=-1)  # (b, l, rd)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """x: (b, heads, l, head_dim); rotate the first cos.shape[-1] dims, pass the rest through."""
     rd = cos.shape[-1]
@@ -88,14 +75,6 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     x1, x2 = xr[..., : rd // 2], xr[..., rd // 2 :]
     rotated = torch.cat([-x2, x1], dim=-1)
     return torch.cat([xr * cos + rotated * sin, xp], dim=-1)
-
-
-@dataclass
-class AttentionMask:
-    """How attention layers mask: `mask` (b|1, 1, q, k) bool (True = attend) or None with `is_causal`."""
-
-    mask: Tensor | None
-    is_causal: bool
 
 
 class BambaAttention(nn.Module):
@@ -133,7 +112,7 @@ class BambaAttention(nn.Module):
             out, weights = self._eager(q, k, v, mask, dropout)
         elif l == 1 and self.num_kv_heads != self.num_heads:
             # Decoding: the query heads sharing a kv head become rows of one query block, so the cached
-            # keys/values are read once per kv head (CPU SDPA's enable_gqa is ~3x slower here).
+            # keys/values are read once per kv head (faster than SDPA's enable_gqa: benchmarks/README.md).
             # Reference: the enable_gqa call below (tests/test_speed_paths.py compares them).
             out = grouped_decode_attention(q, k, v, mask.mask)  # (b, h, 1, hd)
         else:
@@ -165,9 +144,8 @@ class BambaAttention(nn.Module):
         return F.dropout(weights, dropout, self.training) @ v, weights
 
 
-# cuDNN's attention (which PyTorch prefers for bf16 on Hopper GPUs) builds a plan for every new key length:
-# on an H100 with torch 2.11 that cost 15 ms of CPU time per call, so each decoding step paid it again (bf16
-# decode at batch 1: 57 ms per step). The other backends have no such cost; on CUDA they are used instead.
+# cuDNN's attention builds a plan for every new key length, so each decoding step would pay for one; the
+# other backends do not (figures: benchmarks/README.md).
 _CUDA_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
@@ -192,12 +170,8 @@ def grouped_decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | Non
     return out.reshape(b, h, 1, hd)
 
 
-# CPU SDPA reads a long fp32 cache at about 40% of the memory's speed when a few query rows share each kv
-# head. Measured on a 2-core Zen 5 EPYC, 2 threads (3 layers of bench-small at batch 8, 16 heads / 4 kv
-# heads of 64; ms, SDPA against decode_attention_matmul): 130 keys 0.46 / 0.37, 600 keys 1.50 / 1.13,
-# 2,100 keys 5.40 / 4.24, 4,224 keys 10.5 / 8.2; at batch 1, 130 keys 0.09 / 0.11, 600 keys 0.19 / 0.19,
-# 4,224 keys 1.23 / 0.93. The products take the fp32 GEMM (bf16 stays on SDPA: a bf16 GEMM is slow on
-# CPUs without bf16 compute).
+# From this many keys, fp32 CPU decoding takes `decode_attention_matmul`: CPU SDPA reads a long cache slowly
+# when a few query rows share each kv head (figures: benchmarks/README.md). bf16 stays on SDPA.
 DECODE_MATMUL_MIN_KEYS = 512
 
 
@@ -448,14 +422,10 @@ class BambaPreTrainedModel(nn.Module):
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str, **kwargs: Any) -> BambaPreTrainedModel:
         """Load a Hugging Face checkpoint folder or hub repo id. See `bamba.checkpoint.load_pretrained`."""
-        from .checkpoint import load_pretrained
-
         return load_pretrained(cls, path_or_repo_id, **kwargs)
 
     def save_pretrained(self, folder: str, max_shard_size: int | str = "5GB", **kwargs: Any) -> None:
         """Write config.json and (sharded) safetensors that transformers loads. See `bamba.checkpoint`."""
-        from .checkpoint import save_pretrained
-
         save_pretrained(self, folder, max_shard_size=max_shard_size, **kwargs)
 
 
@@ -495,160 +465,52 @@ class BambaModel(BambaPreTrainedModel):
         return_dict: bool = True,
         **unused: Any,
     ) -> BambaModelOutput | tuple:
-        cfg = self.config
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        if input_ids is not None:
-            input_ids = check_token_ids(input_ids, cfg.vocab_size)
-            inputs_embeds = self.embed_tokens(input_ids)
-        x = inputs_embeds  # (b, l, d)
-        if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != cfg.hidden_size:
-            raise ValueError(
-                f"inputs_embeds must be a (batch, length, hidden_size={cfg.hidden_size}) tensor, found "
-                f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}"
-            )
-        weight_dtype = self.embed_tokens.weight.dtype
-        narrower = weight_dtype in (torch.float32, torch.float64) and x.itemsize < weight_dtype.itemsize
-        if not x.is_floating_point() or not (x.dtype == weight_dtype or narrower):
-            # (narrower floats into fp32 weights are fine: the norms compute in fp32, as in transformers)
-            raise ValueError(
-                f"inputs_embeds has dtype {x.dtype}; expected floating point no wider than the model's "
-                f"weights ({weight_dtype})"
-            )
-        b, l, _ = x.shape
-        if l == 0:
-            raise ValueError("input has sequence length 0")
-        if position_ids is not None:
-            position_ids = torch.as_tensor(position_ids, device=x.device)
-            rows_ok = position_ids.dim() == 1 or (position_ids.dim() == 2 and position_ids.shape[0] in (1, b))
-            if not rows_ok or position_ids.shape[-1] != l:
-                raise ValueError(
-                    f"position_ids must be (batch={b} or 1, length={l}), found shape {tuple(position_ids.shape)}"
-                )
-            position_ids = position_ids.view(-1, l)  # (b|1, l)
-        past_key_values = past_key_values if past_key_values is not None else cache
-        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        if checkpointing and past_key_values is not None:
-            raise ValueError(
-                "gradient checkpointing recomputes the layers, which would write past_key_values twice: "
-                "train without a cache, or turn checkpointing off (gradient_checkpointing_disable)"
-            )
-        implicit_cache = use_cache is None and past_key_values is None  # (made here, by default)
-        if checkpointing:  # as transformers: no cache when checkpointing
-            use_cache = False
-        elif use_cache is None:
-            use_cache = cfg.use_cache and not self.training
-        if use_cache and past_key_values is None:
-            past_key_values = HybridMambaAttentionDynamicCache(cfg)
-        if past_key_values is not None and past_key_values.batch_size not in (None, b):
-            raise ValueError(
-                f"past_key_values holds {past_key_values.batch_size} rows; the input has batch size {b}"
-            )
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
-
-        # Padding: a 2-D mask over past + current tokens.
-        if attention_mask is not None:
-            if (
-                attention_mask.dim() != 2
-                or attention_mask.shape[0] != b
-                or attention_mask.shape[1] not in (l, past + l)
-            ):
-                raise ValueError(
-                    f"attention_mask has shape {tuple(attention_mask.shape)}; expected (batch={b}, past+current="
-                    f"{past + l}) (2-D, 1 for tokens, 0 for padding)"
-                )
-            attention_mask = attention_mask.bool()
-            if attention_mask.shape[1] == l and past > 0:  # only the new tokens given: the past was real
-                attention_mask = torch.cat([attention_mask.new_ones(b, past), attention_mask], dim=1)
-            if bool(attention_mask.all()):
-                attention_mask = None
-
-        # Packed sequences: seq_idx from cu_seq_lens, from position_ids, or given.
-        if (
-            cu_seq_lens_q is not None
-            and cu_seq_lens_k is not None
-            and not torch.equal(cu_seq_lens_q, cu_seq_lens_k)
-        ):
-            raise ValueError(
-                "cu_seq_lens_q and cu_seq_lens_k differ; self-attention over packed input needs them equal"
-            )
-        cu_seq_lens = cu_seq_lens_q if cu_seq_lens_q is not None else cu_seq_lens_k
-        seq_idx = packed_seq_idx(
-            b, l, x.device, seq_idx, cu_seq_lens, position_ids if attention_mask is None else None
+        per_layer = output_hidden_states or output_attentions
+        inp = prepare_inputs(
+            self,
+            input_ids,
+            inputs_embeds,
+            attention_mask,
+            position_ids,
+            past_key_values if past_key_values is not None else cache,
+            use_cache,
+            seq_idx,
+            (cu_seq_lens_q, cu_seq_lens_k),
+            prefill_chunk=None if per_layer or self.training else self.prefill_chunk_size,
         )
-        if seq_idx is not None and past > 0:
-            raise ValueError(
-                "packed input (seq_idx / cu_seq_lens / restarting position_ids) cannot continue a cache"
-            )
-        if seq_idx is not None and past_key_values is not None:
-            if not implicit_cache:
-                raise ValueError(
-                    "packed input (seq_idx / cu_seq_lens / restarting position_ids) cannot fill a cache: it "
-                    "would hold every packed sequence's keys and a conv window across them; pass "
-                    "use_cache=False"
-                )
-            past_key_values = None  # the default cache: none for packed input
-
-        chunk = self.prefill_chunk_size
-        if (
-            chunk
-            and l > chunk
-            and past_key_values is not None
-            and attention_mask is None
-            and position_ids is None
-            and seq_idx is None
-            and not (output_hidden_states or output_attentions or self.training)
-            and not needs_grad(x, *self.parameters())
-        ):  # (a backward pass would need the states that each piece overwrites)
-            # A long prompt goes through the cache in pieces: activations stay O(chunk), not O(l).
-            pieces = [
-                self(
-                    inputs_embeds=x[:, i : i + chunk], past_key_values=past_key_values, use_cache=True
-                ).last_hidden_state
-                for i in range(0, l, chunk)
-            ]
-            out = BambaModelOutput(
-                last_hidden_state=torch.cat(pieces, dim=1), past_key_values=past_key_values
-            )
+        if inp.prefill_chunk:
+            out = self._prefill_in_chunks(inp.x, inp.cache, inp.prefill_chunk)
             return out if return_dict else out.to_tuple()
 
-        if position_ids is None:
-            if attention_mask is not None:
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -l:]
-            elif seq_idx is not None:
-                position_ids = positions_from_seq_idx(seq_idx)
-            else:
-                position_ids = torch.arange(past, past + l, device=x.device)[None].expand(b, l)
-
-        has_attn = "attention" in cfg.layers_block_type
-        rope = rotary_cos_sin(position_ids, cfg, x.dtype) if has_attn else None
-        attn_mask = build_attention_mask(b, l, past, attention_mask, seq_idx, x.device) if has_attn else None
-        pad_mask = attention_mask[:, -l:] if attention_mask is not None and l > 1 else None
-
-        all_hidden = [] if output_hidden_states else None
-        all_attn = [] if output_attentions else None
+        x = inp.x  # (b, l, d)
+        hidden, attentions = [], []
         for layer in self.layers:
-            if all_hidden is not None:
-                all_hidden.append(x)
-            args = (x, rope, attn_mask, pad_mask, seq_idx, past_key_values, output_attentions)
-            if checkpointing:
-                x, w = checkpoint(layer, *args, use_reentrant=False)
-            else:
-                x, w = layer(*args)
-            if all_attn is not None and w is not None:
-                all_attn.append(w)
+            if output_hidden_states:
+                hidden.append(x)
+            args = (x, inp.rope, inp.attn_mask, inp.pad_mask, inp.seq_idx, inp.cache, output_attentions)
+            x, w = checkpoint(layer, *args, use_reentrant=False) if inp.checkpointing else layer(*args)
+            if w is not None:
+                attentions.append(w)
         x = self.final_layernorm(x)
-        if all_hidden is not None:
-            all_hidden.append(x)  # (embeddings, layer 0 .. n-2 outputs, final normed), as transformers
-        if past_key_values is not None:
-            past_key_values.seen_tokens += l
+        if output_hidden_states:
+            hidden.append(x)  # (embeddings, layer 0 .. n-2 outputs, final normed), as transformers
+        if inp.cache is not None:
+            inp.cache.advance(x.shape[1])
         out = BambaModelOutput(
             last_hidden_state=x,
-            past_key_values=past_key_values,
-            hidden_states=tuple(all_hidden) if all_hidden is not None else None,
-            attentions=tuple(all_attn) if all_attn is not None else None,
+            past_key_values=inp.cache,
+            hidden_states=tuple(hidden) if output_hidden_states else None,
+            attentions=tuple(attentions) if output_attentions else None,
         )
         return out if return_dict else out.to_tuple()
+
+    def _prefill_in_chunks(self, x: Tensor, cache: Cache, chunk: int) -> BambaModelOutput:
+        """x (b, l, d) through the cache in pieces of `chunk` tokens: activations stay O(chunk), not O(l)."""
+        pieces = [
+            self(inputs_embeds=x[:, i : i + chunk], past_key_values=cache, use_cache=True).last_hidden_state
+            for i in range(0, x.shape[1], chunk)
+        ]
+        return BambaModelOutput(last_hidden_state=torch.cat(pieces, dim=1), past_key_values=cache)
 
 
 class BambaForCausalLM(BambaPreTrainedModel):
@@ -713,30 +575,6 @@ class BambaForCausalLM(BambaPreTrainedModel):
         return generate(self, *args, **kwargs)
 
 
-# ----- helpers ------------------------------------------------------------------------------------------------
-def keep_positions(h: Tensor, logits_to_keep: int | Tensor) -> Tensor:
-    """The positions of h (b, l, d) whose logits are wanted, as transformers reads `logits_to_keep`:
-    an int keeps the last n (0: all); a 1-D tensor, those positions of every row -> (b, n, d); a 2-D
-    integer tensor (b, n), each row's own positions -> (b, n, d); a 2-D bool mask (b, l), the True
-    positions flattened -> (n_true, d)."""
-    if isinstance(logits_to_keep, int):
-        if logits_to_keep < 0:  # (transformers slices h[:, -n:], i.e. drops the first |n| positions)
-            raise ValueError(
-                f"logits_to_keep={logits_to_keep}: an int must be >= 0 (the last n positions; 0: all)"
-            )
-        return h[:, -logits_to_keep:] if logits_to_keep > 0 else h
-    if not isinstance(logits_to_keep, Tensor) or logits_to_keep.dim() not in (1, 2):
-        raise ValueError(
-            f"logits_to_keep must be an int, a 1-D tensor of positions, or a 2-D tensor (positions per row, "
-            f"or a bool mask (batch, length)); found {logits_to_keep!r}"
-        )
-    if logits_to_keep.dim() == 1:
-        return h[:, logits_to_keep]
-    if logits_to_keep.dtype == torch.bool:
-        return h[logits_to_keep]  # (n_true, d)
-    return torch.take_along_dim(h, logits_to_keep[..., None], dim=1)  # (b, n, d)
-
-
 def causal_lm_loss(
     logits: Tensor,
     labels: Tensor,
@@ -781,123 +619,3 @@ def causal_lm_loss(
     if z_loss_coefficient > 0:
         loss = loss + z_loss_coefficient * logits.logsumexp(dim=-1).to(loss.dtype).pow(2).mean()
     return loss
-
-
-def check_token_ids(input_ids: Tensor, vocab_size: int) -> Tensor:
-    """input_ids checked (an integer tensor (b, l) of ids in the vocabulary), as int64 or int32 (the types
-    the embedding takes; narrower integer types are widened)."""
-    if not isinstance(input_ids, Tensor):
-        raise TypeError(f"input_ids must be a torch tensor (batch, length), found {type(input_ids).__name__}")
-    if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
-        raise ValueError(f"input_ids must be an integer tensor, found dtype {input_ids.dtype}")
-    if input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be 2-D (batch, length), found shape {tuple(input_ids.shape)}")
-    if input_ids.dtype not in (torch.int64, torch.int32):
-        input_ids = input_ids.long()
-    if input_ids.numel() == 0:
-        return input_ids
-    lo, hi = int(input_ids.min()), int(input_ids.max())
-    if lo < 0 or hi >= vocab_size:
-        bad = lo if lo < 0 else hi
-        raise ValueError(f"input_ids contain token id {bad}, outside the vocabulary [0, {vocab_size})")
-    return input_ids
-
-
-def packed_seq_idx(
-    b: int,
-    l: int,
-    device: torch.device,
-    seq_idx: Tensor | None,
-    cu_seq_lens: Tensor | None,
-    position_ids: Tensor | None,
-) -> Tensor | None:
-    """Sequence ids (b, l) of packed input, or None when every row is one sequence.
-
-    From `cu_seq_lens` (cumulative lengths over the flattened b*l tokens), else `seq_idx`, else from
-    `position_ids`: a new sequence starts wherever the position does not follow its predecessor.
-    """
-    if seq_idx is not None:
-        seq_idx = torch.as_tensor(seq_idx, device=device)
-        if seq_idx.shape != (b, l) or seq_idx.is_floating_point() or seq_idx.is_complex():
-            raise ValueError(
-                f"seq_idx must be an integer tensor of shape {(b, l)}, found {seq_idx.dtype} {tuple(seq_idx.shape)}"
-            )
-        if bool((seq_idx[:, 1:] < seq_idx[:, :-1]).any()):
-            raise ValueError(
-                "seq_idx must be non-decreasing along each row (one id per packed sequence, in order); "
-                "an id that comes back would join two sequences"
-            )
-    if cu_seq_lens is not None:
-        cu = torch.as_tensor(cu_seq_lens, device=device).to(torch.long).flatten()
-        if cu.numel() < 2 or cu[0] != 0 or cu[-1] != b * l or bool((cu[1:] < cu[:-1]).any()):
-            raise ValueError(
-                f"cu_seq_lens must rise from 0 to batch*length={b * l}, found {cu.tolist()[:8]}"
-                + (f"...{cu[-1].item()}" if cu.numel() > 8 else "")
-            )
-        rows_cut = ~torch.isin(torch.arange(1, b, device=device) * l, cu)
-        if bool(rows_cut.any()):
-            raise ValueError(
-                f"cu_seq_lens {cu.tolist()[:8]} has a sequence running across rows of length {l}; each row "
-                "must start a sequence (pack each row on its own)"
-            )
-        starts = torch.zeros(b * l, dtype=torch.long, device=device)
-        starts[cu[1:-1]] = 1
-        from_cu = starts.cumsum(0).view(b, l)
-        if seq_idx is not None and not torch.equal(_changes(seq_idx), _changes(from_cu)):
-            raise ValueError("seq_idx and cu_seq_lens give different sequence boundaries; pass one of them")
-        seq_idx = from_cu
-    breaks = None  # (b, l-1): where the positions do not follow on from their predecessor
-    if position_ids is not None and l > 1:
-        pos = position_ids.to(device).expand(b, l)
-        breaks = pos[:, 1:] != pos[:, :-1] + 1
-    if seq_idx is not None:
-        jumps = breaks & ~_changes(seq_idx) if breaks is not None else None  # inside one sequence
-        if jumps is not None and bool(jumps.any()):
-            r, i = (int(v) for v in jumps.nonzero()[0])
-            raise ValueError(
-                f"position_ids jump from {int(pos[r, i])} to {int(pos[r, i + 1])} at row {r}, token {i + 1}, "
-                "inside a sequence that seq_idx / cu_seq_lens mark as one; they must agree on where sequences "
-                "start (or pass only one of them)"
-            )
-    elif breaks is None or not bool(breaks.any()):
-        return None
-    else:
-        seq_idx = F.pad(breaks.long(), (1, 0)).cumsum(-1)
-    if not bool(_changes(seq_idx).any()):
-        return None
-    return seq_idx
-
-
-def _changes(seq_idx: Tensor) -> Tensor:
-    """Where a new sequence starts within each row: (b, l) -> (b, l-1) bool."""
-    return seq_idx[:, 1:] != seq_idx[:, :-1]
-
-
-def positions_from_seq_idx(seq_idx: Tensor) -> Tensor:
-    """Positions restarting at 0 at each new sequence. (b, l) -> (b, l)"""
-    b, l = seq_idx.shape
-    idx = torch.arange(l, device=seq_idx.device).expand(b, l)
-    starts = F.pad(_changes(seq_idx), (1, 0), value=True)  # (b, l)
-    start_pos = torch.where(starts, idx, torch.zeros_like(idx)).cummax(-1).values
-    return idx - start_pos
-
-
-def build_attention_mask(
-    b: int, l: int, past: int, key_mask: Tensor | None, seq_idx: Tensor | None, device: torch.device
-) -> AttentionMask:
-    """The attention layers' mask for l new tokens after `past` cached ones.
-
-    key_mask: (b, past + l) bool, False at padding; seq_idx: (b, l) packed ids (then past == 0).
-    A query always sees itself, so no row is fully masked (padded queries would otherwise give NaN).
-    """
-    if key_mask is None and seq_idx is None:
-        if l == 1 or past == 0:
-            return AttentionMask(None, is_causal=l > 1)
-    q_pos = torch.arange(past, past + l, device=device)[:, None]  # (l, 1)
-    k_pos = torch.arange(past + l, device=device)[None, :]  # (1, past+l)
-    mask = (k_pos <= q_pos)[None]  # (1, l, past+l)
-    if seq_idx is not None:
-        mask = mask & (seq_idx[:, :, None] == seq_idx[:, None, :])  # (b, l, l)
-    if key_mask is not None:
-        mask = (mask & key_mask[:, None, :]) | (k_pos == q_pos)[None]  # (b, l, past+l)
-    return AttentionMask(mask[:, None], is_causal=False)  # (b|1, 1, l, past+l)

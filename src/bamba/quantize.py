@@ -9,14 +9,12 @@ Methods:
 
 - int8_weight_only, int4_weight_only: only the weights are quantized; activations stay in floating
   point (the packed kernels see them rounded to bf16; one int8 row through the compiled GEMV of
-  `bamba.linear`, where it measured faster, keeps them in fp32: 36.1 against 28.9 GB/s of int8 weights
-  on the EPYC, bench-small's decode-step layers).
+  `bamba.linear`, where it measured faster, keeps them in fp32).
 - int8_dynamic_activation_int8_weight ("int8dq", as torchao names it): the int8_weight_only weights,
   and each input row is quantized to int8 on the fly (symmetric, one fp32 scale per row), so the
   product is an exact int8 x int8 -> int32 matmul (`torch._int_mm`, VNNI on x86), rescaled in fp32.
   llama.cpp's q8_0 works the same way (with blocks of 32). It is not weight-only: the activations'
-  rounding adds error (demo model held-out perplexity 46.10 -> 46.13, against 46.10 weight-only), and
-  it is faster at every row count, see below.
+  rounding adds a little error, and it is faster at every row count on the CPU.
 
 Quantized: every `nn.Linear` (Mamba in_proj / out_proj, attention q/k/v/o, MLP, and the lm_head unless
 it is tied to the embeddings). Never: embeddings, A_log, D, dt_bias, conv1d, norms.
@@ -39,36 +37,14 @@ A saved quantized model's folder holds `quantization_config.json`:
 {"quant_method": "bamba", "format": ..., "group_size": ..., "modules": [names], "version": 1}; loading
 reads it and builds the quantized modules before the weights are assigned (`prepare_quantized`).
 
-Kernels, chosen by measurement on a 2-core AVX-512 Xeon (bench-small's Linear shapes, ms per decode
-step at batch 1, one thread): fp32 F.linear 113, bf16 F.linear 94, `_weight_int8pack_mm` with bf16
-activations 62 (with fp32 activations: 350), `_weight_int4pack_mm_for_cpu` (bf16 activations) 31. The
-kernels' time grows with the rows; dequantizing the weight and running an fp32 GEMM costs a fixed
-dequantization plus a fast GEMM. Crossovers measured on 20 bench-small layers, 2 threads (ms, kernel vs
-dequantize + GEMM), differ by machine:
-- the AVX-512 Xeon: int8 at 32 rows 41 vs 53, at 64 rows 76 vs 70; int4 at 128 rows 135 vs 177, at 256
-  rows 272 vs 235;
-- a Zen 5 EPYC (where the fp32 GEMM is oneDNN's, see `bamba.linear`): int8 at 64 rows 31 vs 44, at 128
-  60 vs 64, at 256 118 vs 106; int4 at 256 rows 115 vs 208 (140 with `tune_cpu_allocator`), at 512 218
-  vs 230.
-The limits sit between the two: `INT8_KERNEL_MAX_ROWS` = 64 (8% slower than dequantizing at 64 rows on
-the Xeon, 30% faster on the EPYC), `INT4_KERNEL_MAX_ROWS` = 256 (16% slower at 256 rows on the Xeon,
-20-45% faster on the EPYC). Inputs of more rows (prompts) take
-the dequantize path. Each fast path has a plain reference beside it (`linear_int8_reference`,
-`linear_int4_reference`: dequantize, then F.linear).
-
-int8 with dynamic activations (bench-small's decode-step layers, 2 threads, ms per pass): 1 row 16.2
-against 23.5 for `_weight_int8pack_mm`; 8 rows 29.7 against 59.4; and on 20 layers, 32 rows 10.4, 128
-rows 23.8, 512 rows 85 against 30, 74 and 245 for an fp32 GEMM that needs no dequantization. So it
-takes `_int_mm` at every row count on the CPU. Where `_int_mm` takes uint8 rows (x86; VNNI multiplies
-u8 x s8 natively), the rows go in shifted by 128 and the shift is subtracted exactly: 1 row 14.6, 8 rows
-30.1 (bare `_int_mm` at 1 row: 10.2 ms u8 x s8, i.e. the memory's speed, against 13.6 s8 x s8). Other
-devices take its reference (`linear_int8_dynamic_reference`: the activations rounded the same way,
-then F.linear).
-
-torchao was measured on the same layers and not taken (`benchmarks/bench_linear.py`, 2 threads, 1 row,
-torchao 0.18 on torch 2.13): its CPU int4 weight-only format (group 128) calls the same
-`_weight_int4pack_mm_for_cpu` (12.2 ms per step, as ours), and its int8 weight-only layers run eagerly
-at 67 ms against our 24. Its PyPI wheel carries CUDA kernels only.
+Kernels: up to `INT8_KERNEL_MAX_ROWS` / `INT4_KERNEL_MAX_ROWS` input rows (decoding) the packed aten
+kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`); more rows (prompts) dequantize the
+weight and take the fp32 GEMM, whose cost is fixed plus fast. int8dq takes `torch._int_mm` at every row
+count on the CPU, its rows shifted to uint8 where `_int_mm` takes them (VNNI multiplies u8 x s8
+natively; the shift is subtracted exactly); other devices take its reference. PyTorch's own kernels, not torchao's (measured no faster on
+the CPU). Each fast path has a plain reference beside it (`linear_int8_reference`,
+`linear_int4_reference`, `linear_int8_dynamic_reference`: the same rounding, then F.linear), and the
+figures that set the limits, with their commands, are in benchmarks/README.md.
 """
 
 from __future__ import annotations

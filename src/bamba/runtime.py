@@ -4,9 +4,8 @@
 mmap threshold (128 KB to start) with a fresh mapping, and gives the top of its heap back to the system
 above its trim threshold, so the tens-of-MB temporaries of a prompt (a dequantized layer, a chunk's
 decay matrix, an MLP activation) are page-faulted in again by every op that makes one. Raising both
-thresholds keeps freed blocks for reuse. Measured on the 2-core test machine: dequantizing one
-bench-small int4 layer 10.2 -> 3.2 ms; prefill of 512 tokens +6% (fp32) and +14% (int4); decoding
-unchanged. The cost: up to `trim_threshold` bytes of freed memory stay with the process.
+thresholds keeps freed blocks for reuse (prompts run faster: benchmarks/README.md). The cost: up to
+`trim_threshold` bytes of freed memory stay with the process.
 """
 
 from __future__ import annotations

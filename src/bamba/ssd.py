@@ -28,7 +28,7 @@ from torch import Tensor
 from . import linear
 
 # exp() of arguments below this is clamped: exp(-60) ~ 1e-26 is negligible next to fp32's 1e-7 resolution,
-# and it keeps results out of the denormal range, where CPU arithmetic is ~20x slower.
+# and it keeps results out of the denormal range, where CPU arithmetic is slow.
 _MIN_LOG_DECAY = -60.0
 READOUT_ONEDNN_MIN = 2**18  # state elements per (row, group) from which `state_readout` may take oneDNN
 
@@ -89,12 +89,7 @@ def ssd_chunked(
         c1 = min(c0 + step, l)
         k = -(-(c1 - c0) // q)  # chunks in this step
         pad = k * q - (c1 - c0)  # the last chunk is padded with dt = 0 tokens: no decay, no input
-        xc = _pad_tokens(x[:, c0:c1].float(), pad).view(b, k, q, g, r, p)
-        xc = xc.permute(0, 3, 4, 1, 2, 5)  # (b, g, r, k, q, p)
-        dtc = _pad_tokens(dt[:, c0:c1].float(), pad).view(b, k, q, g, r).permute(0, 3, 4, 1, 2)  # (b,g,r,k,q)
-        Bc = _pad_tokens(B[:, c0:c1].float(), pad).view(b, k, q, g, n).permute(0, 3, 1, 2, 4)  # (b,g,k,q,n)
-        Cc = _pad_tokens(C[:, c0:c1].float(), pad).view(b, k, q, g, n).permute(0, 3, 1, 2, 4)
-        Bc, Cc = Bc.unsqueeze(2), Cc.unsqueeze(2)  # (b, g, 1, k, q, n)
+        xc, dtc, Bc, Cc = _chunks(x[:, c0:c1], dt[:, c0:c1], B[:, c0:c1], C[:, c0:c1], k, q, pad)
         dA = dtc * A  # (b, g, r, k, q)
         dA_cs = dA.cumsum(-1)  # (b, g, r, k, q)
         xdt = xc * dtc[..., None]  # (b, g, r, k, q, p)
@@ -122,11 +117,7 @@ def ssd_chunked(
             chunk_decay = chunk_decay * (s[..., -1] == prev[..., 0])[:, None, None]
             prev_seq = s[:, -1, -1:]
         contrib = (xdt * decay_out[..., None]).transpose(-1, -2) @ Bc  # (b,g,r,k,p,q) @ (b,g,1,k,q,n)
-        entering = []
-        for j in range(k):  # (b, g, r, p, n) each
-            entering.append(state)
-            state = state * chunk_decay[..., j, None, None] + contrib[..., j, :, :]
-        states = torch.stack(entering, dim=3)  # (b, g, r, k, p, n)
+        states, state = _chain_states(state, chunk_decay, contrib)  # (b, g, r, k, p, n), (b, g, r, p, n)
         y += (Cc @ states.transpose(-1, -2)).mul_(decay_in[..., None])  # (b,g,1,k,q,n) @ (b,g,r,k,n,p)
         y = y.permute(0, 3, 4, 1, 2, 5).reshape(b, k * q, h, p)  # (b, k*q, h, p)
         out[:, c0:c1] = y[:, : c1 - c0]
@@ -134,6 +125,33 @@ def ssd_chunked(
     if D is not None:
         out.addcmul_(x.float(), D.float()[:, None])  # (b, l, h, p) += x * D (h, 1)
     return out, state.reshape(b, h, p, n)
+
+
+def _chunks(
+    x: Tensor, dt: Tensor, B: Tensor, C: Tensor, k: int, q: int, pad: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One loop step's tokens (`pad` zero tokens appended) as k chunks of q, fp32, heads split into
+    (groups, heads per group). x: (b, t, h, p); dt: (b, t, h); B, C: (b, t, g, n).
+    Returns x (b, g, r, k, q, p), dt (b, g, r, k, q), B and C (b, g, 1, k, q, n)."""
+    b, _, h, p = x.shape
+    g, n = B.shape[-2:]
+    r = h // g
+    xc = _pad_tokens(x.float(), pad).view(b, k, q, g, r, p).permute(0, 3, 4, 1, 2, 5)  # (b, g, r, k, q, p)
+    dtc = _pad_tokens(dt.float(), pad).view(b, k, q, g, r).permute(0, 3, 4, 1, 2)  # (b, g, r, k, q)
+    Bc = _pad_tokens(B.float(), pad).view(b, k, q, g, n).permute(0, 3, 1, 2, 4)  # (b, g, k, q, n)
+    Cc = _pad_tokens(C.float(), pad).view(b, k, q, g, n).permute(0, 3, 1, 2, 4)  # (b, g, k, q, n)
+    return xc, dtc, Bc.unsqueeze(2), Cc.unsqueeze(2)  # B, C: (b, g, 1, k, q, n)
+
+
+def _chain_states(state: Tensor, chunk_decay: Tensor, contrib: Tensor) -> tuple[Tensor, Tensor]:
+    """The state entering each of k chunks, from the one entering the first. state: (b, g, r, p, n);
+    chunk_decay: (b, g, r, k), each chunk's total decay; contrib: (b, g, r, k, p, n), each chunk's own
+    input. Returns the entering states (b, g, r, k, p, n) and the state after the last chunk."""
+    entering = []
+    for j in range(chunk_decay.shape[-1]):  # (b, g, r, p, n) each
+        entering.append(state)
+        state = state * chunk_decay[..., j, None, None] + contrib[..., j, :, :]
+    return torch.stack(entering, dim=3), state
 
 
 def ssd_step(
@@ -186,11 +204,8 @@ def state_readout(sg: Tensor, C: Tensor) -> Tensor:
 
     Several (row, group) pairs of states of at least `READOUT_ONEDNN_MIN` elements each, on CPUs where
     oneDNN's fp32 matmul beats MKL's (`bamba.linear.onednn_fp32_is_fast`): one oneDNN matrix-vector
-    product per pair. MKL's batched form read such states at a quarter of the memory's speed there (a
-    Zen 5 EPYC, bench-small's 1 MB states at batch 8: 641 against 353 us per layer; fp32 decoding at
-    batch 8 went from 112 to 116-122 tok/s). A single pair (batch 1, one group) gained nothing
-    measurable, and smaller states lose to the per-call cost (the demo model's 64 KB states at batch 8:
-    36 against 149 us per layer). Elsewhere, and as the reference: torch.matmul."""
+    product per pair, where MKL's batched form reads the states slowly (figures: benchmarks/README.md).
+    Elsewhere, and as the reference: torch.matmul."""
     b, g, m, n = sg.shape
     if (
         b * g == 1
@@ -245,8 +260,8 @@ def causal_conv1d(
     Returns the output (b, l, c) in x's dtype and the new state (b, k-1, c): the last k-1 inputs.
 
     The k taps are shifted multiply-adds over the channels-last input: no transposes (F.conv1d wants
-    channels first, and transposing there and back took twice as long at bench-small's shapes), and the
-    output stays contiguous for the ops that follow. Reference: `causal_conv1d_reference`.
+    channels first; transposing there and back was slower, see benchmarks/README.md), and the output
+    stays contiguous for the ops that follow. Reference: `causal_conv1d_reference`.
     """
     b, l, c = x.shape
     k = weight.shape[-1]
