@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 from .cache import HybridMambaAttentionDynamicCache
 from .checkpoint import load_pretrained, save_pretrained
 from .config import BambaConfig
+from .generation import generate
 from .linear import Linear
 from .masks import AttentionMask, keep_positions, prepare_inputs
 from .outputs import BambaModelOutput, CausalLMOutput
@@ -570,8 +571,6 @@ class BambaForCausalLM(BambaPreTrainedModel):
 
     def generate(self, *args: Any, **kwargs: Any) -> Tensor:
         """Generate continuations; see `bamba.generation.generate`."""
-        from .generation import generate
-
         return generate(self, *args, **kwargs)
 
 
