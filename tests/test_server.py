@@ -21,6 +21,8 @@ from bamba.demo import demo_path
 from bamba.generation import generate
 from bamba.server import EngineSettings, create_app
 
+http = httpx.Client(timeout=120)  # (a first request in a fresh process pays one-time CPU probes)
+
 
 @contextlib.contextmanager
 def running(load, name: str = "demo", api_key: str | None = None, wait: bool = True, **settings):
@@ -36,7 +38,7 @@ def running(load, name: str = "demo", api_key: str | None = None, wait: bool = T
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(url + "/health").status_code == (200 if wait else 503):
+            if http.get(url + "/health").status_code == (200 if wait else 503):
                 break
         time.sleep(0.05)
     try:
@@ -62,7 +64,7 @@ def server(demo):
 
 @pytest.fixture
 def client(server):
-    return openai.OpenAI(base_url=server[0] + "/v1", api_key="none", max_retries=0, timeout=120)
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key="none", max_retries=0)
 
 
 def alone(demo, prompt_ids: list[int], n: int) -> list[int]:
@@ -171,7 +173,7 @@ def test_a_prefix_hit_skips_prefill(server, client, demo):
     url = server[0]
 
     def prefilled() -> float:
-        for line in httpx.get(url + "/metrics").text.splitlines():
+        for line in http.get(url + "/metrics").text.splitlines():
             if line.startswith("bamba_prefill_tokens_total"):
                 return float(line.split()[-1])
         raise AssertionError("no bamba_prefill_tokens_total")
@@ -205,37 +207,37 @@ def test_a_prefix_hit_skips_prefill(server, client, demo):
     ],
 )
 def test_bad_requests_get_openai_errors(server, body, status, param):
-    r = httpx.post(server[0] + "/v1/completions", json=body)
+    r = http.post(server[0] + "/v1/completions", json=body)
     assert r.status_code == status
     error = r.json()["error"]
     assert error["param"] == param and param in error["message"] and error["type"] and "code" in error
 
 
 def test_not_json_and_bad_chat(server):
-    r = httpx.post(
+    r = http.post(
         server[0] + "/v1/completions", content=b"{not json", headers={"content-type": "application/json"}
     )
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
-    r = httpx.post(
+    r = http.post(
         server[0] + "/v1/chat/completions", json={"model": "demo", "messages": [{"role": "wizard"}]}
     )
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
-    r = httpx.post(server[0] + "/v1/chat/completions", json={"model": "demo", "messages": []})
+    r = http.post(server[0] + "/v1/chat/completions", json={"model": "demo", "messages": []})
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
 
 
 def test_info_and_tokenizer_endpoints(server, demo):
     _, tok = demo
     url = server[0]
-    assert httpx.get(url + "/health").status_code == 200
-    models = httpx.get(url + "/v1/models").json()
+    assert http.get(url + "/health").status_code == 200
+    models = http.get(url + "/v1/models").json()
     assert models["data"][0]["id"] == "demo" and models["data"][0]["max_model_len"] == 4096
-    r = httpx.post(url + "/tokenize", json={"prompt": "test", "add_special_tokens": False}).json()
+    r = http.post(url + "/tokenize", json={"prompt": "test", "add_special_tokens": False}).json()
     assert r["tokens"] == tok.encode("test", add_special_tokens=False) and r["count"] == len(r["tokens"])
-    assert httpx.post(url + "/detokenize", json={"tokens": r["tokens"]}).json()["prompt"] == "test"
-    info = httpx.get(url + "/tokenizer_info").json()
+    assert http.post(url + "/detokenize", json={"tokens": r["tokens"]}).json()["prompt"] == "test"
+    info = http.get(url + "/tokenizer_info").json()
     assert info["eos_token"] == tok.eos_token and info["chat_template"] == tok.chat_template
-    text = httpx.get(url + "/metrics").text
+    text = http.get(url + "/metrics").text
     for name in (
         "bamba_requests_total",
         "bamba_prompt_tokens_total",
@@ -252,7 +254,7 @@ def test_info_and_tokenizer_endpoints(server, demo):
 
 def test_a_disconnected_client_frees_its_slot(server):
     url, app = server
-    with httpx.stream(
+    with http.stream(
         "POST",
         url + "/v1/completions",
         json={
@@ -277,12 +279,12 @@ def test_a_disconnected_client_frees_its_slot(server):
 def test_api_key_and_queue_limit(demo, caplog):
     with running(lambda: demo, api_key="sekrit", max_queue=0) as (url, _):
         for headers in ({}, {"Authorization": "Bearer wrong"}):
-            r = httpx.post(url + "/v1/completions", json={"model": "demo", "prompt": "hi"}, headers=headers)
+            r = http.post(url + "/v1/completions", json={"model": "demo", "prompt": "hi"}, headers=headers)
             assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
         client = openai.OpenAI(base_url=url + "/v1", api_key="sekrit", max_retries=0)
         with pytest.raises(openai.RateLimitError):  # a waiting line of 0: every request is turned away
             client.completions.create(model="demo", prompt="hi", max_tokens=2)
-        assert httpx.get(url + "/health").status_code == 200  # (open, as vLLM's)
+        assert http.get(url + "/health").status_code == 200  # (open, as vLLM's)
 
 
 def test_health_is_503_while_loading_and_requests_are_logged(demo, caplog):
@@ -293,15 +295,15 @@ def test_health_is_503_while_loading_and_requests_are_logged(demo, caplog):
         return demo
 
     with running(slow_load, wait=False) as (url, _):
-        assert httpx.get(url + "/health").status_code == 503
-        r = httpx.post(url + "/v1/completions", json={"model": "demo", "prompt": "hi"})
+        assert http.get(url + "/health").status_code == 503
+        r = http.post(url + "/v1/completions", json={"model": "demo", "prompt": "hi"})
         assert r.status_code == 503 and "loading" in r.json()["error"]["message"]
         release.set()
         deadline = time.monotonic() + 30
-        while httpx.get(url + "/health").status_code != 200 and time.monotonic() < deadline:
+        while http.get(url + "/health").status_code != 200 and time.monotonic() < deadline:
             time.sleep(0.05)
         with caplog.at_level(logging.INFO, logger="bamba.serve"):
-            httpx.post(url + "/v1/completions", json={"model": "demo", "prompt": "hi", "max_tokens": 3})
+            http.post(url + "/v1/completions", json={"model": "demo", "prompt": "hi", "max_tokens": 3})
         line = next(r.message for r in caplog.records if r.name == "bamba.serve" and "prompt=" in r.message)
         assert (
             "cmpl-" in line
@@ -317,10 +319,41 @@ def test_an_engine_failure_fails_that_request_only(demo):
 
     model, tok = demo
     with running(lambda: (Poisoned(model, poison=5), tok)) as (url, _):
-        r = httpx.post(url + "/v1/completions", json={"model": "demo", "prompt": [1, 5, 6], "max_tokens": 3})
+        r = http.post(url + "/v1/completions", json={"model": "demo", "prompt": [1, 5, 6], "max_tokens": 3})
         assert r.status_code == 500 and "poisoned prompt" in r.json()["error"]["message"]
-        ok = httpx.post(
+        ok = http.post(
             url + "/v1/completions",
             json={"model": "demo", "prompt": "ROMEO:", "max_tokens": 3, "temperature": 0},
         )
         assert ok.status_code == 200 and json.loads(ok.text)["choices"][0]["text"]
+
+
+def test_bamba_serve_command_serves_the_demo_model():
+    """`bamba serve` with no model: the embedded demo, on localhost; one completion, then a clean stop."""
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bamba", "serve", "--port", str(port), "--max-running", "2"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            with contextlib.suppress(httpx.HTTPError):
+                if http.get(url + "/health").status_code == 200:
+                    break
+            time.sleep(0.2)
+        r = http.post(
+            url + "/v1/completions", json={"model": "bamba-demo", "prompt": "ROMEO:", "max_tokens": 4}
+        )
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=60)
+    assert "prompt=" in err and "completion=4" in err  # the request's log line

@@ -32,6 +32,7 @@ from .protocol import (
     TokenizeRequest,
     parse,
 )
+from .quantize import SHORT_NAMES
 
 log = logging.getLogger("bamba.serve")
 
@@ -648,7 +649,8 @@ def serve(
             f"{max_queue}, {prefix_cache_gib}"
         )
     name = model_name or (model if model is not None else "bamba-demo")
+    method = SHORT_NAMES.get(quantize, quantize) if quantize is not None else None  # int8 -> int8_weight_only
     settings = EngineSettings(max_running, max_queue, int(prefix_cache_gib * 2**30))
-    app = create_app(lambda: load_for_cli(model, dtype, device, quantize), name, api_key, settings)
+    app = create_app(lambda: load_for_cli(model, dtype, device, method), name, api_key, settings)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     uvicorn.run(app, host=host, port=port, log_level="info")
