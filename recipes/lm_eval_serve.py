@@ -51,16 +51,19 @@ def documents(text_path: str, n: int) -> list[dict]:
 
 def direct_loglikelihoods(model_path: str | None, docs: list[dict]) -> list[float]:
     """log p(continuation | context) with the model itself, tokenized as lm-eval does (the whole text
-    encoded without special tokens, split where the context's own encoding ends)."""
+    encoded without special tokens, split where the encoding of the context, less its trailing
+    whitespace, ends)."""
     from bamba import BambaForCausalLM, Tokenizer
     from bamba.demo import demo_path
 
     folder = model_path or demo_path()
-    model, tok = BambaForCausalLM.from_pretrained(folder).eval(), Tokenizer.from_pretrained(folder)
+    model = BambaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()  # as the server is run
+    tok = Tokenizer.from_pretrained(folder)
     out = []
     for d in docs:
+        context = d["context"].rstrip()  # lm-eval moves the context's trailing whitespace to the continuation
         whole = tok.encode(d["context"] + d["continuation"], add_special_tokens=False)
-        n_ctx = len(tok.encode(d["context"], add_special_tokens=False))
+        n_ctx = len(tok.encode(context, add_special_tokens=False))
         with torch.no_grad():
             logp = model(torch.tensor([whole])).logits[0].float().log_softmax(-1)  # (l, vocab)
         out.append(sum(float(logp[i - 1, whole[i]]) for i in range(n_ctx, len(whole))))
@@ -72,7 +75,18 @@ def server(model_path: str | None):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "bamba", "serve", "--port", str(port), "--model-name", "bamba"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bamba",
+        "serve",
+        "--port",
+        str(port),
+        "--model-name",
+        "bamba",
+        "--dtype",
+        "float32",
+    ]
     proc = subprocess.Popen(cmd + (["--model", model_path] if model_path else []))
     url = f"http://127.0.0.1:{port}"
     try:
