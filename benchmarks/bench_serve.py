@@ -15,20 +15,17 @@ import contextlib
 import json
 import os
 import random
-import socket
 import statistics
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import torch
-import uvicorn
 
 from bamba import BambaForCausalLM, Tokenizer
 from bamba.bench import ensure_checkpoint
 from bamba.runtime import tune_cpu_allocator
-from bamba.server import EngineSettings, create_app
+from bamba.server import EngineSettings, create_app, running_in_thread
 
 ROLES = ["system:", "user:", "assistant:"]
 TEMPLATE = (
@@ -61,23 +58,10 @@ def serving(model, tok, cache_gib: float):
     app = create_app(
         lambda: (model, tok), "bench-small", settings=EngineSettings(16, 256, int(cache_gib * 2**30))
     )
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    while True:
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(url + "/health").status_code == 200:
-                break
-        time.sleep(0.1)
-    try:
+    with running_in_thread(app) as url:
+        while httpx.get(url + "/health").status_code != 200:
+            time.sleep(0.1)
         yield url
-    finally:
-        server.should_exit = True
-        thread.join()
 
 
 def stream_completion(url: str, body: dict) -> tuple[float, float, int, str]:

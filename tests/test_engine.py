@@ -7,23 +7,14 @@ import pytest
 import torch
 from conftest import TINY
 
-from bamba import BambaConfig, BambaForCausalLM, Tokenizer
+from bamba import BambaConfig, BambaForCausalLM
 from bamba.cache import HybridMambaAttentionDynamicCache
-from bamba.demo import demo_path
 from bamba.engine import Engine, Request, SamplingParams
 from bamba.generation import default_eos_ids, generate
 
 
 @pytest.fixture(scope="module")
-def demo():
-    folder = demo_path()
-    return BambaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval(), Tokenizer.from_pretrained(
-        folder
-    )
-
-
-@pytest.fixture(scope="module")
-def edge_attention(demo):
+def edge_attention(demo_fp32):
     """A random model with attention at the first and last layers (and Mamba between), the demo's vocab."""
     torch.manual_seed(3)
     cfg = BambaConfig(**{**TINY, "vocab_size": 2048, "num_hidden_layers": 4, "attn_layer_indices": [0, 3]})
@@ -32,7 +23,7 @@ def edge_attention(demo):
         for name, p in model.named_parameters():
             if name.endswith(("A_log", "dt_bias", "D", "bias")) or "norm" in name:
                 p.add_(0.3 * torch.randn_like(p))
-    return model, demo[1]
+    return model, demo_fp32[1]
 
 
 def run(engine: Engine, prompts: list[list[int]], **params) -> list[list]:
@@ -61,7 +52,7 @@ def prompts_sharing_a_prefix(tok) -> list[list[int]]:
     ]
 
 
-@pytest.mark.parametrize("which", ["demo", "edge_attention"])
+@pytest.mark.parametrize("which", ["demo_fp32", "edge_attention"])
 def test_batched_greedy_equals_each_prompt_alone(which, request):
     """Rows of different lengths joining and leaving one batch decode exactly what `generate` gives for
     each prompt alone (max_running 3 forces joins into a running batch)."""
@@ -78,7 +69,7 @@ def test_batched_greedy_equals_each_prompt_alone(which, request):
     assert engine.rows == [] and engine.cache.batch_size is None  # everything left the batch
 
 
-@pytest.mark.parametrize("which", ["demo", "edge_attention"])
+@pytest.mark.parametrize("which", ["demo_fp32", "edge_attention"])
 def test_prefix_cache_is_exact(which, request):
     """Greedy tokens identical and logprobs within 1e-4 with the prefix cache on (second round: restored
     from snapshots) and off; a hit really skips prefill work."""
@@ -100,10 +91,10 @@ def test_prefix_cache_is_exact(which, request):
         torch.testing.assert_close(lp[2], lp[0], atol=1e-4, rtol=0)
 
 
-def test_chat_turns_reread_only_the_new_message(demo):
+def test_chat_turns_reread_only_the_new_message(demo_fp32):
     """The end of each reply is snapshot: the next turn's prompt (the conversation so far + a new
     message) prefills only the new part, and the reply equals an uncached run's."""
-    model, tok = demo
+    model, tok = demo_fp32
     cached = Engine(model, tok, prefill_chunk=16, prefix_cache_bytes=2**28, eos_ids=default_eos_ids(model))
     plain = Engine(model, tok, prefill_chunk=16, prefix_cache_bytes=0, eos_ids=default_eos_ids(model))
     conversation: list[int] = []
@@ -138,9 +129,9 @@ def test_prompt_logprobs_match_the_model(edge_attention):
     assert [i for i, _ in top[:2]] == logp[4].topk(2).indices.tolist()  # token 5, predicted at 4
 
 
-def test_seeded_sampling_does_not_depend_on_the_batch(demo):
+def test_seeded_sampling_does_not_depend_on_the_batch(demo_fp32):
     """A seeded request draws the same tokens alone and beside other requests; n choices differ."""
-    model, tok = demo
+    model, tok = demo_fp32
     prompt = tok.encode("ROMEO:\n")
     params = dict(max_tokens=10, temperature=1.0, top_p=0.9, seed=7)
     alone = run(Engine(model, tok), [prompt], **params)[0]
@@ -150,8 +141,8 @@ def test_seeded_sampling_does_not_depend_on_the_batch(demo):
     assert tokens(two, 0) == tokens(alone) and tokens(two, 1) != tokens(alone)
 
 
-def test_stop_strings_end_the_text_and_are_not_returned(demo):
-    model, tok = demo
+def test_stop_strings_end_the_text_and_are_not_returned(demo_fp32):
+    model, tok = demo_fp32
     prompt = tok.encode("ROMEO:\n")
     full = "".join(e.text for e in run(Engine(model, tok), [prompt], max_tokens=20, temperature=0)[0])
     stop = full[5:8]
@@ -160,8 +151,8 @@ def test_stop_strings_end_the_text_and_are_not_returned(demo):
     assert events[-1].finish_reason == "stop"
 
 
-def test_an_aborted_request_frees_its_row(demo):
-    model, tok = demo
+def test_an_aborted_request_frees_its_row(demo_fp32):
+    model, tok = demo_fp32
     engine = Engine(model, tok)
     events = []
     engine.submit(
@@ -189,8 +180,8 @@ class Poisoned(torch.nn.Module):
         return self.inner(input_ids, **kwargs)
 
 
-def test_a_failing_request_fails_alone(demo):
-    model, tok = demo
+def test_a_failing_request_fails_alone(demo_fp32):
+    model, tok = demo_fp32
     engine = Engine(Poisoned(model, poison=5), tok)
     good = tok.encode("ROMEO:\n")
     out = run(engine, [[1, 5, 6, 7], good], max_tokens=6, temperature=0)

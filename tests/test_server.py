@@ -14,51 +14,27 @@ import httpx
 import openai
 import pytest
 import torch
-import uvicorn
 
-from bamba import BambaForCausalLM, Tokenizer
-from bamba.demo import demo_path
 from bamba.generation import generate
-from bamba.server import EngineSettings, create_app
+from bamba.server import EngineSettings, create_app, running_in_thread
 
 http = httpx.Client(timeout=120)  # (a first request in a fresh process pays one-time CPU probes)
 
 
 @contextlib.contextmanager
 def running(load, name: str = "demo", api_key: str | None = None, wait: bool = True, **settings):
-    """A server on a free loopback port; yields (base url, app)."""
+    """A server on a free loopback port; yields (base url, app) once /health says ready (or loading)."""
     app = create_app(load, name, api_key, EngineSettings(**settings))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        with contextlib.suppress(httpx.HTTPError):
-            if http.get(url + "/health").status_code == (200 if wait else 503):
-                break
-        time.sleep(0.05)
-    try:
+    with running_in_thread(app) as url:
+        deadline = time.monotonic() + 60
+        while http.get(url + "/health").status_code != (200 if wait else 503) and time.monotonic() < deadline:
+            time.sleep(0.05)
         yield url, app
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 @pytest.fixture(scope="module")
-def demo():
-    folder = demo_path()
-    return BambaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval(), Tokenizer.from_pretrained(
-        folder
-    )
-
-
-@pytest.fixture(scope="module")
-def server(demo):
-    with running(lambda: demo, max_running=8, prefill_chunk=32) as (url, app):
+def server(demo_fp32):
+    with running(lambda: demo_fp32, max_running=8, prefill_chunk=32) as (url, app):
         yield url, app
 
 
@@ -67,16 +43,16 @@ def client(server):
     return openai.OpenAI(base_url=server[0] + "/v1", api_key="none", max_retries=0)
 
 
-def alone(demo, prompt_ids: list[int], n: int) -> list[int]:
-    model, _ = demo
+def alone(demo_fp32, prompt_ids: list[int], n: int) -> list[int]:
+    model, _ = demo_fp32
     out = generate(model, torch.tensor([prompt_ids]), max_new_tokens=n)[0, len(prompt_ids) :].tolist()
     return out[: out.index(2) + 1] if 2 in out else out  # (generate pads after eos)
 
 
-def test_completion_equals_generate(client, demo):
-    _, tok = demo
+def test_completion_equals_generate(client, demo_fp32):
+    _, tok = demo_fp32
     r = client.completions.create(model="demo", prompt="ROMEO:", max_tokens=16, temperature=0)
-    expected = tok.decode(alone(demo, tok.encode("ROMEO:"), 16), skip_special_tokens=True)
+    expected = tok.decode(alone(demo_fp32, tok.encode("ROMEO:"), 16), skip_special_tokens=True)
     assert r.choices[0].text == expected and r.object == "text_completion"
     assert r.usage.prompt_tokens == len(tok.encode("ROMEO:")) and r.usage.completion_tokens <= 16
 
@@ -92,12 +68,12 @@ def test_streamed_completion_equals_the_whole_one(client):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
 
 
-def test_chat_streamed_and_not(client, demo):
-    _, tok = demo
+def test_chat_streamed_and_not(client, demo_fp32):
+    _, tok = demo_fp32
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who art thou?"}]
     r = client.chat.completions.create(model="demo", messages=messages, max_tokens=12, temperature=0)
     ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
-    assert r.choices[0].message.content == tok.decode(alone(demo, ids, 12), skip_special_tokens=True)
+    assert r.choices[0].message.content == tok.decode(alone(demo_fp32, ids, 12), skip_special_tokens=True)
     assert r.usage.prompt_tokens == len(ids)
     stream = client.chat.completions.create(
         model="demo",
@@ -130,10 +106,10 @@ def test_n_seed_and_stop(client):
     assert r.choices[0].text == greedy[: greedy.index(stop)] and r.choices[0].finish_reason == "stop"
 
 
-def test_echo_logprobs_as_lm_eval_reads_them(client, demo):
+def test_echo_logprobs_as_lm_eval_reads_them(client, demo_fp32):
     """lm-eval's local-completions loglikelihood request: token ids, echo, logprobs=1, max_tokens=1; it sums
     token_logprobs[ctxlen:-1] and checks each against max(top_logprobs)."""
-    model, tok = demo
+    model, tok = demo_fp32
     context, continuation = tok.encode("ROMEO:\nI will"), tok.encode(" go", add_special_tokens=False)
     ids = context + continuation
     r = client.completions.create(
@@ -150,10 +126,10 @@ def test_echo_logprobs_as_lm_eval_reads_them(client, demo):
     assert greedy == all(int(logp[i - 1].argmax()) == ids[i] for i in range(1, len(ids)))
 
 
-def test_sixteen_clients_at_once(server, demo):
+def test_sixteen_clients_at_once(server, demo_fp32):
     """16 concurrent greedy clients with mixed prompts, some sharing a long prefix: each gets exactly what
     its prompt gives alone, nothing lost or crossed."""
-    _, tok = demo
+    _, tok = demo_fp32
     base = "ROMEO:\nBut soft, what light through yonder window breaks? It is the east. " * 4
     prompts = [base + f"Line {i}:" if i % 2 else f"Speaker {i}:" for i in range(16)]
     client = openai.OpenAI(base_url=server[0] + "/v1", api_key="none", max_retries=0, timeout=300)
@@ -164,12 +140,12 @@ def test_sixteen_clients_at_once(server, demo):
     with ThreadPoolExecutor(16) as pool:
         answers = list(pool.map(ask, prompts))
     for p, a in zip(prompts, answers):
-        assert a == tok.decode(alone(demo, tok.encode(p), 10), skip_special_tokens=True)
+        assert a == tok.decode(alone(demo_fp32, tok.encode(p), 10), skip_special_tokens=True)
 
 
-def test_a_prefix_hit_skips_prefill(server, client, demo):
+def test_a_prefix_hit_skips_prefill(server, client, demo_fp32):
     """/metrics' prefilled-token counter grows by the new part only when a prompt extends a cached one."""
-    _, tok = demo
+    _, tok = demo_fp32
     url = server[0]
 
     def prefilled() -> float:
@@ -226,8 +202,8 @@ def test_not_json_and_bad_chat(server):
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
 
 
-def test_info_and_tokenizer_endpoints(server, demo):
-    _, tok = demo
+def test_info_and_tokenizer_endpoints(server, demo_fp32):
+    _, tok = demo_fp32
     url = server[0]
     assert http.get(url + "/health").status_code == 200
     models = http.get(url + "/v1/models").json()
@@ -276,8 +252,8 @@ def test_a_disconnected_client_frees_its_slot(server):
     assert engine.num_running == 0
 
 
-def test_api_key_and_queue_limit(demo, caplog):
-    with running(lambda: demo, api_key="sekrit", max_queue=0) as (url, _):
+def test_api_key_and_queue_limit(demo_fp32, caplog):
+    with running(lambda: demo_fp32, api_key="sekrit", max_queue=0) as (url, _):
         for headers in ({}, {"Authorization": "Bearer wrong"}):
             r = http.post(url + "/v1/completions", json={"model": "demo", "prompt": "hi"}, headers=headers)
             assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
@@ -287,12 +263,12 @@ def test_api_key_and_queue_limit(demo, caplog):
         assert http.get(url + "/health").status_code == 200  # (open, as vLLM's)
 
 
-def test_health_is_503_while_loading_and_requests_are_logged(demo, caplog):
+def test_health_is_503_while_loading_and_requests_are_logged(demo_fp32, caplog):
     release = threading.Event()
 
     def slow_load():
         release.wait(30)
-        return demo
+        return demo_fp32
 
     with running(slow_load, wait=False) as (url, _):
         assert http.get(url + "/health").status_code == 503
@@ -314,10 +290,10 @@ def test_health_is_503_while_loading_and_requests_are_logged(demo, caplog):
         )
 
 
-def test_an_engine_failure_fails_that_request_only(demo):
+def test_an_engine_failure_fails_that_request_only(demo_fp32):
     from test_engine import Poisoned
 
-    model, tok = demo
+    model, tok = demo_fp32
     with running(lambda: (Poisoned(model, poison=5), tok)) as (url, _):
         r = http.post(url + "/v1/completions", json={"model": "demo", "prompt": [1, 5, 6], "max_tokens": 3})
         assert r.status_code == 500 and "poisoned prompt" in r.json()["error"]["message"]
@@ -329,7 +305,7 @@ def test_an_engine_failure_fails_that_request_only(demo):
 
 
 def test_bamba_serve_command_serves_the_demo_model():
-    """`bamba serve` with no model: the embedded demo, on localhost; one completion, then a clean stop."""
+    """`bamba serve` with no model: the embedded demo_fp32, on localhost; one completion, then a clean stop."""
     import subprocess
     import sys
 
