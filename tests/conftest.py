@@ -68,3 +68,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def demo_fp32():
+    """The embedded demo model in fp32 (no bf16 ties between near-equal logits) and its tokenizer."""
+    from bamba import BambaForCausalLM, Tokenizer
+    from bamba.demo import demo_path
+
+    folder = demo_path()
+    return BambaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval(), Tokenizer.from_pretrained(
+        folder
+    )

@@ -7,7 +7,10 @@ the whole history.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .config import BambaConfig
@@ -144,3 +147,98 @@ class HybridMambaAttentionDynamicCache:
             )
         self._map(lambda t: t.to(device=device))
         return self
+
+    # ----- rows of different lengths (continuous batching) -----------------------------------------------
+    # Rows are right-aligned: every row's last token sits in the last column, and a row shorter than the
+    # batch has masked padding columns on its left (the attention mask marks them; Mamba layers keep no
+    # time axis, so their per-row state is unaffected).
+    def row_state(self, row: int, length: int) -> RowState:
+        """A copy of one row's state; `length`: its real tokens (the last `length` columns)."""
+        t = self.seen_tokens
+
+        def copy(lst: list[Tensor | None], i: int) -> Tensor | None:
+            return None if lst[i] is None else lst[i][row].clone()
+
+        n = len(self.layers_block_type)
+        return RowState(
+            conv=[copy(self.conv_states, i) for i in range(n)],
+            ssm=[copy(self.ssm_states, i) for i in range(n)],
+            keys=[None if k is None else k[row, :, t - length : t].clone() for k in self._keys],
+            values=[None if v is None else v[row, :, t - length : t].clone() for v in self._values],
+            length=length,
+        )
+
+    @classmethod
+    def from_row_state(cls, config: BambaConfig, state: RowState) -> HybridMambaAttentionDynamicCache:
+        """A one-row cache holding a copy of `state` (the state itself stays unchanged)."""
+        cache = cls(config)
+        for i in range(len(cache.layers_block_type)):
+            if state.ssm[i] is not None:
+                cache.conv_states[i], cache.ssm_states[i] = (
+                    state.conv[i][None].clone(),
+                    state.ssm[i][None].clone(),
+                )
+            if state.keys[i] is not None:
+                cache.update_kv(i, state.keys[i][None], state.values[i][None])  # (1, kvh, t, hd) copies
+        cache.seen_tokens = state.length
+        return cache
+
+    def extend_batch(self, other: HybridMambaAttentionDynamicCache) -> None:
+        """Append `other`'s rows after this cache's rows. The shorter side gets padding columns on its
+        left (zeros, which the caller's attention mask must mark as padding)."""
+        if self.batch_size is None:  # empty: adopt the other's buffers
+            self._keys, self._values = list(other._keys), list(other._values)
+            self.conv_states, self.ssm_states = list(other.conv_states), list(other.ssm_states)
+            self._kv_lens, self.seen_tokens = list(other._kv_lens), other.seen_tokens
+            return
+        width = max(self.seen_tokens, other.seen_tokens)
+        for i, kind in enumerate(self.layers_block_type):
+            if kind == "mamba":
+                self.conv_states[i] = torch.cat([self.conv_states[i], other.conv_states[i]])
+                self.ssm_states[i] = torch.cat([self.ssm_states[i], other.ssm_states[i]])
+            elif self._keys[i] is not None:
+                keys = [_left_pad(c.key_cache[i], width) for c in (self, other)]  # (b_c, kvh, width, hd)
+                values = [_left_pad(c.value_cache[i], width) for c in (self, other)]
+                self._keys[i], self._values[i] = _with_room(torch.cat(keys)), _with_room(torch.cat(values))
+                self._kv_lens[i] = width
+        self.seen_tokens = width
+
+    def drop_leading(self, n: int) -> None:
+        """Remove the first `n` columns (padding of every row) from the attention layers."""
+        if n <= 0:
+            return
+        for i, k in enumerate(self._keys):
+            if k is not None:
+                self._keys[i] = self._keys[i][:, :, n:]
+                self._values[i] = self._values[i][:, :, n:]
+                self._kv_lens[i] -= n
+        self.seen_tokens -= n
+
+
+@dataclass
+class RowState:
+    """What a prefix of tokens leaves in every layer of one row: conv window (d_conv - 1, conv_dim) and
+    fp32 SSM state (h, p, n) for Mamba layers, keys/values (kvh, length, hd) for attention layers."""
+
+    conv: list[Tensor | None]
+    ssm: list[Tensor | None]
+    keys: list[Tensor | None]
+    values: list[Tensor | None]
+    length: int
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [t for lst in (self.conv, self.ssm, self.keys, self.values) for t in lst if t is not None]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _left_pad(x: Tensor, width: int) -> Tensor:
+    """x (b, kvh, t, hd) with zero columns on the left up to `width` columns."""
+    return F.pad(x, (0, 0, width - x.shape[2], 0))
+
+
+def _with_room(x: Tensor) -> Tensor:
+    """A buffer (b, kvh, 2 * t + 64, hd) whose first t columns are x: decoding appends in place."""
+    buf = x.new_empty(x.shape[0], x.shape[1], 2 * x.shape[2] + 64, x.shape[3])
+    buf[:, :, : x.shape[2]] = x
+    return buf

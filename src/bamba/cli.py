@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue
         module.add_cli(sub)
+    _add_serve_command(sub)
     return parser
 
 
@@ -109,6 +110,52 @@ def _cli_chat(args: argparse.Namespace) -> None:
 
 
 # ----- train command (owner: the train helper) ----------------------------------------------------------
+
+
+# ----- serve command ------------------------------------------------------------------------------------
+def _add_serve_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="an OpenAI-compatible HTTP server (continuous batching, prefix-state cache)",
+        description="Serve a model over HTTP with OpenAI's API: /v1/completions, /v1/chat/completions, "
+        "/v1/models, /health, /metrics, /tokenize, /detokenize, /tokenizer_info.",
+    )
+    p.add_argument("--model", default=None, help="checkpoint folder or hub repo id (default: the demo model)")
+    p.add_argument(
+        "--model-name", default=None, help="the name clients use (default: --model, or bamba-demo)"
+    )
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: as stored)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cpu)")
+    p.add_argument("--quantize", default=None, choices=["int8", "int4", "int8dq"], help="weight quantization")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: localhost only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or $BAMBA_API_KEY)")
+    p.add_argument("--max-running", type=int, default=16, help="rows decoded together at most")
+    p.add_argument("--max-queue", type=int, default=256, help="requests waiting at most (beyond: 429)")
+    p.add_argument(
+        "--prefix-cache-gib", type=float, default=1.0, help="memory for prefix-state snapshots (0: off)"
+    )
+
+    def run(args: argparse.Namespace) -> None:
+        import os
+
+        from .server import serve
+
+        serve(
+            model=args.model,
+            dtype=args.dtype,
+            device=args.device,
+            quantize=args.quantize,
+            host=args.host,
+            port=args.port,
+            api_key=args.api_key or os.environ.get("BAMBA_API_KEY"),
+            max_running=args.max_running,
+            max_queue=args.max_queue,
+            prefix_cache_gib=args.prefix_cache_gib,
+            model_name=args.model_name,
+        )
+
+    p.set_defaults(func=run)
 
 
 # ----- info, train-tokenizer, bench commands (owner: the bench helper) -----------------------------------
