@@ -10,7 +10,8 @@ from conftest import TINY
 from bamba import BambaConfig, BambaForCausalLM
 from bamba.cache import HybridMambaAttentionDynamicCache
 from bamba.engine import Engine, Request, SamplingParams
-from bamba.generation import default_eos_ids, generate
+from bamba.generation import generate
+from bamba.sampling import default_eos_ids
 
 
 @pytest.fixture(scope="module")

@@ -23,8 +23,8 @@ from torch import Tensor
 
 from .cache import HybridMambaAttentionDynamicCache
 from .decoding import decode_step
-from .generation import process_logits
 from .prefix_cache import PrefixCache
+from .sampling import process_logits
 
 
 @dataclass

@@ -21,6 +21,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from .chat import load_for_cli
 from .engine import Engine, Event, SamplingParams, TokenLogprob
 from .engine import Request as EngineRequest
 from .metrics import ServerMetrics
@@ -33,6 +34,7 @@ from .protocol import (
     parse,
 )
 from .quantize import SHORT_NAMES
+from .sampling import default_eos_ids
 
 log = logging.getLogger("bamba.serve")
 
@@ -93,8 +95,6 @@ class Server:
     def __init__(
         self, model: Any, tokenizer: Any, name: str, settings: EngineSettings, metrics: ServerMetrics
     ) -> None:
-        from .generation import default_eos_ids
-
         self.model, self.tokenizer, self.name, self.metrics = model, tokenizer, name, metrics
         self.context = model.config.max_position_embeddings
         self.vocab_size = model.config.vocab_size
@@ -663,8 +663,6 @@ def serve(
 ) -> None:
     """Serve `model` (a folder or hub id; None: the embedded demo) until interrupted."""
     import uvicorn
-
-    from .generation import load_for_cli
 
     if max_running < 1 or max_queue < 0 or not prefix_cache_gib >= 0:
         raise ValueError(
