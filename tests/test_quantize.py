@@ -11,6 +11,7 @@ import torch
 from conftest import HAS_CXX, TINY
 
 from bamba import BambaConfig, BambaForCausalLM
+from bamba.evaluate import perplexity
 from bamba.quantize import (
     INT4_KERNEL_MAX_ROWS,
     INT8_KERNEL_MAX_ROWS,
@@ -27,7 +28,6 @@ from bamba.quantize import (
     linear_int8_dynamic_reference,
     linear_int8_reference,
     pack_int4,
-    perplexity,
     quantize,
     quantize_int4,
     quantize_int8,

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from bamba import BambaForCausalLM
-from bamba.data import iter_text_files, pack_examples
+from bamba.data import iter_text_files, load_tokenizer, pack_examples, tokenize_documents
 from bamba.demo import demo_path
-from bamba.train import evaluate, load_tokenizer, tokenize_documents
+from bamba.evaluate import evaluate
 
 HELDOUT = os.path.join(os.path.dirname(__file__), "data", "heldout.txt")
 

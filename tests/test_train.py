@@ -15,22 +15,17 @@ import torch
 import torch.multiprocessing as mp
 
 import bamba
+import bamba.data
 import bamba.model
 import bamba.train
+import bamba.train_state
 from bamba import BambaForCausalLM
 from bamba.cli import main as cli_main
 from bamba.config import BambaConfig
-from bamba.data import pack_examples
-from bamba.train import (
-    find_checkpoint,
-    flatten_rows,
-    iter_log,
-    lr_factor,
-    read_trainer_state,
-    save_folder_atomically,
-    tokenize_documents,
-    train,
-)
+from bamba.data import flatten_rows, pack_examples, tokenize_documents
+from bamba.files import save_folder_atomically
+from bamba.train import lr_factor, train
+from bamba.train_state import find_checkpoint, iter_log, read_trainer_state
 
 TINY = {
     **conftest.TINY,
@@ -290,7 +285,7 @@ def test_resume_after_a_crash_gives_the_losses_of_an_uninterrupted_run(corpus, t
 
 def test_failure_while_saving_leaves_the_previous_checkpoint_intact(corpus, tmp_path, monkeypatch):
     calls = []
-    original = bamba.train._write_trainer_state
+    original = bamba.train.write_trainer_state
 
     def failing(state, folder):
         calls.append(state["step"])
@@ -298,7 +293,7 @@ def test_failure_while_saving_leaves_the_previous_checkpoint_intact(corpus, tmp_
             raise OSError("disk full (simulated)")
         original(state, folder)
 
-    monkeypatch.setattr(bamba.train, "_write_trainer_state", failing)
+    monkeypatch.setattr(bamba.train, "write_trainer_state", failing)
     with pytest.raises(OSError, match="disk full"):
         run(corpus, tmp_path, max_steps=6, save_every=2)
     assert calls == [2, 4]
@@ -497,13 +492,13 @@ def test_resume_survives_a_torn_log_and_applies_new_optimizer_settings(corpus, t
     stale.mkdir()
     (stale / "model.safetensors").write_bytes(b"partial")
     seen = []
-    original = bamba.train._load_optimizer
+    original = bamba.train_state.load_optimizer_state
 
     def spy(model, optimizer, state, fsdp):
         original(model, optimizer, state, fsdp)
         seen.append(optimizer)
 
-    monkeypatch.setattr(bamba.train, "_load_optimizer", spy)
+    monkeypatch.setattr(bamba.train_state, "load_optimizer_state", spy)
     capsys.readouterr()
     run(corpus, out, max_steps=3, save_every=1, betas=(0.5, 0.6), weight_decay=0.0)
     err = capsys.readouterr().err
@@ -633,7 +628,7 @@ def test_split_eval_holds_out_the_stated_fraction():
     """ceil(0.07 * 100) was 8: the float product is 7.000000000000001."""
     docs = [[i] for i in range(100)]
     for fraction, n in ((0.07, 7), (0.14, 14), (0.05, 5), (0.001, 1), (1e-12, 1)):
-        assert len(bamba.train.split_eval(docs, fraction, seed=0)[1]) == n
+        assert len(bamba.data.split_eval(docs, fraction, seed=0)[1]) == n
 
 
 def test_the_log_is_strict_json_when_a_value_is_not_finite(corpus, tmp_path, monkeypatch):

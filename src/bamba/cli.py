@@ -9,15 +9,20 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import time
 from typing import Any
 
+import torch
+
 from .chat import chat, format_stats, generate_text
+from .files import strict_json
 from .quantize import SHORT_NAMES
+from .train import train
 
 # command modules, each exposing add_cli(subparsers)
-COMMAND_MODULES = ["bamba.info", "bamba.train", "bamba.tokenizer_cli", "bamba.bench"]
+COMMAND_MODULES = ["bamba.info", "bamba.tokenizer_cli", "bamba.bench"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue
         module.add_cli(sub)
+    _add_train_command(sub)
     _add_serve_command(sub)
     return parser
 
@@ -110,6 +116,75 @@ def _cli_chat(args: argparse.Namespace) -> None:
 
 
 # ----- train command (owner: the train helper) ----------------------------------------------------------
+def _add_train_command(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="train a Bamba model on text files (single process, or under torchrun)",
+        description="Train (or continue training) a Bamba model on .txt / .jsonl files with padding-free packing. "
+        "Distributed: torchrun --nproc-per-node N -m bamba train ...",
+    )
+    p.add_argument(
+        "--out", required=True, dest="out_dir", help="output folder (checkpoints, final model, log)"
+    )
+    p.add_argument("--data", required=True, nargs="+", help=".txt (blank-line separated) or .jsonl files")
+    p.add_argument(
+        "--tokenizer", required=True, help="folder with tokenizer.json (see `bamba train-tokenizer`)"
+    )
+    p.add_argument("--config", help="preset name (demo, bench-small, ...) or path to a config.json")
+    p.add_argument("--init-from", help="checkpoint folder whose weights (and config) to start from")
+    p.add_argument("--row-tokens", type=int, default=2048, help="token budget of one packed row")
+    p.add_argument("--batch-rows", type=int, default=1, help="rows per micro-batch per process")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument(
+        "--max-steps", type=int, help="optimizer steps (default: one epoch, rounded up to whole steps)"
+    )
+    p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate")
+    p.add_argument(
+        "--min-lr-ratio",
+        type=float,
+        default=0.1,
+        help="lr at the end of the cosine, as a fraction of the peak",
+    )
+    p.add_argument("--warmup-steps", type=int, help="linear warmup steps (default: 5%% of max steps)")
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.95), metavar=("BETA1", "BETA2"))
+    p.add_argument("--clip", type=float, default=1.0, help="gradient norm clip (0: none)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="bfloat16: autocast")
+    p.add_argument("--eval-fraction", type=float, default=0.05, help="documents held out for eval")
+    p.add_argument("--eval-data", nargs="+", help="eval files (instead of a held-out fraction)")
+    p.add_argument("--eval-every", type=int, default=200, help="steps between evals (0: only at the end)")
+    p.add_argument(
+        "--save-every", type=int, default=500, help="steps between checkpoints (0: only at the end)"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--log-file", help="JSONL log (default: OUT/log.jsonl)")
+    p.add_argument(
+        "--no-resume", dest="resume", action="store_false", help="start over even if OUT has a checkpoint"
+    )
+    p.add_argument("--max-examples", type=int, help="read at most this many documents")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument(
+        "--progress-every", type=int, default=10, help="steps between progress lines (not a terminal)"
+    )
+    p.add_argument("--fsdp", action="store_true", help="shard with FSDP2 (fully_shard) instead of DDP")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute layers in backward")
+    p.add_argument("--threads", type=int, help="torch CPU threads per process (default: torch's choice)")
+
+    p.set_defaults(func=_cli_train)
+
+
+def _cli_train(args: argparse.Namespace) -> int:
+    kwargs = {k: v for k, v in vars(args).items() if k not in ("func", "command", "threads")}
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads {args.threads} must be >= 1")
+        torch.set_num_threads(args.threads)
+    kwargs["betas"] = tuple(kwargs["betas"])
+    metrics = train(**kwargs)
+    if int(os.environ.get("RANK", "0")) == 0:  # valid JSON: no NaN (a loss no step produced) -> null
+        print(strict_json(metrics))
+    return 0
 
 
 # ----- serve command ------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Data for training: a padding-free (flattening) collator, greedy packing, a padded baseline, text readers.
+"""Training data: text files -> token ids -> packed rows in a reproducible order -> padding-free batches.
 
 Padding-free training concatenates a batch into one row of shape (1, total_tokens) and tells the model where
 each sequence starts: attention reads `position_ids` / `cu_seq_lens_*`, the Mamba-2 scan reads `seq_idx`.
@@ -9,14 +9,21 @@ is compared with.
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import json
+import math
 import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
+
+from .tokenizer import Tokenizer
 
 IGNORE_INDEX = -100  # label value that cross-entropy skips
 
@@ -289,3 +296,150 @@ def _json_type(value: Any) -> str:
         return "boolean"
     names = {dict: "object", list: "array", str: "string", int: "number", float: "number"}
     return names.get(type(value), type(value).__name__)
+
+
+# ----- training data: text -> packed rows, the order they are read in, the batch of a step --------------------
+Row = list[list[int]]  # a packed row: a list of examples (token id lists)
+
+
+def load_tokenizer(path: str | None) -> Tokenizer:
+    """The tokenizer of a folder holding tokenizer.json, with a clear error when there is none."""
+    if not path:
+        raise ValueError(
+            "train: a tokenizer is required (a folder with tokenizer.json; see `bamba train-tokenizer`)"
+        )
+    if not os.path.isfile(os.path.join(path, "tokenizer.json")):
+        raise FileNotFoundError(
+            f"train: tokenizer folder {path!r} has no tokenizer.json (train one with `bamba train-tokenizer`)"
+        )
+    return Tokenizer.from_pretrained(path)
+
+
+def tokenize_documents(texts: list[str], tokenizer: Any, batch: int = 1024) -> list[list[int]]:
+    """BOS + tokens + EOS for every document (BOS / EOS left out when the tokenizer has none)."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    out = []
+    for i in range(0, len(texts), batch):
+        encoded = tokenizer(
+            texts[i : i + batch], padding=False, return_tensors=None, add_special_tokens=False
+        )
+        out += [bos + ids + eos for ids in encoded["input_ids"]]
+    return out
+
+
+def split_eval(docs: list[list[int]], fraction: float, seed: int) -> tuple[list[list[int]], list[list[int]]]:
+    """(train, eval): a seeded random `fraction` of the documents (at least one) is held out, order kept."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"train: eval_fraction={fraction} must be in [0, 1)")
+    # at least one; the 1e-9: 0.07 * 100 is 7.000000000000001, which must hold out 7, not 8
+    n_eval = max(1, math.ceil(fraction * len(docs) - 1e-9)) if fraction > 0 else 0
+    if n_eval == 0:
+        return docs, []
+    if n_eval >= len(docs):
+        raise ValueError(
+            f"train: eval_fraction={fraction} holds out all {len(docs)} documents; give more data, a smaller "
+            "eval_fraction, or eval_data files"
+        )
+    held = set(torch.randperm(len(docs), generator=torch.Generator().manual_seed(seed))[:n_eval].tolist())
+    train = [d for i, d in enumerate(docs) if i not in held]
+    return train, [d for i, d in enumerate(docs) if i in held]
+
+
+def fingerprint(rows: list[Row]) -> str:
+    """A short hash of the packed rows: a resumed run must read the same data."""
+    h = hashlib.sha1()
+    for row in rows:
+        for example in row:
+            h.update(torch.tensor(example, dtype=torch.int32).numpy().tobytes())
+            h.update(b"|")
+        h.update(b"#")
+    return h.hexdigest()[:16]
+
+
+class RowOrder:
+    """The row index at every position of the endless training stream: each epoch is a permutation whose
+    generator is seeded from (seed, epoch).
+
+    version 2 (runs started now) seeds it with a hash of both; version 1 (trainer_state.pt files without
+    "row_order", which resume as they began) with seed + epoch, so that nearby seeds shared orders (seed
+    1's first epoch was seed 0's second)."""
+
+    VERSIONS = (1, 2)
+    VERSION = VERSIONS[-1]  # of runs started now
+
+    def __init__(self, n_rows: int, seed: int, version: int = VERSION) -> None:
+        if version not in self.VERSIONS:
+            raise ValueError(f"train: row_order={version!r}: expected one of {self.VERSIONS}")
+        self.n_rows, self.seed, self.version = n_rows, seed, version
+        self._epoch, self._perm = -1, []
+
+    def __getitem__(self, position: int) -> int:
+        epoch = position // self.n_rows
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self._epoch_seed(epoch))
+            self._epoch, self._perm = epoch, torch.randperm(self.n_rows, generator=g).tolist()
+        return self._perm[position % self.n_rows]
+
+    def _epoch_seed(self, epoch: int) -> int:
+        if self.version == 1:
+            return self.seed + epoch
+        digest = hashlib.sha256(f"bamba row order {self.seed} {epoch}".encode()).digest()
+        return int.from_bytes(digest[:8], "little") >> 1  # (a seed below 2**63)
+
+
+def stream_positions(step: int, micro: int, rank: int, batch_rows: int, world: int, grad_accum: int) -> range:
+    """Positions in the row stream that `rank` reads for micro-batch `micro` of optimizer step `step`.
+
+    A step reads the next batch_rows * world * grad_accum positions; each micro-batch a contiguous slice of
+    them, cut into one piece per rank. So 1 row x 2 ranks reads what 2 rows x 1 rank read, and
+    grad_accum 2 x 1 row what grad_accum 1 x 2 rows read.
+    """
+    first = ((step * grad_accum + micro) * world + rank) * batch_rows
+    return range(first, first + batch_rows)
+
+
+_COLLATOR = DataCollatorWithFlattening(return_position_ids=True, return_seq_idx=True)
+
+
+def flatten_rows(rows: list[Row]) -> dict[str, Tensor]:
+    """The examples of `rows` as one padding-free row: input_ids, labels, position_ids (1, T) int64,
+    seq_idx (1, T) int32."""
+    return _COLLATOR([{"input_ids": ex} for row in rows for ex in row])
+
+
+def count_targets(labels: Tensor) -> int:
+    """Tokens the loss predicts: labels (b, l) are shifted by one inside the loss, so position 0 never counts."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+@dataclass
+class TrainData:
+    """What `prepare_data` gives a run: its packed rows and their sizes."""
+
+    rows: list[Row]  # packed training rows
+    eval_rows: list[Row]  # packed held-out rows (may be empty)
+    n_docs: int  # training documents
+    n_tokens: int  # training tokens
+
+
+def prepare_data(
+    data: list[str],
+    tokenizer: Any,
+    row_tokens: int,
+    eval_fraction: float,
+    eval_data: list[str] | None,
+    seed: int,
+    max_examples: int | None,
+) -> TrainData:
+    """Read, tokenize, split off eval documents and pack into rows of at most `row_tokens` tokens."""
+    texts = list(itertools.islice(iter_text_files(data), max_examples))  # reads no further than needed
+    docs = tokenize_documents(texts, tokenizer)
+    if eval_data:
+        eval_docs = tokenize_documents(list(iter_text_files(eval_data)), tokenizer)
+    else:
+        docs, eval_docs = split_eval(docs, eval_fraction, seed)
+    rows = list(pack_examples(docs, row_tokens))
+    if not rows:
+        raise ValueError(f"train: the data files {data} hold no documents (empty files, or only blank lines)")
+    return TrainData(rows, list(pack_examples(eval_docs, row_tokens)), len(docs), sum(map(len, docs)))

@@ -1,12 +1,17 @@
-"""Files written so that a reader never sees half of one: staged beside the target, flushed, renamed."""
+"""Files and folders written so that a reader never sees half of one: staged beside the target, flushed,
+renamed; and strict JSON for the records written."""
 
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import re
+import shutil
 import socket
 import tempfile
+from collections.abc import Callable
 from typing import Any
 
 
@@ -73,3 +78,58 @@ def _write_staged(path: str, write: Any, mode: str = "w") -> str:
             os.remove(tmp)
         raise
     return tmp
+
+
+def save_folder_atomically(out_dir: str, name: str, write: Callable[[str], None]) -> str:
+    """Run `write(tmp_folder)`, then rename the folder to out_dir/name. The previous out_dir/name is moved
+    aside first and deleted last, so a complete folder exists at every moment (see
+    `bamba.train_state.find_checkpoint`)."""
+    final = os.path.join(out_dir, name)
+    old = os.path.join(out_dir, f".{name}.old")
+    for entry in os.listdir(out_dir):  # left by a run killed while saving (this process is the only writer)
+        if entry.startswith(f".{name}.tmp-"):
+            shutil.rmtree(os.path.join(out_dir, entry), ignore_errors=True)
+    tmp = tempfile.mkdtemp(dir=out_dir, prefix=f".{name}.tmp-")
+    try:
+        chmod_as_created(tmp, 0o777)  # mkdtemp makes it 0700; the final folder reads like any other
+        write(tmp)
+        _fsync_folder(tmp)
+        if os.path.isdir(old):
+            if not os.path.isdir(final):  # a crash between the two renames: `old` is the only complete one
+                os.rename(old, final)
+            else:
+                shutil.rmtree(old)
+        if os.path.isdir(final):
+            os.rename(final, old)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _fsync_folder(folder: str) -> None:
+    """Flush the folder's files and the folder itself to disk, so that a rename never publishes data that
+    a power loss could still take back."""
+    for entry in os.listdir(folder):
+        path = os.path.join(folder, entry)
+        if os.path.isfile(path):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    with contextlib.suppress(OSError):  # directories cannot be opened for fsync on some platforms
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def strict_json(record: dict[str, Any]) -> str:
+    """`record` as one line of strict JSON: a float that is not finite (a nan loss) is written as null."""
+    return json.dumps(
+        {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+    )

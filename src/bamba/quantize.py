@@ -50,7 +50,6 @@ figures that set the limits, with their commands, are in benchmarks/README.md.
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -537,27 +536,3 @@ def prepare_quantized(model: nn.Module, meta: dict) -> nn.Module:
         replace_module(model, name, mod)
     model.quantization_config = dict(meta)
     return model
-
-
-# ----- accuracy ---------------------------------------------------------------------------------------------
-@torch.inference_mode()
-def perplexity(model: nn.Module, token_ids: Tensor, chunk_size: int = 2048) -> float:
-    """exp(mean next-token negative log-likelihood) of `token_ids` ((l,) or (b, l)) under `model`.
-
-    The sequence runs through the model's cache in pieces of `chunk_size` tokens, so long texts fit in
-    memory; every token after the first is scored.
-    """
-    from .decoding import chunked_logits
-
-    ids = token_ids if token_ids.dim() == 2 else token_ids[None]
-    b, l = ids.shape
-    if l < 2:
-        raise ValueError(f"perplexity needs at least 2 tokens, found {l}")
-    nll, count = 0.0, 0
-    for start, logits in chunked_logits(model, ids[:, :-1], chunk_size):  # targets are shifted by one
-        targets = ids[:, start + 1 : start + 1 + logits.shape[1]]
-        nll += F.cross_entropy(
-            logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
-        ).item()
-        count += targets.numel()
-    return math.exp(nll / count)
