@@ -298,7 +298,7 @@ def _json_type(value: Any) -> str:
     return names.get(type(value), type(value).__name__)
 
 
-# ----- training data: text -> packed rows, the order they are read in, the batch of a step --------------------
+# ----- training data: text -> packed rows, the order they are read in, the batch of a step ------------------
 Row = list[list[int]]  # a packed row: a list of examples (token id lists)
 
 

@@ -81,7 +81,7 @@ from .train_state import (
 )
 
 
-# ----- arguments ----------------------------------------------------------------------------------------------
+# ----- arguments --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class TrainArgs:
     """`train`'s arguments (described in its docstring; its signature holds the defaults), checked here."""
@@ -290,7 +290,7 @@ def _steps(args: TrainArgs, n_rows: int, rows_per_step: int) -> tuple[int, int]:
     return max_steps, warmup_steps
 
 
-# ----- optimisation -------------------------------------------------------------------------------------------
+# ----- optimisation -----------------------------------------------------------------------------------------
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups: weight decay on matrices (and the embedding, conv kernels); none on 1-D params
     (norm weights, biases, A_log, D, dt_bias)."""
@@ -328,7 +328,7 @@ def _autocast(dtype: str, dev: torch.device) -> Callable[[], Any]:
     return lambda: torch.autocast(dev.type, dtype=torch.bfloat16)
 
 
-# ----- the run ------------------------------------------------------------------------------------------------
+# ----- the run ----------------------------------------------------------------------------------------------
 class _Progress:
     """One carriage-return line on a terminal; otherwise a line every `every` steps."""
 

@@ -25,9 +25,7 @@ STATE_FILE = "trainer_state.pt"
 STATE_KEYS = ("step", "tokens_seen", "max_steps", "schedule", "optimizer", "rng")
 
 
-# ----- checkpoint folders -------------------------------------------------------------------------------------
-
-
+# ----- checkpoint folders -----------------------------------------------------------------------------------
 def write_trainer_state(state: dict[str, Any], folder: str) -> None:
     """trainer_state.pt, and trainer_state.json: its plain values, for people and scripts to read."""
     torch.save(state, os.path.join(folder, STATE_FILE))
@@ -213,7 +211,7 @@ def restore_rng(rng: dict[str, Any], dev: torch.device) -> None:
         torch.cuda.set_rng_state(rng["cuda"], dev)
 
 
-# ----- the log ------------------------------------------------------------------------------------------------
+# ----- the log ----------------------------------------------------------------------------------------------
 def append_log(path: str, record: dict[str, Any]) -> None:
     """Add a record to the JSONL log, in strict JSON (a nan, as an eval with no tokens gives, is null)."""
     with open(path, "a") as f:
