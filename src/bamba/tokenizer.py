@@ -22,13 +22,19 @@ import codecs
 import functools
 import json
 import os
+import tempfile
 from collections.abc import Iterable, Sequence
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import torch
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as BackendTokenizer
+
+from .checkpoint import read_json
+from .data import check_files, iter_text_files
+from .hub import resolve_folder
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
@@ -69,8 +75,6 @@ _CONTINUE_MARKER = "BAMBA_CONTINUE_FINAL_MESSAGE "
 
 
 def _read_json_object(path: str) -> dict[str, Any]:
-    from .checkpoint import read_json
-
     value = read_json(path)
     if not isinstance(value, dict):
         raise ValueError(f"{path}: expected a JSON object, found a JSON {type(value).__name__}")
@@ -80,8 +84,6 @@ def _read_json_object(path: str) -> dict[str, Any]:
 def _resolve(path: str | os.PathLike, filename: str, required: bool, **hub_kwargs: Any) -> str | None:
     """Path of `filename` in a local folder or a Hub repo id (via the shared checkpoint resolver);
     None when optional and absent."""
-    from .hub import resolve_folder
-
     folder = resolve_folder(path, **hub_kwargs)
     file = os.path.join(folder, filename)
     if os.path.isfile(file):
@@ -782,6 +784,32 @@ def train_tokenizer(
     tokenizer = Tokenizer(backend, config, chat_template=chat_template, name_or_path=out_dir)
     tokenizer.save_pretrained(out_dir)
     return tokenizer
+
+
+def train_tokenizer_files(
+    files: list[str], vocab_size: int, out_dir: str, min_frequency: int = 2
+) -> dict[str, object]:
+    """`train_tokenizer` on .txt and .jsonl `files` (`bamba train-tokenizer`); returns a summary.
+
+    .txt files are read as they are; the documents of .jsonl files (their `text` fields) are first written
+    to a temporary text file, one blank line between documents, so the tokenizer never learns JSON syntax.
+    """
+    if not files:
+        raise ValueError("give at least one .txt or .jsonl file")
+    check_files(files)
+    with tempfile.TemporaryDirectory(prefix="bamba-tok-") as tmp:
+        plain = []
+        for i, path in enumerate(files):
+            if Path(path).suffix.lower() == ".jsonl":
+                text_path = os.path.join(tmp, f"{i}.txt")
+                with open(text_path, "w", encoding="utf-8") as f:
+                    for doc in iter_text_files([path]):
+                        f.write(doc + "\n\n")
+                plain.append(text_path)
+            else:
+                plain.append(path)
+        tokenizer = train_tokenizer(plain, vocab_size, out_dir, min_frequency=min_frequency)
+    return {"out_dir": out_dir, "vocab_size": len(tokenizer)}
 
 
 def _check_utf8(path: str) -> None:
