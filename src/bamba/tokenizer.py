@@ -224,6 +224,29 @@ def _alias_reasoning(message: dict[str, Any]) -> dict[str, Any]:
     return {"thinking": reasoning, **message, "reasoning_content": reasoning}
 
 
+def _check_chat_arguments(
+    messages: Any,
+    add_generation_prompt: bool,
+    continue_final_message: bool | str,
+    tools: Sequence[dict[str, Any]] | None,
+) -> None:
+    """apply_chat_template's messages and flags: a chat (or a list of chats), not empty, flags that agree."""
+    if isinstance(messages, str | bytes | dict) or not isinstance(messages, Sequence):
+        raise TypeError(
+            "apply_chat_template: messages must be a list of {'role', 'content'} dicts (or a list of such "
+            f"lists), found {type(messages).__name__}"
+        )
+    if not messages:
+        raise ValueError("cannot apply a chat template to an empty list of messages")
+    if continue_final_message and add_generation_prompt:
+        raise ValueError(
+            "continue_final_message and add_generation_prompt exclude each other: the first continues the "
+            "last message, the second starts a new assistant message"
+        )
+    if tools is not None and not all(isinstance(t, dict) for t in tools):
+        raise TypeError("apply_chat_template: tools should be JSON-schema dicts")
+
+
 class Tokenizer:
     """A `tokenizers.Tokenizer` plus the special tokens, chat template and settings of tokenizer_config.json.
 
@@ -565,33 +588,8 @@ class Tokenizer:
             raise ValueError(f"apply_chat_template: {', '.join(unsupported)} is not supported here")
         for k in _UNSUPPORTED_CHAT_ARGS:
             kwargs.pop(k, None)  # passed as False / None: the default, nothing to do
-        named = self._templates()
-        if chat_template is None and tools is not None and "tool_use" in named:
-            chat_template = "tool_use"  # as transformers picks it
-        if chat_template is None:
-            template = self.chat_template
-        else:  # a template's name, else its text
-            template = named.get(chat_template, chat_template)
-        if template is None:
-            raise ValueError(
-                f"tokenizer {self.name_or_path!r} has no chat template (no default): neither a 'chat_template' "
-                f"entry in {CONFIG_FILE} nor a {CHAT_TEMPLATE_FILE} file"
-                + (f"; name one of {sorted(named)} with chat_template=" if named else "")
-            )
-        if isinstance(messages, str | bytes | dict) or not isinstance(messages, Sequence):
-            raise TypeError(
-                "apply_chat_template: messages must be a list of {'role', 'content'} dicts (or a list of such "
-                f"lists), found {type(messages).__name__}"
-            )
-        if not messages:
-            raise ValueError("cannot apply a chat template to an empty list of messages")
-        if continue_final_message and add_generation_prompt:
-            raise ValueError(
-                "continue_final_message and add_generation_prompt exclude each other: the first continues the "
-                "last message, the second starts a new assistant message"
-            )
-        if tools is not None and not all(isinstance(t, dict) for t in tools):
-            raise TypeError("apply_chat_template: tools should be JSON-schema dicts")
+        template = self._pick_chat_template(chat_template, tools)
+        _check_chat_arguments(messages, add_generation_prompt, continue_final_message, tools)
         batched = isinstance(messages[0], list | tuple)
         chats = list(messages) if batched else [messages]
         variables = {**self.special_tokens_map, **self._named_extra, **kwargs}
@@ -603,6 +601,38 @@ class Tokenizer:
         ]
         if not tokenize:
             return texts if batched else texts[0]
+        enc = self._encode_chats(texts, padding, return_tensors, tokenizer_kwargs)
+        if not batched and return_tensors is None:
+            enc = {k: v[0] for k, v in enc.items()}  # one chat: flat lists
+        return enc if return_dict else enc["input_ids"]
+
+    def _pick_chat_template(self, chat_template: str | None, tools: Sequence[dict[str, Any]] | None) -> str:
+        """The template's text: `chat_template` by name or as text, else "tool_use" when tools are given
+        and there is one (as transformers picks it), else the default."""
+        named = self._templates()
+        if chat_template is None and tools is not None and "tool_use" in named:
+            chat_template = "tool_use"
+        if chat_template is None:
+            template = self.chat_template
+        else:  # a template's name, else its text
+            template = named.get(chat_template, chat_template)
+        if template is None:
+            raise ValueError(
+                f"tokenizer {self.name_or_path!r} has no chat template (no default): neither a 'chat_template' "
+                f"entry in {CONFIG_FILE} nor a {CHAT_TEMPLATE_FILE} file"
+                + (f"; name one of {sorted(named)} with chat_template=" if named else "")
+            )
+        return template
+
+    def _encode_chats(
+        self,
+        texts: list[str],
+        padding: bool | str,
+        return_tensors: str | None,
+        tokenizer_kwargs: dict[str, Any] | None,
+    ) -> dict[str, Any]:
+        """Rendered chats encoded without special tokens unless `tokenizer_kwargs` say otherwise (the
+        template writes its own BOS), padded on the config's `padding_side`."""
         call_kwargs = {"padding_side": self.config.get("padding_side", "right"), **(tokenizer_kwargs or {})}
         unknown = set(call_kwargs) - {"padding_side", "add_special_tokens"}
         if unknown:
@@ -612,10 +642,7 @@ class Tokenizer:
         if padding not in (True, False, "longest", "do_not_pad"):
             raise ValueError(f"apply_chat_template: padding={padding!r} is not supported; use True or False")
         call_kwargs.setdefault("add_special_tokens", False)
-        enc = self(texts, padding=padding in (True, "longest"), return_tensors=return_tensors, **call_kwargs)
-        if not batched and return_tensors is None:
-            enc = {k: v[0] for k, v in enc.items()}  # one chat: flat lists
-        return enc if return_dict else enc["input_ids"]
+        return self(texts, padding=padding in (True, "longest"), return_tensors=return_tensors, **call_kwargs)
 
     def _render_chat(
         self,
