@@ -32,9 +32,9 @@ import torch
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as BackendTokenizer
 
+from . import hub
 from .checkpoint import read_json
 from .data import check_files, iter_text_files
-from .hub import resolve_folder
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
@@ -84,7 +84,7 @@ def _read_json_object(path: str) -> dict[str, Any]:
 def _resolve(path: str | os.PathLike, filename: str, required: bool, **hub_kwargs: Any) -> str | None:
     """Path of `filename` in a local folder or a Hub repo id (via the shared checkpoint resolver);
     None when optional and absent."""
-    folder = resolve_folder(path, **hub_kwargs)
+    folder = hub.resolve_folder(path, **hub_kwargs)
     file = os.path.join(folder, filename)
     if os.path.isfile(file):
         return file
