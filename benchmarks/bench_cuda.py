@@ -3,7 +3,7 @@
     python benchmarks/bench_cuda.py [--checkpoint DIR] [--variants bf16,fp32] [--json FILE]
 
 Both load the same folder in the same dtype onto the GPU and run their pure-PyTorch paths (no mamba_ssm /
-causal_conv1d kernels), with the same token ids. The measures are `bamba bench`'s (`bamba.bench.run_case`,
+causal_conv1d kernels), with the same token ids. The measures are `bamba bench`'s (`bench.run_case`,
 here in one process, timings bracketed by torch.cuda.synchronize): prefill tok/s (batch 1, 512 and 2048
 tokens, logits of the last token only, best of 3), and decode tok/s at batch 1 and 8 after a 128- and a
 4096-token prompt (greedy, 32 steps after 2 warm-up steps; the batch-8 cache is the batch-1 prompt's cache
@@ -18,8 +18,7 @@ import os
 from typing import Any
 
 import torch
-
-from bamba.bench import DEFAULT_DIR, PRESET, _load, ensure_checkpoint, run_case
+from bench import DEFAULT_DIR, PRESET, ensure_checkpoint, load_model, run_case  # benchmarks/bench.py
 
 CUDA = "cuda"
 
@@ -41,7 +40,7 @@ def logit_difference(folder: str, variant: str, vocab: int) -> float:
     ids = torch.randint(0, vocab, (1, 300), generator=torch.Generator().manual_seed(1)).to(CUDA)
     logits = []
     for impl in ("bamba", "transformers"):
-        model = _load(impl, folder, variant, CUDA)
+        model = load_model(impl, folder, variant, CUDA)
         with torch.inference_mode():
             logits.append(model(ids, use_cache=False).logits.float())
         model = None

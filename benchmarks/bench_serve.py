@@ -21,9 +21,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import torch
+from bench import ensure_checkpoint  # benchmarks/bench.py
 
 from bamba import BambaForCausalLM, Tokenizer
-from bamba.bench import ensure_checkpoint
 from bamba.runtime import tune_cpu_allocator
 from bamba.server import EngineSettings, create_app, running_in_thread
 

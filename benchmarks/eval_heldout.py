@@ -21,8 +21,9 @@ from collections import Counter
 import torch
 
 from bamba import BambaForCausalLM
-from bamba.data import iter_text_files, load_tokenizer, pack_examples, split_eval, tokenize_documents
+from bamba.data import load_tokenizer, pack_examples, split_eval, tokenize_documents
 from bamba.evaluate import evaluate
+from bamba.textfiles import iter_text_files
 
 
 def heldout_loss(model: BambaForCausalLM, docs: list[list[int]], row_tokens: int = 1024) -> float:

@@ -8,7 +8,7 @@ import pytest
 from conftest import TINY
 
 from bamba import BambaConfig, BambaForCausalLM
-from bamba.bench import bench
+from bamba.bench import bench, harness
 
 
 def test_bench_reports_both_implementations(tmp_path, capsys):
@@ -81,7 +81,7 @@ def test_bench_rounds_pair_the_measures_and_report_medians(tmp_path, monkeypatch
     """With rounds=3 each fp32 measure of transformers runs right beside ours, the pair's order
     alternating; each figure is the median over rounds with its range, the ratio the median of the rounds'
     own ratios. The children are replaced by a recorder that gives known figures."""
-    import bamba.bench as bench_mod
+    bench_mod = harness()  # benchmarks/bench.py
 
     BambaForCausalLM(BambaConfig(**TINY)).save_pretrained(tmp_path / "m")
     calls = []
@@ -138,7 +138,7 @@ def test_bench_decodes_short_and_long_prompts_side_by_side(tmp_path, monkeypatch
     """One decode child per implementation measures every prompt length, interleaved: rows per (batch,
     prompt), and the extra cost of a token after the long prompt (the same child's two figures). A real
     child on a tiny checkpoint, then the report's arithmetic with a recording child."""
-    from bamba.bench import run_case
+    run_case = harness().run_case
 
     BambaForCausalLM(BambaConfig(**TINY)).save_pretrained(tmp_path / "m")
     r = run_case("bamba", str(tmp_path / "m"), 1, "decode", prompts=(16, 64), batches=(1, 2), steps=3)
@@ -150,7 +150,7 @@ def test_bench_decodes_short_and_long_prompts_side_by_side(tmp_path, monkeypatch
     }
     assert all(r[k] > 0 for k in r if k.startswith("decode_"))
 
-    import bamba.bench as bench_mod
+    bench_mod = harness()  # benchmarks/bench.py
 
     # tok/s at batch 1 by implementation and prompt; alone: the 16-token prompt decoded in its own child
     figures = {"bamba": {16: 30.0, 64: 25.0}, "transformers": {16: 10.0, 64: 5.0}}
@@ -197,7 +197,7 @@ def test_bench_decodes_short_and_long_prompts_side_by_side(tmp_path, monkeypatch
 def test_bench_keeps_the_runs_measured_before_a_child_fails(tmp_path, monkeypatch, capsys):
     """A child that fails in a late round used to lose every figure measured before it; they are now in
     the JSON, with the error. Without transformers there is no ratio range column."""
-    import bamba.bench as bench_mod
+    bench_mod = harness()  # benchmarks/bench.py
 
     BambaForCausalLM(BambaConfig(**TINY)).save_pretrained(tmp_path / "m")
     calls = []

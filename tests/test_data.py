@@ -10,7 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bamba.data import DataCollatorWithFlattening, iter_text_files, pack_examples, pad_batch
+from bamba.data import DataCollatorWithFlattening, pack_examples, pad_batch
+from bamba.textfiles import iter_text_files
 
 BOOL_COMBOS = list(itertools.product([False, True], repeat=3))  # position_ids, flash kwargs, seq_idx
 

@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from bamba import BambaForCausalLM
-from bamba.data import iter_text_files, load_tokenizer, pack_examples, tokenize_documents
+from bamba.data import load_tokenizer, pack_examples, tokenize_documents
 from bamba.demo import demo_path
 from bamba.evaluate import evaluate
+from bamba.textfiles import iter_text_files
 
 HELDOUT = os.path.join(os.path.dirname(__file__), "data", "heldout.txt")
 

@@ -25,7 +25,10 @@ from torch import nn
 from .config import BambaConfig, is_token_ids
 from .files import _write_staged, atomic_write, remove_dead_staging
 from .hub import HUB_KEYWORDS, CheckpointError, resolve_folder
+from .linear import pack_for_cpu
+from .quantize import check_method, prepare_quantized
 
+CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 QUANT_CONFIG_FILE = "quantization_config.json"
@@ -190,8 +193,6 @@ def load_pretrained(
     device), and huggingface_hub's download keywords (HUB_KEYWORDS: cache_dir, token, local_files_only,
     ...). A setting given both ways must agree; other keywords are refused.
     """
-    from .quantize import check_method
-
     dtype, device, hub_kwargs = _transformers_keywords(dtype, device, kwargs)
     check_method(quantization, group_size, "from_pretrained")  # before anything loads
     folder = resolve_folder(path_or_repo_id, revision=revision, **hub_kwargs)
@@ -202,58 +203,109 @@ def load_pretrained(
     with torch.device("meta"):
         model = cls(config, init=False)
     prefix = "model." if hasattr(model, "lm_head") else ""
-    quant_meta = read_quantization_config(folder)
-    if quant_meta is not None:
-        from .quantize import prepare_quantized
-
-        # module names as saved (a BambaForCausalLM's) -> this class's, as for the tensors
-        keys = [_map_key(name + ".weight", prefix) for name in quant_meta["modules"]]
-        modules = [k.removesuffix(".weight") for k in keys if k is not None]
-        prepare_quantized(model, {**quant_meta, "modules": modules})
+    _prepare_quantized_modules(model, folder, prefix)
     expected = model.state_dict()
-    loaded: dict[str, torch.Tensor] = {}
-    mapped: dict[str, tuple[SafetensorsFile, str]] = {}  # zero-copy tensors: where their pages are
-    unexpected, wrong_shape = [], []
-    mismatched: set[str] = set()  # present with the wrong shape or dtype (not also "missing")
+    found = _read_tensors(folder, expected, prefix, dtype, device)
+    config = _settle_tied_head(model, config, prefix, found.tensors, folder)
+    _check_tensors(folder, config, prefix, expected, found)
+    model.load_state_dict(found.tensors, strict=False, assign=True)
+    model.tie_weights()
+    model.eval()
+    model.generation_config = read_generation_config(folder)
+    if quantization is not None:
+        from .quantize import quantize  # looked up at call time: tests/test_cli.py spies on it there
+
+        quantize(model, quantization, group_size, on_quantized=found.release)
+    if pack:
+        pack_for_cpu(model, on_packed=found.release)
+    return model
+
+
+def _prepare_quantized_modules(model: nn.Module, folder: str, prefix: str) -> None:
+    """Swap in the quantized Linear layers of a folder saved quantized, so its tensors fit the model."""
+    quant_meta = read_quantization_config(folder)
+    if quant_meta is None:
+        return
+    # module names as saved (a BambaForCausalLM's) -> this class's, as for the tensors
+    keys = [_map_key(name + ".weight", prefix) for name in quant_meta["modules"]]
+    modules = [k.removesuffix(".weight") for k in keys if k is not None]
+    prepare_quantized(model, {**quant_meta, "modules": modules})
+
+
+@dataclasses.dataclass
+class _FoundTensors:
+    """What a checkpoint's files held, against the model's state_dict."""
+
+    tensors: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # by state_dict key
+    # zero-copy tensors: where their pages are
+    mapped: dict[str, tuple[SafetensorsFile, str]] = dataclasses.field(default_factory=dict)
+    unexpected: list[str] = dataclasses.field(default_factory=list)
+    wrong: list[str] = dataclasses.field(default_factory=list)  # wrong shapes or dtypes, described
+    mismatched: set[str] = dataclasses.field(default_factory=set)  # their keys (not also "missing")
+
+    def release(self, module_name: str) -> None:
+        """Drop the mapped pages of a module's weight that a quantized or packed copy replaced."""
+        st, name = self.mapped.get(module_name + ".weight", (None, ""))
+        if st is not None:
+            st.release(name)
+
+
+def _read_tensors(
+    folder: str,
+    expected: dict[str, torch.Tensor],
+    prefix: str,
+    dtype: torch.dtype | None,
+    device: torch.device,
+) -> _FoundTensors:
+    """Every tensor of the folder's files as `expected` wants it: views of the mapped file when dtype
+    and device are kept, else converted copies (one at a time, the mapped pages dropped)."""
+    found = _FoundTensors()
     for name, st in _iter_tensors(weight_files(folder)):
         key = _map_key(name, prefix)
         if key is None or _IGNORED_KEYS.match(name):
             continue
         if key not in expected:
-            unexpected.append(name)
+            found.unexpected.append(name)
             continue
         want = expected[key]
         t = st.tensor(name)
         if list(t.shape) != list(want.shape):
-            wrong_shape.append(
+            found.wrong.append(
                 f"{name}: expected {list(want.shape)}, found {list(t.shape)} in {os.path.basename(st.path)}"
             )
-            mismatched.add(key)
+            found.mismatched.add(key)
             continue
         if t.is_floating_point() != want.is_floating_point() or (
             not want.is_floating_point() and t.dtype != want.dtype
         ):  # (floats convert; quantized integers must come as they were saved)
-            wrong_shape.append(
+            found.wrong.append(
                 f"{name}: expected {'floating point' if want.is_floating_point() else want.dtype}, found "
                 f"{t.dtype} in {os.path.basename(st.path)}"
             )
-            mismatched.add(key)
+            found.mismatched.add(key)
             continue
         target = want.dtype if not want.is_floating_point() else (dtype or t.dtype)
         if t.dtype != target or device.type != "cpu":
             t = t.to(device=device, dtype=target, copy=True)
             st.release(name)
         else:
-            mapped[key] = (st, name)
-        loaded[key] = t
+            found.mapped[key] = (st, name)
+        found.tensors[key] = t
+    return found
+
+
+def _settle_tied_head(
+    model: nn.Module, config: BambaConfig, prefix: str, loaded: dict[str, torch.Tensor], folder: str
+) -> BambaConfig:
+    """A checkpoint whose config ties the lm_head to the embeddings, read as transformers reads it: a
+    stored head that differs stays untied (warned; the returned config, which every module of `model`
+    now holds, says so, so that saving keeps the head); a head stored alone becomes the embeddings."""
     if prefix and config.tie_word_embeddings and _stored_head_differs(loaded):
-        # transformers keeps such a head untied (and warns); so do we, with a config that says so, so
-        # that saving the model again keeps the head.
         warnings.warn(
             f"{folder}: config.json has tie_word_embeddings=true, but the checkpoint's lm_head.weight "
             "differs from model.embed_tokens.weight; it is loaded untied, as transformers does, and "
             "the model's config now has tie_word_embeddings=False",
-            stacklevel=3,
+            stacklevel=4,  # the caller of from_pretrained
         )
         old, config = config, dataclasses.replace(config, tie_word_embeddings=False)
         for module in model.modules():  # every holder of the config (the layers keep it too)
@@ -262,36 +314,24 @@ def load_pretrained(
     embed = prefix + "embed_tokens.weight"
     if prefix and config.tie_word_embeddings and embed not in loaded and "lm_head.weight" in loaded:
         loaded[embed] = loaded.pop("lm_head.weight")  # a tied checkpoint that kept the head's copy only
+    return config
+
+
+def _check_tensors(
+    folder: str, config: BambaConfig, prefix: str, expected: dict[str, torch.Tensor], found: _FoundTensors
+) -> None:
+    """Raise one CheckpointError listing every missing, unexpected and misshapen tensor."""
     tied = {"lm_head.weight"} if config.tie_word_embeddings and prefix else set()
-    missing = [k for k in expected if k not in loaded and k not in tied and k not in mismatched]
+    missing = [k for k in expected if k not in found.tensors and k not in tied and k not in found.mismatched]
     problems = []
     if missing:
         problems.append(f"missing tensors: {missing}")
-    if unexpected:
-        problems.append(f"unexpected tensors: {unexpected}")
-    if wrong_shape:
-        problems.append("wrong shapes or dtypes: " + "; ".join(wrong_shape))
+    if found.unexpected:
+        problems.append(f"unexpected tensors: {found.unexpected}")
+    if found.wrong:
+        problems.append("wrong shapes or dtypes: " + "; ".join(found.wrong))
     if problems:
         raise CheckpointError(f"{folder}: checkpoint does not match the config:\n  " + "\n  ".join(problems))
-    model.load_state_dict(loaded, strict=False, assign=True)
-    model.tie_weights()
-    model.eval()
-    model.generation_config = read_generation_config(folder)
-
-    def release(module_name: str) -> None:  # a quantized or packed copy replaced the mapped weight
-        st, name = mapped.get(module_name + ".weight", (None, ""))
-        if st is not None:
-            st.release(name)
-
-    if quantization is not None:
-        from .quantize import quantize
-
-        quantize(model, quantization, group_size, on_quantized=release)
-    if pack:
-        from .linear import pack_for_cpu
-
-        pack_for_cpu(model, on_packed=release)
-    return model
 
 
 def _transformers_keywords(
@@ -377,7 +417,7 @@ def _map_key(name: str, prefix: str) -> str | None:
 
 def read_config(folder: str) -> BambaConfig:
     """The folder's config.json."""
-    path = os.path.join(folder, "config.json")
+    path = os.path.join(folder, CONFIG_NAME)
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"{folder}: missing config.json (not a checkpoint folder, or a save that did not finish)"
@@ -499,13 +539,37 @@ def save_pretrained(
     dtype = _parse_dtype(dtype)
     folder = os.fspath(folder)
     os.makedirs(folder, exist_ok=True)
-    config: BambaConfig = model.config
-    state = {k: v for k, v in model.state_dict().items()}
-    if config.tie_word_embeddings:
+    state = _state_to_save(model, dtype)
+    shards = _shard(state, parse_size(max_shard_size))
+    texts = _json_texts(model, state)
+    # Every new file is written to a temporary name first; an earlier save in the folder stays whole
+    # until all of them are on disk, then the files are renamed into place, config.json last.
+    old_files = [f for f in os.listdir(folder) if _WEIGHT_FILE.fullmatch(f)]
+    staged: list[tuple[str, str]] = []  # (temporary, final path), in publishing order
+    try:
+        _stage_files(folder, shards, texts, staged)
+        _publish(folder, staged, shards, texts, old_files)
+    except BaseException:
+        for tmp, _ in staged:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        raise
+    remove_dead_staging(folder)  # what a killed save of this machine left (up to a checkpoint's size)
+
+
+def _state_to_save(model: nn.Module, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """The model's tensors as saved: without a tied lm_head, floats in `dtype` if given."""
+    state = dict(model.state_dict())
+    if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    limit = parse_size(max_shard_size)
+    return state
+
+
+def _shard(state: dict[str, torch.Tensor], limit: int) -> dict[str, dict[str, torch.Tensor]]:
+    """File name -> its tensors: model.safetensors, or shards of at most `limit` bytes (a tensor larger
+    than that gets a shard of its own)."""
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name, t in state.items():
@@ -515,6 +579,15 @@ def save_pretrained(
             size = 0
         shards[-1][name] = t
         size += n
+    if len(shards) == 1:
+        return {WEIGHTS_NAME: shards[0]}
+    return {f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors": s for i, s in enumerate(shards)}
+
+
+def _json_texts(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, str | None]:
+    """File name -> text of the JSON files beside the weights, in publishing order (config.json last);
+    None for a quantization_config.json that a model not quantized does not have."""
+    config: BambaConfig = model.config
     any_float = next((t for t in state.values() if t.is_floating_point()), None)
     cfg = json.loads(config.to_json_string())
     if any_float is not None:
@@ -522,62 +595,69 @@ def save_pretrained(
     gen = {k: getattr(config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     gen.update(getattr(model, "generation_config", None) or {})  # as loaded: kept on a round trip
     quant = getattr(model, "quantization_config", None)
-    config_text = json.dumps(cfg, indent=2) + "\n"
-    quant_text = None if quant is None else json.dumps(quant, indent=2)
-    # Every new file is written to a temporary name first; an earlier save in the folder stays whole
-    # until all of them are on disk, then the files are renamed into place, config.json last.
-    names = (
-        [WEIGHTS_NAME]
-        if len(shards) == 1
-        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    )
-    new_files = set(names) | ({INDEX_NAME} if len(shards) > 1 else set())
-    old_files = [f for f in os.listdir(folder) if _WEIGHT_FILE.fullmatch(f)]
-    config_path = os.path.join(folder, "config.json")
-    quant_path = os.path.join(folder, QUANT_CONFIG_FILE)
-    staged: list[tuple[str, str]] = []  # (temporary, final path), in publishing order
-    try:
-        for name, shard in zip(names, shards):
+    return {
+        QUANT_CONFIG_FILE: None if quant is None else json.dumps(quant, indent=2),
+        GENERATION_CONFIG_FILE: json.dumps(gen, indent=2) + "\n",
+        CONFIG_NAME: json.dumps(cfg, indent=2) + "\n",
+    }
+
+
+def _stage_files(
+    folder: str,
+    shards: dict[str, dict[str, torch.Tensor]],
+    texts: dict[str, str | None],
+    staged: list[tuple[str, str]],
+) -> None:
+    """Write every new file to a temporary beside its place; (temporary, final path) pairs are appended
+    to `staged` as they are written (so a failure can remove them), in publishing order."""
+    for name, shard in shards.items():
+        path = os.path.join(folder, name)
+        staged.append((_write_staged(path, _safetensors_writer(shard), "wb"), path))
+    if len(shards) > 1:
+        weight_map = {k: name for name, shard in shards.items() for k in shard}
+        total = sum(t.numel() * t.element_size() for shard in shards.values() for t in shard.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        path = os.path.join(folder, INDEX_NAME)
+        staged.append((_write_staged(path, lambda f: json.dump(index, f, indent=2)), path))
+    for name, text in texts.items():
+        if text is not None:
             path = os.path.join(folder, name)
-            staged.append((_write_staged(path, _safetensors_writer(shard), "wb"), path))
-        if len(shards) > 1:
-            weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
-            total = sum(t.numel() * t.element_size() for t in state.values())
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            path = os.path.join(folder, INDEX_NAME)
-            staged.append((_write_staged(path, lambda f: json.dump(index, f, indent=2)), path))
-        if quant_text is not None:
-            staged.append((_write_staged(quant_path, lambda f: f.write(quant_text)), quant_path))
-        path = os.path.join(folder, GENERATION_CONFIG_FILE)
-        staged.append((_write_staged(path, lambda f: f.write(json.dumps(gen, indent=2) + "\n")), path))
-        staged.append((_write_staged(config_path, lambda f: f.write(config_text)), config_path))
-        # Publish. A new config (or quantization layout) read beside the earlier weights, or the reverse,
-        # would load as neither save: then the old config.json goes first, and until the new one is
-        # renamed in (last) the folder fails to load. With the same config, loading prefers an index over
-        # model.safetensors, so until the new index (or, going to one file, the removal of the old index)
-        # the folder still loads the earlier save whole; only where new shards overwrite old ones of the
-        # same names is the old index removed first, so a crash in between fails instead of mixing saves.
-        if _read_text(config_path) != config_text or _read_text(quant_path) != quant_text:
-            if os.path.exists(config_path):
-                os.remove(config_path)
-        if any(f in names and f != WEIGHTS_NAME for f in old_files) and INDEX_NAME in old_files:
-            os.remove(os.path.join(folder, INDEX_NAME))
-        for tmp, path in staged:
-            if path == config_path:
-                stale = [
-                    f for f in old_files if f not in new_files and os.path.exists(os.path.join(folder, f))
-                ]
-                for old in sorted(stale, key=lambda f: f != INDEX_NAME):  # the old index before its shards
-                    os.remove(os.path.join(folder, old))
-                if quant_text is None and os.path.exists(quant_path):  # an earlier save was quantized
-                    os.remove(quant_path)
-            os.replace(tmp, path)
-    except BaseException:
-        for tmp, _ in staged:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        raise
-    remove_dead_staging(folder)  # what a killed save of this machine left (up to a checkpoint's size)
+            staged.append((_write_staged(path, lambda f, text=text: f.write(text)), path))
+
+
+def _publish(
+    folder: str,
+    staged: list[tuple[str, str]],
+    shards: dict[str, dict[str, torch.Tensor]],
+    texts: dict[str, str | None],
+    old_files: list[str],
+) -> None:
+    """Rename the staged files into place, removing what the earlier save had and this one has not.
+
+    A new config (or quantization layout) read beside the earlier weights, or the reverse, would load as
+    neither save: then the old config.json goes first, and until the new one is renamed in (last) the
+    folder fails to load. With the same config, loading prefers an index over model.safetensors, so until
+    the new index (or, going to one file, the removal of the old index) the folder still loads the
+    earlier save whole; only where new shards overwrite old ones of the same names is the old index
+    removed first, so a crash in between fails instead of mixing saves."""
+    config_path = os.path.join(folder, CONFIG_NAME)
+    quant_path = os.path.join(folder, QUANT_CONFIG_FILE)
+    new_files = set(shards) | ({INDEX_NAME} if len(shards) > 1 else set())
+    if _read_text(config_path) != texts[CONFIG_NAME] or _read_text(quant_path) != texts[QUANT_CONFIG_FILE]:
+        if os.path.exists(config_path):
+            os.remove(config_path)
+    if any(f in shards and f != WEIGHTS_NAME for f in old_files) and INDEX_NAME in old_files:
+        os.remove(os.path.join(folder, INDEX_NAME))
+    for tmp, path in staged:
+        if path == config_path:
+            stale = [f for f in old_files if f not in new_files and os.path.exists(os.path.join(folder, f))]
+            for old in sorted(stale, key=lambda f: f != INDEX_NAME):  # the old index before its shards
+                os.remove(os.path.join(folder, old))
+            if texts[QUANT_CONFIG_FILE] is None and os.path.exists(
+                quant_path
+            ):  # an earlier save was quantized
+                os.remove(quant_path)
+        os.replace(tmp, path)
 
 
 def _read_text(path: str) -> str | None:

@@ -1,14 +1,12 @@
-"""The `bamba` command line (also `python -m bamba`).
-
-Each command is a thin layer over a plain keyword-argument Python function. Modules that own a command
-register it with `add_cli(subparsers)`, which sets `func` to a callable taking the parsed namespace.
-Errors a user can cause (bad path, dtype, prompt...) print one line and exit non-zero, no traceback.
+"""The `bamba` command line (also `python -m bamba`): all argument parsing, over plain keyword-argument
+functions that Python can call too. Errors a user can cause (bad path, dtype, prompt...) print one line
+and exit non-zero, no traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
+import json
 import os
 import sys
 import time
@@ -16,13 +14,14 @@ from typing import Any
 
 import torch
 
+from .bench import bench
 from .chat import chat, format_stats, generate_text
 from .files import strict_json
+from .info import format_info, model_info
 from .quantize import SHORT_NAMES
+from .runtime import tune_cpu_allocator
+from .tokenizer import train_tokenizer_files
 from .train import train
-
-# command modules, each exposing add_cli(subparsers)
-COMMAND_MODULES = ["bamba.info", "bamba.tokenizer_cli", "bamba.bench"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,16 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="bamba", description="Run, train and benchmark Bamba models (pure PyTorch)."
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    _add_generate_commands(sub)
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name != name:
-                raise
-            continue
-        module.add_cli(sub)
+    _add_generate_commands(sub)  # generate, chat
+    _add_info_command(sub)
     _add_train_command(sub)
+    _add_train_tokenizer_command(sub)
+    _add_bench_command(sub)
     _add_serve_command(sub)
     return parser
 
@@ -234,6 +228,90 @@ def _add_serve_command(sub: argparse._SubParsersAction) -> None:
 
 
 # ----- info, train-tokenizer, bench commands (owner: the bench helper) -----------------------------------
+def _add_info_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("info", help="parameters, layer layout and memory needs of a model")
+    p.add_argument(
+        "model", nargs="?", default=None, help="checkpoint folder or hub repo id (default: the demo model)"
+    )
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_info_command)
+
+
+def _info_command(args: argparse.Namespace) -> int:
+    info = model_info(args.model)
+    print(json.dumps(info, indent=2) if args.json else format_info(info))
+    return 0
+
+
+def _add_train_tokenizer_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train-tokenizer",
+        help="train a byte-level BPE tokenizer on text files",
+        description="Train a byte-level BPE tokenizer (pad=0, bos=1, eos=2) and save it in the Hugging Face layout.",
+    )
+    p.add_argument("files", nargs="+", metavar="FILE", help=".txt or .jsonl (`text` field) files")
+    p.add_argument("--vocab-size", type=int, required=True, help="vocabulary size, special tokens included")
+    p.add_argument("--out", required=True, help="output folder (tokenizer.json, tokenizer_config.json, ...)")
+    p.add_argument("--min-frequency", type=int, default=2, help="merges seen fewer times are not learnt")
+    p.set_defaults(func=_train_tokenizer_command)
+
+
+def _train_tokenizer_command(args: argparse.Namespace) -> int:
+    summary = train_tokenizer_files(args.files, args.vocab_size, args.out, args.min_frequency)
+    print(f"saved a tokenizer with {summary['vocab_size']} tokens to {summary['out_dir']}")
+    return 0
+
+
+def _add_bench_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmark against transformers on the CPU (prefill, decode, memory)")
+    p.add_argument(
+        "--checkpoint", default=None, help="checkpoint folder (default .bench/bench-small, created)"
+    )
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--quick", action="store_true", help="fewer decode steps, no 4096-token prompts")
+    p.add_argument(
+        "--variants",
+        default="fp32,bf16,int8,int4,int8dq",
+        help="comma list of fp32, bf16, int8, int4 (weight-only), int8dq (int8 weights and activations); "
+        "fp32 is always measured, beside transformers (the ratios' baseline)",
+    )
+    p.add_argument("--long", action="store_true", help="also prefill a 32768-token prompt (chunked)")
+    p.add_argument("--no-transformers", action="store_true", help="measure this project only")
+    p.add_argument("--json", default=None, help="also write the full report here")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run everything this many times (pairs alternating) and report medians and ranges",
+    )
+    p.add_argument(
+        "--allocator",
+        choices=["default", "tuned"],
+        default="default",
+        help="glibc malloc as it comes, or tuned (bamba.runtime) in both implementations' workers",
+    )
+    p.set_defaults(func=_bench_command)
+
+
+def _bench_command(args: argparse.Namespace) -> int:
+    bench(**bench_arguments(args))
+    return 0
+
+
+def bench_arguments(args: argparse.Namespace) -> dict:
+    """`bench`'s keyword arguments from the parsed `bamba bench` options (benchmarks/bench.py reads
+    its own command line through this too)."""
+    return dict(
+        checkpoint=args.checkpoint,
+        threads=args.threads,
+        quick=args.quick,
+        variants=tuple(v for v in args.variants.split(",") if v),
+        long_prompt=args.long,
+        transformers=not args.no_transformers,
+        json_path=args.json,
+        allocator=args.allocator,
+        rounds=args.rounds,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -242,8 +320,6 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    from .runtime import tune_cpu_allocator
-
     tune_cpu_allocator()  # big temporaries are reused instead of page-faulted in again (bamba.runtime)
     try:
         result = args.func(args)

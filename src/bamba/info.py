@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-import argparse
-import json
 from typing import Any
 
 import torch
 
-from .checkpoint import read_config, read_quantization_config, weight_files
+from .checkpoint import SafetensorsFile, read_config, read_quantization_config, weight_files
+from .demo import demo_path
 from .hub import resolve_folder
+from .model import BambaForCausalLM
 
 
 def model_info(model: str | None = None) -> dict[str, Any]:
     """Read config.json and the safetensors headers only (built on `meta`: no weights in memory)."""
-    from .checkpoint import SafetensorsFile
-    from .demo import demo_path
-    from .model import BambaForCausalLM
-
     folder = resolve_folder(model) if model is not None else demo_path()
     config = read_config(folder)
     with torch.device("meta"):
@@ -57,9 +53,7 @@ def model_info(model: str | None = None) -> dict[str, Any]:
         "mamba_state_bytes_per_sequence_fp32": state_per_row,
         "kv_cache_bytes_per_token_fp32": kv_per_token,
         "max_position_embeddings": c.max_position_embeddings,
-        "quantization": read_quantization_config(
-            folder
-        ),  # quantization_config.json of a saved quantized model
+        "quantization": read_quantization_config(folder),  # that of a model saved quantized, or None
     }
 
 
@@ -67,38 +61,26 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
 
 
-def _cli(args: argparse.Namespace) -> int:
-    info = model_info(args.model)
-    if args.json:
-        print(json.dumps(info, indent=2))
-        return 0
-    print(f"model        {info['folder']}")
-    print(
-        f"parameters   {info['parameters']:,} ({', '.join(info['stored_dtypes'])} on disk: {_gib(info['stored_bytes'])})"
-    )
-    print(
-        f"layers       {info['layers']}: {info['layout']}  (M = Mamba-2, A = attention at {info['attention_layers']})"
-    )
-    print(
-        f"hidden       {info['hidden_size']}, vocab {info['vocab_size']}, context {info['max_position_embeddings']}"
-    )
-    print(f"mamba        {info['mamba']}")
-    print(f"attention    {info['attention']}")
-    print(f"weights      {_gib(info['weights_fp32_bytes'])} fp32, {_gib(info['weights_bf16_bytes'])} bf16")
+def format_info(info: dict[str, Any]) -> str:
+    """`model_info`'s figures as the lines `bamba info` prints."""
+    dtypes = ", ".join(info["stored_dtypes"])
+    lines = [
+        f"model        {info['folder']}",
+        f"parameters   {info['parameters']:,} ({dtypes} on disk: {_gib(info['stored_bytes'])})",
+        f"layers       {info['layers']}: {info['layout']}  (M = Mamba-2, A = attention at "
+        f"{info['attention_layers']})",
+        f"hidden       {info['hidden_size']}, vocab {info['vocab_size']}, context "
+        f"{info['max_position_embeddings']}",
+        f"mamba        {info['mamba']}",
+        f"attention    {info['attention']}",
+        f"weights      {_gib(info['weights_fp32_bytes'])} fp32, {_gib(info['weights_bf16_bytes'])} bf16",
+    ]
     if quant := info["quantization"]:
         group = f", group {quant['group_size']}" if quant.get("group_size") else ""
-        print(f"quantized    {quant.get('format')}{group}: {len(quant.get('modules', []))} Linear layers")
-    print(
+        n = len(quant.get("modules", []))
+        lines.append(f"quantized    {quant.get('format')}{group}: {n} Linear layers")
+    lines.append(
         f"cache        {_gib(info['mamba_state_bytes_per_sequence_fp32'])} Mamba state per sequence + "
         f"{info['kv_cache_bytes_per_token_fp32'] / 1024:.1f} KiB KV per token (fp32)"
     )
-    return 0
-
-
-def add_cli(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("info", help="parameters, layer layout and memory needs of a model")
-    p.add_argument(
-        "model", nargs="?", default=None, help="checkpoint folder or hub repo id (default: the demo model)"
-    )
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=_cli)
+    return "\n".join(lines)

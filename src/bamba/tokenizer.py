@@ -22,13 +22,19 @@ import codecs
 import functools
 import json
 import os
+import tempfile
 from collections.abc import Iterable, Sequence
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import torch
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as BackendTokenizer
+
+from . import hub
+from .checkpoint import read_json
+from .textfiles import check_files, iter_text_files
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
@@ -69,8 +75,6 @@ _CONTINUE_MARKER = "BAMBA_CONTINUE_FINAL_MESSAGE "
 
 
 def _read_json_object(path: str) -> dict[str, Any]:
-    from .checkpoint import read_json
-
     value = read_json(path)
     if not isinstance(value, dict):
         raise ValueError(f"{path}: expected a JSON object, found a JSON {type(value).__name__}")
@@ -80,9 +84,7 @@ def _read_json_object(path: str) -> dict[str, Any]:
 def _resolve(path: str | os.PathLike, filename: str, required: bool, **hub_kwargs: Any) -> str | None:
     """Path of `filename` in a local folder or a Hub repo id (via the shared checkpoint resolver);
     None when optional and absent."""
-    from .hub import resolve_folder
-
-    folder = resolve_folder(path, **hub_kwargs)
+    folder = hub.resolve_folder(path, **hub_kwargs)
     file = os.path.join(folder, filename)
     if os.path.isfile(file):
         return file
@@ -220,6 +222,29 @@ def _alias_reasoning(message: dict[str, Any]) -> dict[str, Any]:
     if reasoning is None:
         return message
     return {"thinking": reasoning, **message, "reasoning_content": reasoning}
+
+
+def _check_chat_arguments(
+    messages: Any,
+    add_generation_prompt: bool,
+    continue_final_message: bool | str,
+    tools: Sequence[dict[str, Any]] | None,
+) -> None:
+    """apply_chat_template's messages and flags: a chat (or a list of chats), not empty, flags that agree."""
+    if isinstance(messages, str | bytes | dict) or not isinstance(messages, Sequence):
+        raise TypeError(
+            "apply_chat_template: messages must be a list of {'role', 'content'} dicts (or a list of such "
+            f"lists), found {type(messages).__name__}"
+        )
+    if not messages:
+        raise ValueError("cannot apply a chat template to an empty list of messages")
+    if continue_final_message and add_generation_prompt:
+        raise ValueError(
+            "continue_final_message and add_generation_prompt exclude each other: the first continues the "
+            "last message, the second starts a new assistant message"
+        )
+    if tools is not None and not all(isinstance(t, dict) for t in tools):
+        raise TypeError("apply_chat_template: tools should be JSON-schema dicts")
 
 
 class Tokenizer:
@@ -563,33 +588,8 @@ class Tokenizer:
             raise ValueError(f"apply_chat_template: {', '.join(unsupported)} is not supported here")
         for k in _UNSUPPORTED_CHAT_ARGS:
             kwargs.pop(k, None)  # passed as False / None: the default, nothing to do
-        named = self._templates()
-        if chat_template is None and tools is not None and "tool_use" in named:
-            chat_template = "tool_use"  # as transformers picks it
-        if chat_template is None:
-            template = self.chat_template
-        else:  # a template's name, else its text
-            template = named.get(chat_template, chat_template)
-        if template is None:
-            raise ValueError(
-                f"tokenizer {self.name_or_path!r} has no chat template (no default): neither a 'chat_template' "
-                f"entry in {CONFIG_FILE} nor a {CHAT_TEMPLATE_FILE} file"
-                + (f"; name one of {sorted(named)} with chat_template=" if named else "")
-            )
-        if isinstance(messages, str | bytes | dict) or not isinstance(messages, Sequence):
-            raise TypeError(
-                "apply_chat_template: messages must be a list of {'role', 'content'} dicts (or a list of such "
-                f"lists), found {type(messages).__name__}"
-            )
-        if not messages:
-            raise ValueError("cannot apply a chat template to an empty list of messages")
-        if continue_final_message and add_generation_prompt:
-            raise ValueError(
-                "continue_final_message and add_generation_prompt exclude each other: the first continues the "
-                "last message, the second starts a new assistant message"
-            )
-        if tools is not None and not all(isinstance(t, dict) for t in tools):
-            raise TypeError("apply_chat_template: tools should be JSON-schema dicts")
+        template = self._pick_chat_template(chat_template, tools)
+        _check_chat_arguments(messages, add_generation_prompt, continue_final_message, tools)
         batched = isinstance(messages[0], list | tuple)
         chats = list(messages) if batched else [messages]
         variables = {**self.special_tokens_map, **self._named_extra, **kwargs}
@@ -601,6 +601,38 @@ class Tokenizer:
         ]
         if not tokenize:
             return texts if batched else texts[0]
+        enc = self._encode_chats(texts, padding, return_tensors, tokenizer_kwargs)
+        if not batched and return_tensors is None:
+            enc = {k: v[0] for k, v in enc.items()}  # one chat: flat lists
+        return enc if return_dict else enc["input_ids"]
+
+    def _pick_chat_template(self, chat_template: str | None, tools: Sequence[dict[str, Any]] | None) -> str:
+        """The template's text: `chat_template` by name or as text, else "tool_use" when tools are given
+        and there is one (as transformers picks it), else the default."""
+        named = self._templates()
+        if chat_template is None and tools is not None and "tool_use" in named:
+            chat_template = "tool_use"
+        if chat_template is None:
+            template = self.chat_template
+        else:  # a template's name, else its text
+            template = named.get(chat_template, chat_template)
+        if template is None:
+            raise ValueError(
+                f"tokenizer {self.name_or_path!r} has no chat template (no default): neither a 'chat_template' "
+                f"entry in {CONFIG_FILE} nor a {CHAT_TEMPLATE_FILE} file"
+                + (f"; name one of {sorted(named)} with chat_template=" if named else "")
+            )
+        return template
+
+    def _encode_chats(
+        self,
+        texts: list[str],
+        padding: bool | str,
+        return_tensors: str | None,
+        tokenizer_kwargs: dict[str, Any] | None,
+    ) -> dict[str, Any]:
+        """Rendered chats encoded without special tokens unless `tokenizer_kwargs` say otherwise (the
+        template writes its own BOS), padded on the config's `padding_side`."""
         call_kwargs = {"padding_side": self.config.get("padding_side", "right"), **(tokenizer_kwargs or {})}
         unknown = set(call_kwargs) - {"padding_side", "add_special_tokens"}
         if unknown:
@@ -610,10 +642,7 @@ class Tokenizer:
         if padding not in (True, False, "longest", "do_not_pad"):
             raise ValueError(f"apply_chat_template: padding={padding!r} is not supported; use True or False")
         call_kwargs.setdefault("add_special_tokens", False)
-        enc = self(texts, padding=padding in (True, "longest"), return_tensors=return_tensors, **call_kwargs)
-        if not batched and return_tensors is None:
-            enc = {k: v[0] for k, v in enc.items()}  # one chat: flat lists
-        return enc if return_dict else enc["input_ids"]
+        return self(texts, padding=padding in (True, "longest"), return_tensors=return_tensors, **call_kwargs)
 
     def _render_chat(
         self,
@@ -782,6 +811,32 @@ def train_tokenizer(
     tokenizer = Tokenizer(backend, config, chat_template=chat_template, name_or_path=out_dir)
     tokenizer.save_pretrained(out_dir)
     return tokenizer
+
+
+def train_tokenizer_files(
+    files: list[str], vocab_size: int, out_dir: str, min_frequency: int = 2
+) -> dict[str, object]:
+    """`train_tokenizer` on .txt and .jsonl `files` (`bamba train-tokenizer`); returns a summary.
+
+    .txt files are read as they are; the documents of .jsonl files (their `text` fields) are first written
+    to a temporary text file, one blank line between documents, so the tokenizer never learns JSON syntax.
+    """
+    if not files:
+        raise ValueError("give at least one .txt or .jsonl file")
+    check_files(files)
+    with tempfile.TemporaryDirectory(prefix="bamba-tok-") as tmp:
+        plain = []
+        for i, path in enumerate(files):
+            if Path(path).suffix.lower() == ".jsonl":
+                text_path = os.path.join(tmp, f"{i}.txt")
+                with open(text_path, "w", encoding="utf-8") as f:
+                    for doc in iter_text_files([path]):
+                        f.write(doc + "\n\n")
+                plain.append(text_path)
+            else:
+                plain.append(path)
+        tokenizer = train_tokenizer(plain, vocab_size, out_dir, min_frequency=min_frequency)
+    return {"out_dir": out_dir, "vocab_size": len(tokenizer)}
 
 
 def _check_utf8(path: str) -> None:
