@@ -3,6 +3,8 @@ exact (greedy tokens identical, logprobs within 1e-4 of an uncached run)."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from conftest import TINY
@@ -214,3 +216,39 @@ def test_cache_rows_join_and_leave(edge_attention):
         torch.testing.assert_close(
             again, model(torch.cat([b, nxt[1:], torch.tensor([[52]])], 1)).logits[0, -1], atol=1e-5, rtol=1e-5
         )
+
+
+def test_an_unexpected_engine_error_fails_the_requests_in_flight_and_the_engine_goes_on(
+    demo_fp32, monkeypatch
+):
+    """A bug inside a step (not in the model) fails what is in flight; later requests are served."""
+    model, tok = demo_fp32
+    engine = Engine(model, tok)
+    engine.start()
+    try:
+        real = Engine._decode
+        monkeypatch.setattr(Engine, "_decode", lambda self: (_ for _ in ()).throw(KeyError("bug")))
+        failed = threading.Event()
+        engine.submit(
+            Request(
+                "a",
+                tok.encode("ROMEO:"),
+                SamplingParams(max_tokens=5, temperature=0),
+                lambda e: e.error and failed.set(),
+            )
+        )
+        assert failed.wait(30)
+        monkeypatch.setattr(Engine, "_decode", real)
+        done = threading.Event()
+        events = []
+        engine.submit(
+            Request(
+                "b",
+                tok.encode("ROMEO:"),
+                SamplingParams(max_tokens=5, temperature=0),
+                lambda e: events.append(e) or (e.finish_reason and done.set()),
+            )
+        )
+        assert done.wait(30) and events[-1].error is None and len(tokens(events)) == 5
+    finally:
+        engine.stop()

@@ -9,6 +9,8 @@ right-aligned, with masked padding on the left of shorter rows (see the cache's 
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import threading
 import time
@@ -25,6 +27,8 @@ from .cache import HybridMambaAttentionDynamicCache
 from .decoding import decode_step
 from .prefix_cache import PrefixCache
 from .sampling import process_logits
+
+log = logging.getLogger("bamba.serve")
 
 
 @dataclass
@@ -170,10 +174,27 @@ class Engine:
 
     def _run(self) -> None:
         while not self._stopping:
-            if not self.step():
+            try:
+                worked = self.step()
+            except Exception as e:  # noqa: BLE001  (a bug here must not leave every client waiting forever)
+                log.exception("engine step failed; failing the requests in flight")
+                self._fail_everything(e)
+                worked = True
+            if not worked:
                 with self._wake:
                     if not self._stopping and not self.waiting:
                         self._wake.wait(timeout=0.5)
+
+    def _fail_everything(self, error: Exception) -> None:
+        """Fail every request in flight and start from an empty batch."""
+        requests = {id(r.request): r.request for r in self.rows}
+        if self.prefilling is not None:
+            requests[id(self.prefilling.request)] = self.prefilling.request
+        for request in requests.values():
+            with contextlib.suppress(Exception):
+                self._fail(request, error)
+        self.rows, self.prefilling = [], None
+        self.cache, self.mask = HybridMambaAttentionDynamicCache(self.config), None
 
     # ----- one iteration ---------------------------------------------------------------------------------
     @torch.inference_mode()

@@ -65,9 +65,12 @@ class _Run:
     def __init__(self, engine: Engine, prompt: list[int], params: SamplingParams, rid: str) -> None:
         loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[Event] = asyncio.Queue()
-        self.request = EngineRequest(
-            rid, prompt, params, lambda e: loop.call_soon_threadsafe(self.queue.put_nowait, e)
-        )
+
+        def sink(event: Event) -> None:  # (called from the engine's thread)
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening any more
+                loop.call_soon_threadsafe(self.queue.put_nowait, event)
+
+        self.request = EngineRequest(rid, prompt, params, sink)
         self.choices = [_Choice() for _ in range(params.n)]
         self.engine = engine
 
