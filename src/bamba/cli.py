@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# ----- generate / chat commands (owner: the generation helper) ------------------------------------------
+# ----- generate / chat commands
 def _add_generate_commands(sub: argparse._SubParsersAction) -> None:
     """`bamba generate` and `bamba chat` (bamba.chat)."""
     p = sub.add_parser("generate", help="continue a prompt, streaming the text to stdout")
@@ -109,7 +109,7 @@ def _cli_chat(args: argparse.Namespace) -> None:
     chat(system=args.system, **_sampling_options(args))
 
 
-# ----- train command (owner: the train helper) ----------------------------------------------------------
+# ----- train command
 def _add_train_command(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "train",
@@ -181,7 +181,7 @@ def _cli_train(args: argparse.Namespace) -> int:
     return 0
 
 
-# ----- serve command ------------------------------------------------------------------------------------
+# ----- serve command ----------------------------------------------------------------------------------------
 def _add_serve_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve",
@@ -206,9 +206,7 @@ def _add_serve_command(sub: argparse._SubParsersAction) -> None:
     )
 
     def run(args: argparse.Namespace) -> None:
-        import os
-
-        from .server import serve
+        from .server import serve  # (FastAPI loads only for this command)
 
         serve(
             model=args.model,
@@ -227,7 +225,7 @@ def _add_serve_command(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-# ----- info, train-tokenizer, bench commands (owner: the bench helper) -----------------------------------
+# ----- info, train-tokenizer, bench commands
 def _add_info_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="parameters, layer layout and memory needs of a model")
     p.add_argument(
