@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# ----- generate / chat commands
+# ----- generate / chat commands -----------------------------------------------------------------------------
 def _add_generate_commands(sub: argparse._SubParsersAction) -> None:
     """`bamba generate` and `bamba chat` (bamba.chat)."""
     p = sub.add_parser("generate", help="continue a prompt, streaming the text to stdout")
@@ -109,7 +109,7 @@ def _cli_chat(args: argparse.Namespace) -> None:
     chat(system=args.system, **_sampling_options(args))
 
 
-# ----- train command
+# ----- train command ----------------------------------------------------------------------------------------
 def _add_train_command(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "train",
@@ -225,7 +225,7 @@ def _add_serve_command(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-# ----- info, train-tokenizer, bench commands
+# ----- info, train-tokenizer, bench commands ----------------------------------------------------------------
 def _add_info_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="parameters, layer layout and memory needs of a model")
     p.add_argument(
