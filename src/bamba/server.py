@@ -15,14 +15,14 @@ import secrets
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from .chat import load_for_cli
-from .engine import Engine, Event, SamplingParams, TokenLogprob
+from .engine import Engine, Event, SamplingParams
 from .engine import Request as EngineRequest
 from .metrics import ServerMetrics
 from .protocol import (
@@ -34,6 +34,7 @@ from .protocol import (
     parse,
 )
 from .quantize import SHORT_NAMES
+from .responses import ChatShape, Choice, CompletionShape, usage_of
 from .sampling import default_eos_ids
 
 log = logging.getLogger("bamba.serve")
@@ -49,16 +50,6 @@ class EngineSettings:
     prefill_chunk: int = 256
 
 
-@dataclass
-class _Choice:
-    """One choice's output as it comes in."""
-
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    finish_reason: str | None = None
-
-
 class _Run:
     """A request in the engine, seen from the event loop: its events arrive on an asyncio queue."""
 
@@ -71,7 +62,7 @@ class _Run:
                 loop.call_soon_threadsafe(self.queue.put_nowait, event)
 
         self.request = EngineRequest(rid, prompt, params, sink)
-        self.choices = [_Choice() for _ in range(params.n)]
+        self.choices = [Choice() for _ in range(params.n)]
         self.engine = engine
 
     async def events(self) -> AsyncIterator[Event]:
@@ -332,7 +323,7 @@ def _add_generation_routes(app: FastAPI, server: Callable) -> None:
         ]
         rid = f"cmpl-{secrets.token_hex(12)}"
         runs = [srv.submit(ids, p, f"{rid}-{i}") for i, ((_, ids), p) in enumerate(zip(prompts, params))]
-        shape = _CompletionShape(srv, rid, body, prompts)
+        shape = CompletionShape(srv, rid, body, prompts)
         return await _respond(request, srv, runs, shape, body.stream, body.stream_options)
 
     @app.post("/v1/chat/completions")
@@ -346,9 +337,7 @@ def _add_generation_routes(app: FastAPI, server: Callable) -> None:
         params = body.sampling(srv.max_tokens(ids, asked, None), top, None)
         rid = f"chatcmpl-{secrets.token_hex(12)}"
         runs = [srv.submit(ids, params, rid)]
-        return await _respond(
-            request, srv, runs, _ChatShape(srv, rid, body), body.stream, body.stream_options
-        )
+        return await _respond(request, srv, runs, ChatShape(srv, rid, body), body.stream, body.stream_options)
 
 
 def _completion_prompts(srv: Server, prompt: Any) -> list[tuple[str | None, list[int]]]:
@@ -387,7 +376,7 @@ async def _respond(
     finally:
         watch.cancel()
     _finish_log(srv, shape.rid, runs, start, "ok")
-    return JSONResponse(shape.full(runs, _usage(runs)))
+    return JSONResponse(shape.full(runs, usage_of(runs)))
 
 
 async def _sse(
@@ -402,7 +391,7 @@ async def _sse(
                 for chunk in shape.chunks(r, run, event):
                     yield f"data: {json.dumps(chunk)}\n\n"
         if usage:
-            yield f"data: {json.dumps(shape.usage_chunk(_usage(runs)))}\n\n"
+            yield f"data: {json.dumps(shape.usage_chunk(usage_of(runs)))}\n\n"
         status = "ok"
     except APIError as e:
         status = "error"
@@ -423,24 +412,12 @@ async def _abort_on_disconnect(request: Request, srv: Server, runs: list[_Run]) 
         srv.engine.abort(run.request)
 
 
-def _usage(runs: list[_Run]) -> dict:
-    prompt = sum(len(r.request.prompt) for r in runs)
-    completion = sum(r.completion_tokens for r in runs)
-    cached = sum(r.request.cached_tokens for r in runs)
-    return {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": cached},
-    }
-
-
 def _finish_log(srv: Server, rid: str, runs: list[_Run], start: float, status: str) -> None:
     """One line per request: id, tokens in / out / cached, time to first token, total time."""
     now = time.monotonic()
     firsts = [r.request.first_token_time for r in runs if r.request.first_token_time is not None]
     ttft = f"{min(firsts) - start:.3f}s" if firsts else "-"
-    u = _usage(runs)
+    u = usage_of(runs)
     srv.metrics.requests.labels(status=status).inc()
     if firsts:
         srv.metrics.ttft.observe(min(firsts) - min(r.request.arrival for r in runs))
@@ -454,177 +431,6 @@ def _finish_log(srv: Server, rid: str, runs: list[_Run], start: float, status: s
         ttft,
         now - start,
     )
-
-
-# ----- response shapes -----------------------------------------------------------------------------------
-class _CompletionShape:
-    """/v1/completions' objects: text_completion, with choice index = prompt * n + choice."""
-
-    def __init__(
-        self, srv: Server, rid: str, body: CompletionRequest, prompts: list[tuple[str | None, list[int]]]
-    ) -> None:
-        self.srv, self.rid, self.body, self.prompts = srv, rid, body, prompts
-        self.created = int(time.time())
-
-    def _obj(self, choices: list[dict], **extra: Any) -> dict:
-        return {
-            "id": self.rid,
-            "object": "text_completion",
-            "created": self.created,
-            "model": self.srv.name,
-            "choices": choices,
-            **extra,
-        }
-
-    def _prompt_text(self, r: int) -> str:
-        text, ids = self.prompts[r]
-        return text if text is not None else self.srv.tokenizer.decode(ids)
-
-    def full(self, runs: list[_Run], usage: dict) -> dict:
-        choices = []
-        for r, run in enumerate(runs):
-            for i, c in enumerate(run.choices):
-                text = (self._prompt_text(r) if self.body.echo else "") + c.text
-                choices.append(
-                    {
-                        "index": r * self.body.n + i,
-                        "text": text,
-                        "logprobs": self._logprobs(run, c, self.body.echo),
-                        "finish_reason": c.finish_reason,
-                    }
-                )
-        return self._obj(choices, usage=usage)
-
-    def first_chunks(self, runs: list[_Run]) -> list[dict]:
-        if not self.body.echo:
-            return []
-        return [
-            self._obj(
-                [
-                    {
-                        "index": r * self.body.n + i,
-                        "text": self._prompt_text(r),
-                        "logprobs": None,
-                        "finish_reason": None,
-                    }
-                ]
-            )
-            for r in range(len(runs))
-            for i in range(self.body.n)
-        ]
-
-    def chunks(self, r: int, run: _Run, event: Event) -> list[dict]:
-        part = _Choice(event.text, event.token_ids, event.logprobs)
-        logprobs = self._logprobs(run, part, False) if self.body.logprobs is not None else None
-        choice = {
-            "index": r * self.body.n + event.index,
-            "text": event.text,
-            "logprobs": logprobs,
-            "finish_reason": event.finish_reason,
-        }
-        return [self._obj([choice])]
-
-    def usage_chunk(self, usage: dict) -> dict:
-        return self._obj([], usage=usage)
-
-    def _logprobs(self, run: _Run, c: _Choice, echo: bool) -> dict | None:
-        if self.body.logprobs is None:
-            return None
-        entries: list[tuple[int, TokenLogprob | None]] = []
-        if echo:
-            entries += list(zip(run.request.prompt, run.request.prompt_logprobs))
-        entries += [(lp.token_id, lp) for lp in c.logprobs]
-        tokens = [self.srv.token_text(t) for t, _ in entries]
-        offsets, at = [], 0
-        for t in tokens:
-            offsets.append(at)
-            at += len(t)
-        return {
-            "tokens": tokens,
-            "token_logprobs": [lp.logprob if lp is not None else None for _, lp in entries],
-            "top_logprobs": [
-                {self.srv.token_text(i): v for i, v in lp.top} if lp is not None else None
-                for _, lp in entries
-            ],
-            "text_offset": offsets,
-        }
-
-
-class _ChatShape:
-    """/v1/chat/completions' objects: chat.completion and chat.completion.chunk."""
-
-    def __init__(self, srv: Server, rid: str, body: ChatRequest) -> None:
-        self.srv, self.rid, self.body = srv, rid, body
-        self.created = int(time.time())
-
-    def _obj(self, kind: str, choices: list[dict], **extra: Any) -> dict:
-        return {
-            "id": self.rid,
-            "object": kind,
-            "created": self.created,
-            "model": self.srv.name,
-            "choices": choices,
-            **extra,
-        }
-
-    def full(self, runs: list[_Run], usage: dict) -> dict:
-        choices = [
-            {
-                "index": i,
-                "message": {"role": "assistant", "content": c.text},
-                "logprobs": self._logprobs(c.logprobs),
-                "finish_reason": c.finish_reason,
-            }
-            for i, c in enumerate(runs[0].choices)
-        ]
-        return self._obj("chat.completion", choices, usage=usage)
-
-    def first_chunks(self, runs: list[_Run]) -> list[dict]:
-        return [
-            self._obj(
-                "chat.completion.chunk",
-                [
-                    {
-                        "index": i,
-                        "delta": {"role": "assistant", "content": ""},
-                        "logprobs": None,
-                        "finish_reason": None,
-                    }
-                ],
-            )
-            for i in range(self.body.n)
-        ]
-
-    def chunks(self, r: int, run: _Run, event: Event) -> list[dict]:
-        delta = {"content": event.text} if event.text or event.finish_reason is None else {}
-        choice = {
-            "index": event.index,
-            "delta": delta,
-            "logprobs": self._logprobs(event.logprobs),
-            "finish_reason": event.finish_reason,
-        }
-        return [self._obj("chat.completion.chunk", [choice])]
-
-    def usage_chunk(self, usage: dict) -> dict:
-        return self._obj("chat.completion.chunk", [], usage=usage)
-
-    def _logprobs(self, lps: list[TokenLogprob]) -> dict | None:
-        if not self.body.logprobs:
-            return None
-
-        def entry(token_id: int, logprob: float) -> dict:
-            text = self.srv.token_text(token_id)
-            return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
-
-        return {
-            "content": [
-                {
-                    **entry(lp.token_id, lp.logprob),
-                    "top_logprobs": [entry(i, v) for i, v in lp.top[: self.body.top_logprobs or 0]],
-                }
-                for lp in lps
-            ]
-        }
 
 
 # ----- running it ----------------------------------------------------------------------------------------
