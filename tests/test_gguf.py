@@ -28,10 +28,13 @@ TEXT = (
     "Arise, fair sun, and kill the envious moon,\nWho is already sick and pale with grief,\n"
     "That thou her maid art far more fair than she:\nBe not her maid, since she is envious;\n"
 )
-# Bounds measured on the demo model and the tiny one, as a fraction of the largest |logit| of our model
-# over the prompt (see benchmarks/gguf_accuracy.py): each is about 3x the largest error seen.
-F32_BOUND = 1e-3  # the issue's bound; f32 errors seen: < 1e-5
-QUANT_BOUNDS = {"f16": 0.02, "q8_0": 0.05}
+# max |diff| of llama.cpp's logits from ours, as a fraction of the logit scale (the largest |logit| of ours
+# over the prompt). f32: the issue's bound (measured: 1e-6 on both checkpoints). f16 / q8_0: about 3x the
+# error measured (benchmarks/gguf_accuracy.py; the demo model's / the tiny one's): f16 1.8e-4 / 2.9e-3, q8_0
+# 9.0e-3 / 8.9e-2. The tiny model's random weights, with attention sharpened (below), magnify rounding;
+# llama.cpp also rounds the activations of f16 and q8_0 products to the weights' type.
+F32_BOUND = 1e-3
+QUANT_BOUNDS = {("demo", "f16"): 6e-4, ("demo", "q8_0"): 0.03, ("tiny", "f16"): 0.01, ("tiny", "q8_0"): 0.25}
 
 
 def prompt_ids(n: int = 64) -> list[int]:
@@ -65,7 +68,21 @@ def our_logits(folder: str, ids: list[int]) -> np.ndarray:
 # ----- llama.cpp ----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def llama_cpp():
-    return pytest.importorskip("llama_cpp")
+    llama_cpp = pytest.importorskip("llama_cpp")
+    with pytest.MonkeyPatch.context() as mp:
+        if b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info():
+            # llama.cpp's AMX kernels (built in where the CPU has them) crash (SIGSEGV) in the prefill of any
+            # q8_0 / q4_0 file, llama.cpp's converter's too: load weights without the extra buffer types that
+            # repack them for AMX, into llama.cpp's plain CPU kernels
+            default = llama_cpp.llama_cpp.llama_model_default_params
+
+            def params():
+                p = default()
+                p.use_extra_bufts = False
+                return p
+
+            mp.setattr(llama_cpp.llama_cpp, "llama_model_default_params", params)
+        yield llama_cpp
 
 
 def load_llama(llama_cpp, path: str):
@@ -87,7 +104,9 @@ def load_llama(llama_cpp, path: str):
 def llama_logits(llama_cpp, path: str, ids: list[int]) -> np.ndarray:
     llm = load_llama(llama_cpp, path)
     llm.eval(ids)
-    return np.array(llm.scores[: len(ids)], dtype=np.float64)  # (L, V)
+    logits = np.array(llm.scores[: len(ids)], dtype=np.float64)  # (L, V)
+    llm.close()
+    return logits
 
 
 def llama_greedy(llama_cpp, path: str, ids: list[int], n: int) -> list[int]:
@@ -98,6 +117,7 @@ def llama_greedy(llama_cpp, path: str, ids: list[int], n: int) -> list[int]:
     for _ in range(n):
         out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
         llm.eval(out[-1:])
+    llm.close()
     return out
 
 
@@ -108,13 +128,14 @@ def relative_error(ours: np.ndarray, theirs: np.ndarray) -> float:
 
 @pytest.fixture(scope="module", params=["tiny", "demo"])
 def checkpoint(request, tiny_folder):
+    """(name, folder, a 64-token prompt, our fp32 logits over it)."""
     folder = tiny_folder if request.param == "tiny" else demo_path()
     ids = prompt_ids()
-    return folder, ids, our_logits(folder, ids)
+    return request.param, folder, ids, our_logits(folder, ids)
 
 
 def test_f32_logits_and_argmax_match(llama_cpp, checkpoint, tmp_path):
-    folder, ids, ours = checkpoint
+    _, folder, ids, ours = checkpoint
     path = ge.export_gguf(folder, tmp_path / "m.gguf", type="f32")
     theirs = llama_logits(llama_cpp, path, ids)
     assert theirs.shape == ours.shape
@@ -124,14 +145,14 @@ def test_f32_logits_and_argmax_match(llama_cpp, checkpoint, tmp_path):
 
 @pytest.mark.parametrize("type", ["f16", "q8_0"])
 def test_quantized_logits_within_bound(llama_cpp, checkpoint, tmp_path, type):
-    folder, ids, ours = checkpoint
+    name, folder, ids, ours = checkpoint
     path = ge.export_gguf(folder, tmp_path / "m.gguf", type=type)
     theirs = llama_logits(llama_cpp, path, ids)
-    assert relative_error(ours, theirs) <= QUANT_BOUNDS[type]
+    assert relative_error(ours, theirs) <= QUANT_BOUNDS[name, type]
 
 
 def test_f32_greedy_generation_matches(llama_cpp, checkpoint, tmp_path):
-    folder, ids, _ = checkpoint
+    _, folder, ids, _ = checkpoint
     path = ge.export_gguf(folder, tmp_path / "m.gguf", type="f32")
     model = BambaForCausalLM.from_pretrained(folder, dtype=torch.float32)
     ours = model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False, eos_token_id=None)
@@ -140,7 +161,7 @@ def test_f32_greedy_generation_matches(llama_cpp, checkpoint, tmp_path):
 
 def test_whole_head_permutation_fails_the_check(llama_cpp, checkpoint, tmp_path, monkeypatch):
     """llama.cpp's converter's layout (the whole head permuted, n_rot = head_dim) is caught by the check."""
-    folder, ids, ours = checkpoint
+    _, folder, ids, ours = checkpoint
     monkeypatch.setattr(ge, "rope_dims", lambda config: config.attention_head_dim)
     path = ge.export_gguf(folder, tmp_path / "naive.gguf", type="f32")
     theirs = llama_logits(llama_cpp, path, ids)
@@ -156,6 +177,7 @@ def test_tokenizer_and_chat_template_travel_in_the_file(llama_cpp, tmp_path):
         assert llm.detokenize(tok.encode(text, add_special_tokens=False)).decode() == text
     assert llm.token_bos() == tok.bos_token_id and llm.token_eos() == tok.eos_token_id
     assert llm.metadata["tokenizer.chat_template"] == tok.chat_template
+    llm.close()
 
 
 # ----- the rope layout, without llama.cpp ---------------------------------------------------------------
