@@ -28,6 +28,7 @@ import gguf
 import numpy as np
 import torch
 
+from . import BambaForCausalLM
 from .config import BambaConfig
 from .files import atomic_write
 from .hub import resolve_folder
@@ -35,7 +36,15 @@ from .tokenizer import Tokenizer
 
 _T = gguf.MODEL_TENSOR
 ARCH = "granitehybrid"  # llama.cpp's name for Bamba and Granite 4.0-H (src/llama-arch.cpp)
-TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
+# --type -> (the matrices' GGML type, general.file_type)
+_TYPES = {
+    "f32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
+    "f16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
+    "bf16": (gguf.GGMLQuantizationType.BF16, gguf.LlamaFileType.MOSTLY_BF16),
+    "q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
+    "q4_0": (gguf.GGMLQuantizationType.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0),
+}
+TYPES = tuple(_TYPES)
 # Checkpoint names that the gguf package's map spells differently (it knows Mamba-2's dt_proj.bias).
 _HF_ALIASES = {".mamba.dt_bias": ".mamba.dt_proj.bias"}
 # The pre-tokenizer splits that llama.cpp implements, by the regex of tokenizer.json (llama-vocab.cpp).
@@ -98,7 +107,7 @@ def _to_gguf(kind: Any, t: torch.Tensor, config: BambaConfig) -> torch.Tensor:
 
 
 def _from_gguf(kind: Any, t: torch.Tensor, config: BambaConfig, hf_shape: torch.Size) -> torch.Tensor:
-    """The inverse of `_to_gguf` (A_log comes back as log(-A), equal to rounding)."""
+    """The inverse of `_to_gguf` (A_log comes back as log(-A), equal up to rounding)."""
     if kind in (_T.ATTN_Q, _T.ATTN_K):
         n = config.num_attention_heads if kind == _T.ATTN_Q else config.num_key_value_heads
         rows = rope_rows(config.attention_head_dim, rope_dims(config))
@@ -109,8 +118,8 @@ def _from_gguf(kind: Any, t: torch.Tensor, config: BambaConfig, hf_shape: torch.
 
 
 def _stays_f32(kind: Any, hf_shape: torch.Size) -> bool:
-    """Biases, norms, A, D and the conv weight: llama.cpp's kernels read them as f32 (ssm_conv, ssm_scan)."""
-    return len(hf_shape) <= 1 or kind in (_T.SSM_A, _T.SSM_D, _T.SSM_CONV1D, _T.SSM_NORM)
+    """Vectors (biases, norms, A_log, D, dt_bias) and the conv weight: llama.cpp reads them as f32."""
+    return len(hf_shape) <= 1 or kind == _T.SSM_CONV1D  # (ggml_ssm_conv and ggml_ssm_scan take f32 only)
 
 
 # ----- the plan: every tensor's name, shape and type before any data ------------------------------------
@@ -196,10 +205,10 @@ def _check_config(config: BambaConfig, folder: str) -> None:
 def _check_request(folder: str, out: str, type: str, force: bool) -> None:
     if type not in TYPES:
         raise ValueError(f"export-gguf: unsupported type {type!r}; expected one of {', '.join(TYPES)}")
-    if os.path.exists(out) and not force:
-        raise FileExistsError(f"{out}: already exists; pass force=True (--force) to replace it")
     if os.path.isdir(out):
         raise IsADirectoryError(f"{out}: is a folder; give the path of the .gguf file to write")
+    if os.path.exists(out) and not force:
+        raise FileExistsError(f"{out}: already exists; pass force=True (--force) to replace it")
     if os.path.isfile(os.path.join(folder, "quantization_config.json")):
         raise ValueError(
             f"{folder}: a quantized checkpoint (quantization_config.json); export from the float checkpoint "
@@ -312,11 +321,12 @@ def _add_tokenizer_metadata(writer: Any, tok: Tokenizer, config: BambaConfig, fo
     writer.add_add_bos_token(tok.add_bos_token)
     eos_id = tok.eos_token_id
     writer.add_add_eos_token(eos_id is not None and tok.backend.encode("a").ids[-1:] == [eos_id])
-    templates = tok._templates()
-    if set(templates) == {"default"}:
-        writer.add_chat_template(templates["default"])
-    elif templates:
+    if tok.named_chat_templates:  # the default one as "default", the others as tokenizer.chat_template.NAME
+        default = {"default": tok.chat_template} if tok.chat_template is not None else {}
+        templates = {**default, **tok.named_chat_templates}
         writer.add_chat_template([{"name": k, "template": v} for k, v in templates.items()])
+    elif tok.chat_template is not None:
+        writer.add_chat_template(tok.chat_template)
 
 
 # ----- the command --------------------------------------------------------------------------------------
@@ -331,18 +341,10 @@ def export_gguf(
     renamed into place, so a failed export leaves nothing behind; an existing `out` is kept unless `force`.
     A quantized checkpoint (quantization_config.json) is refused: export the float one it came from.
     """
-    from .model import BambaForCausalLM
-
     out = os.fspath(out)
     local = resolve_folder(folder)
     _check_request(local, out, type, force)
-    qtype, file_type = {
-        "f32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
-        "f16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
-        "bf16": (gguf.GGMLQuantizationType.BF16, gguf.LlamaFileType.MOSTLY_BF16),
-        "q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
-        "q4_0": (gguf.GGMLQuantizationType.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0),
-    }[type]
+    qtype, file_type = _TYPES[type]
     _check_config(BambaConfig.from_pretrained(local), local)
     tok = Tokenizer.from_pretrained(local)
     # as stored: memory-mapped views, the names and shapes checked against the config
@@ -388,8 +390,6 @@ def gguf_state_dict(path: str | os.PathLike, config: BambaConfig) -> dict[str, t
     reader = gguf.GGUFReader(os.fspath(path))
     tensor_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GRANITE_HYBRID, config.num_hidden_layers)
     with torch.device("meta"):
-        from .model import BambaForCausalLM
-
         shapes = {k: v.shape for k, v in BambaForCausalLM(config, init=False).state_dict().items()}
     by_gguf_name = {}
     for hf_name, shape in shapes.items():
