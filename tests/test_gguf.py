@@ -316,3 +316,35 @@ def test_failed_write_leaves_nothing_behind(tmp_path, monkeypatch):
         ge.export_gguf(demo_path(), out, force=True)
     assert out.read_bytes() == b"old"
     assert os.listdir(tmp_path) == ["m.gguf"]
+
+
+def test_llama3_split_tokenizer_travels_too(llama_cpp, hf_folder, tmp_path):
+    """A byte-level BPE with Llama 3's split (Bamba-9B's kind) goes in as llama.cpp's llama-bpe."""
+    from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as Backend
+
+    backend = Backend(models.BPE(ignore_merges=True))
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(ge._LLAMA3_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|pad|>", "<|bos|>", "<|eos|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    backend.train_from_iterator([TEXT] * 4, trainer)
+    tok = Tokenizer(backend, {"bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>"})
+    _, folder = hf_folder(vocab_size=448)  # more rows than tokens: the rest are padding in the file
+    tok.save_pretrained(folder)
+    path = ge.export_gguf(folder, tmp_path / "m.gguf", type="f16")
+    llm = llama_cpp.Llama(model_path=path, vocab_only=True, verbose=False)
+    assert llm.metadata["tokenizer.ggml.pre"] == "llama-bpe"
+    for text in [TEXT, "  spaces,\ttabs\n\n\nand 1234567 digits; ünïcödé 🚀 I'VE 'd"]:
+        ids = tok.encode(text, add_special_tokens=False)
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == ids
+        assert llm.detokenize(ids).decode() == text
+    llm.close()
