@@ -202,13 +202,16 @@ def _check_config(config: BambaConfig, folder: str) -> None:
         raise refuse("attn_layer_indices", "no attention layer: llama.cpp reads such a file as another arch")
 
 
-def _check_request(folder: str, out: str, type: str, force: bool) -> None:
+def _check_output(out: str, type: str, force: bool) -> None:
     if type not in TYPES:
         raise ValueError(f"export-gguf: unsupported type {type!r}; expected one of {', '.join(TYPES)}")
     if os.path.isdir(out):
         raise IsADirectoryError(f"{out}: is a folder; give the path of the .gguf file to write")
     if os.path.exists(out) and not force:
         raise FileExistsError(f"{out}: already exists; pass force=True (--force) to replace it")
+
+
+def _check_folder(folder: str) -> None:
     if os.path.isfile(os.path.join(folder, "quantization_config.json")):
         raise ValueError(
             f"{folder}: a quantized checkpoint (quantization_config.json); export from the float checkpoint "
@@ -342,8 +345,9 @@ def export_gguf(
     A quantized checkpoint (quantization_config.json) is refused: export the float one it came from.
     """
     out = os.fspath(out)
+    _check_output(out, type, force)  # before anything is fetched or read
     local = resolve_folder(folder)
-    _check_request(local, out, type, force)
+    _check_folder(local)
     qtype, file_type = _TYPES[type]
     _check_config(BambaConfig.from_pretrained(local), local)
     tok = Tokenizer.from_pretrained(local)
