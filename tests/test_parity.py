@@ -17,6 +17,7 @@ CONFIGS = {
     "finite_dt_limit": dict(time_step_limit=(0.05, 0.6)),
     "zloss_long_chunk": dict(z_loss_coefficient=1e-3, mamba_chunk_size=64),
     "mha_dstate16": dict(num_key_value_heads=4, mamba_d_state=16, mamba_n_heads=8),
+    "attention_mlp_bias": dict(attention_bias=True, mlp_bias=True, mamba_proj_bias=True),
 }
 
 
