@@ -50,6 +50,12 @@ def hf_model(seed: int = 0, **overrides):
     return model
 
 
+def relative_rms(got: torch.Tensor, want: torch.Tensor) -> float:
+    """RMS of (got - want) over the RMS of want, in fp32: how far a low-precision run is from the fp32 one."""
+    got, want = got.float(), want.float()
+    return ((got - want).pow(2).mean().sqrt() / want.pow(2).mean().sqrt()).item()
+
+
 @pytest.fixture
 def hf_folder(tmp_path):
     """Factory: save a random transformers model, return (model, folder)."""
