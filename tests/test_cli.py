@@ -119,9 +119,27 @@ def test_generate_text_stats(folder):
 
 
 def test_info(folder, capsys, tmp_path):
+    """The figures `bamba info` reads from headers only are those of the model and of a filled cache."""
+    from bamba import HybridMambaAttentionDynamicCache
+    from bamba.info import model_info
+
     assert main(["info", folder]) == 0
     out = capsys.readouterr().out
     assert "MAM" in out and "parameters" in out and "quantized" not in out
+    info = model_info(folder)
+    model = BambaForCausalLM.from_pretrained(folder)
+    n = sum(p.numel() for p in model.parameters())
+    assert info["parameters"] == n and f"parameters   {n:,} (float32 on disk" in out
+    assert info["stored_bytes"] == sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    cache = HybridMambaAttentionDynamicCache(model.config)
+    with torch.no_grad():
+        model(torch.randint(1, 300, (1, 10)), past_key_values=cache)  # one sequence of 10 tokens
+    state = sum(
+        t.numel() * t.element_size() for t in (*cache.conv_states, *cache.ssm_states) if t is not None
+    )
+    kv = sum(t.numel() * t.element_size() for t in (*cache.key_cache, *cache.value_cache) if t is not None)
+    assert info["mamba_state_bytes_per_sequence_fp32"] == state
+    assert info["kv_cache_bytes_per_token_fp32"] * 10 == kv
     BambaForCausalLM.from_pretrained(folder, quantization="int8dq").save_pretrained(tmp_path)
     assert main(["info", str(tmp_path)]) == 0
     n = len(BambaForCausalLM.from_pretrained(str(tmp_path)).quantization_config["modules"])
