@@ -45,6 +45,32 @@ def test_generate_streams_text(folder, capsys):
     assert greedy.startswith("to be") and greedy.endswith("\n")
 
 
+def test_generate_sampling_flags_and_dtype(folder, capsys, monkeypatch):
+    """--top-k 1, or a --top-p that keeps only the likeliest token, sample what greedy decoding gives;
+    without them the same seed draws other text. --dtype loads the model in that dtype."""
+    import bamba.chat
+
+    args = ["generate", "--model", folder, "--max-new-tokens", "8"]
+    outputs = {}
+    for name, extra in [
+        ("greedy", ["--temperature", "0"]),
+        ("top_k_1", ["--temperature", "1", "--seed", "5", "--top-k", "1"]),
+        ("top_p_tiny", ["--temperature", "1", "--seed", "5", "--top-p", "1e-6"]),
+        ("sampled", ["--temperature", "1", "--seed", "5", "--top-p", "1"]),
+    ]:
+        assert main([*args, *extra, "to be"]) == 0
+        outputs[name] = capsys.readouterr().out
+    assert outputs["top_k_1"] == outputs["top_p_tiny"] == outputs["greedy"] != outputs["sampled"]
+    dtypes = []
+    real = bamba.chat.generate
+    monkeypatch.setattr(
+        bamba.chat, "generate", lambda lm, *a, **k: dtypes.append(lm.dtype) or real(lm, *a, **k)
+    )
+    for dtype in ("bfloat16", "float16"):
+        assert main([*args, "--temperature", "0", "--dtype", dtype, "to be"]) == 0
+    assert dtypes == [torch.bfloat16, torch.float16]
+
+
 def test_generate_with_beams(folder, capsys):
     """--num-beams: beam search (plain with --temperature 0), the text printed at the end, as generate's."""
     from bamba.generation import generate
