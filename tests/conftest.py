@@ -34,7 +34,9 @@ TINY = dict(
 
 
 def hf_model(seed: int = 0, **overrides):
-    """A transformers BambaForCausalLM with random weights (A_log, D, dt_bias, norms randomised too)."""
+    """A transformers BambaForCausalLM with random weights: A_log, D, the norms and every bias (dt_bias,
+    and the in_proj / out_proj / conv1d / attention / MLP biases where the config has them) randomised
+    too, since transformers initialises them to 0 or 1, where a dropped or misplaced one goes unseen."""
     import transformers
 
     transformers.logging.set_verbosity_error()
@@ -43,9 +45,15 @@ def hf_model(seed: int = 0, **overrides):
     model = transformers.BambaForCausalLM(cfg).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith(("A_log", "dt_bias", "D")) or "norm" in name:
+            if name.endswith(("A_log", "bias", "D")) or "norm" in name:
                 p.add_(0.3 * torch.randn_like(p))
     return model
+
+
+def relative_rms(got: torch.Tensor, want: torch.Tensor) -> float:
+    """RMS of (got - want) over the RMS of want, in fp32: how far a low-precision run is from the fp32 one."""
+    got, want = got.float(), want.float()
+    return ((got - want).pow(2).mean().sqrt() / want.pow(2).mean().sqrt()).item()
 
 
 @pytest.fixture

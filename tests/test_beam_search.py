@@ -186,7 +186,7 @@ def test_eos_and_pad_given_as_none_mean_none_as_in_transformers(pair):
     """Left out, eos_token_id and pad_token_id are the checkpoint's; given as None they are none, as in
     transformers (beams then run past the checkpoint's eos id 2, and no padding is inferred from id 1)."""
     ref, ours, ids, mask, _ = pair
-    one = torch.tensor([[37, 24, 44, 53]])
+    one = torch.tensor([[42, 66, 34, 94]])  # a prompt whose beams meet id 2 (the checkpoint's eos)
     for kw in (dict(num_beams=3), dict(num_beams=1), dict(num_beams=2, min_new_tokens=4)):
         kw = dict(max_new_tokens=12, eos_token_id=None, **kw)
         expected = ref.generate(one, do_sample=False, **kw)
@@ -210,11 +210,13 @@ def test_hypotheses_that_end_early_are_padded_with_the_pad_id_even_when_it_is_0(
     ours = BambaForCausalLM.from_pretrained(folder)
     ids = torch.tensor([[0, 0, 44, 53, 42, 66, 34], [94, 26, 8, 38, 3, 13, 72]])
     mask = (torch.arange(7) >= torch.tensor([[2], [0]])).long()
-    kw = dict(attention_mask=mask, max_new_tokens=8, num_beams=4, eos_token_id=5, length_penalty=0.5)
+    greedy = ref.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, eos_token_id=None)
+    eos = int(greedy[0, 9])  # a token that the first row's continuation meets early: its beams end first
+    kw = dict(attention_mask=mask, max_new_tokens=8, num_beams=4, eos_token_id=eos, length_penalty=0.5)
     theirs, got = ref.generate(ids, do_sample=False, **kw), generate(ours, ids, **kw)
     filled = torch.zeros_like(got, dtype=torch.bool)
-    filled[:, 7:] = (got[:, 7:] == 5).long().cummax(dim=1).values.bool() & (got[:, 7:] != 5)  # after an eos
-    assert bool(filled.any()) and bool((got[filled] == 0).all()) and bool((theirs[filled] == 5).all())
+    filled[:, 7:] = (got[:, 7:] == eos).long().cummax(dim=1).values.bool() & (got[:, 7:] != eos)  # after it
+    assert bool(filled.any()) and bool((got[filled] == 0).all()) and bool((theirs[filled] == eos).all())
     assert torch.equal(got[~filled], theirs[~filled])
 
 

@@ -5,43 +5,135 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from conftest import TINY
+from torch import nn
 
-from bamba import BambaConfig, BambaForCausalLM
+from bamba import BambaConfig, BambaForCausalLM, HybridMambaAttentionDynamicCache
 from bamba.bench import bench, harness
 
+LIMITS = {  # the machine-limits child's report, made up: it takes ~15 s and 2 GB to measure
+    "cpu": "a test CPU",
+    "sgemm_flops": 1e11,
+    "int8_gemm_ops": 2e11,
+    "mem_bandwidth": 1e10,
+    "fp32_matmuls": "BLAS",
+}
 
-def test_bench_reports_both_implementations(tmp_path, capsys):
-    BambaForCausalLM(BambaConfig(**TINY)).save_pretrained(tmp_path / "m")
+
+def test_bench_reports_both_implementations(tmp_path, capsys, monkeypatch):
+    """`bench(quick=True)` on a tiny checkpoint with its plan shrunk (a 16-token prefill; batches 1 and 2
+    decoding 2 steps after 8 tokens): each implementation measured in children of its own, figures
+    reported. The fractions of the machine's limits are checked against the FLOPs of the model's own
+    Linear layers and the bytes of a filled cache (known limits stand in for the limits child)."""
+    bench_mod = harness()  # benchmarks/bench.py
+    folder = tmp_path / "m"
+    BambaForCausalLM(BambaConfig(**TINY)).save_pretrained(folder)
+    quick = bench_mod.plan(True, ("fp32",), False, True)
+    assert [[(s["impl"], s["kind"]) for s in group] for group in quick] == [
+        [("transformers", "prefill"), ("bamba", "prefill")],
+        [("transformers", "decode"), ("bamba", "decode")],
+    ]
+    tiny = {"prefill": dict(lengths=(16,)), "decode": dict(prompts=(8,), batches=(1, 2), steps=2)}
+    shrunk = [[{**s, **tiny[s["kind"]]} for s in group] for group in quick]
+    monkeypatch.setattr(bench_mod, "plan", lambda *a: shrunk)
+    real_child, specs = bench_mod._child, []
+
+    def child(spec, threads):
+        specs.append(spec)
+        return dict(LIMITS) if spec.get("limits") else real_child(spec, threads)
+
+    monkeypatch.setattr(bench_mod, "_child", child)
     report = bench(
-        checkpoint=str(tmp_path / "m"),
+        checkpoint=str(folder),
         threads=1,
         quick=True,
         variants=("fp32",),
         json_path=str(tmp_path / "r.json"),
         allocator="tuned",
     )
+    assert len(specs) == 5 and all(s["allocator"] == "tuned" for s in specs)  # limits + 4 workers
     assert report["allocator"] == "tuned" and json.loads((tmp_path / "r.json").read_text())["rows"]
     rows = {(r["measure"], r.get("prompt")): r for r in report["rows"]}
-    assert set(rows) == {
-        ("prefill_512", None),
-        ("prefill_2048", None),
-        ("decode_b1", 128),
-        ("decode_b8", 128),
-    }
+    assert set(rows) == {("prefill_16", None), ("decode_b1", 8), ("decode_b2", 8)}
     for r in rows.values():
-        assert r["bamba"] > 0 and r["transformers_fp32"] > 0 and r["ratio"] > 0
-        assert r["bamba_peak_rss"] > 0 and r["transformers_peak_rss"] > 0 and 0 < r["limit_fraction"] < 1
-    lim = report["limits"]
-    assert lim["sgemm_flops"] == max(
-        v for k, v in lim.items() if k.startswith("sgemm_") and k != "sgemm_flops"
+        assert r["bamba"] > 0 and r["transformers_fp32"] > 0
+        assert r["ratio"] == pytest.approx(r["bamba"] / r["transformers_fp32"])
+        assert r["bamba_peak_rss"] > 0 and r["transformers_peak_rss"] > 0
+
+    model = BambaForCausalLM.from_pretrained(str(folder))
+    cfg = model.config
+    # prefill: 2 FLOPs per weight of every Linear but the lm_head, and causal attention's two products
+    # (2 FLOPs per multiply-add, over the l / 2 earlier tokens on average) per attention layer
+    linear = sum(
+        m.weight.numel() for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"
     )
+    n_attn = len(cfg.attn_layer_indices)
+    flops = 2 * linear + n_attn * 2 * 2 * (16 / 2) * cfg.num_attention_heads * cfg.attention_head_dim
+    prefill = rows[("prefill_16", None)]
+    assert prefill["limit_fraction"] == pytest.approx(prefill["bamba"] * flops / LIMITS["sgemm_flops"])
+    # decode: a step reads every weight but the (untied) embedding table, reads and writes the Mamba
+    # states, and reads the keys and values, here at mid-run (8 + 2 // 2 tokens)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    weights -= model.model.embed_tokens.weight.numel() * 4
+    for b in (1, 2):
+        cache = HybridMambaAttentionDynamicCache(cfg)
+        with torch.no_grad():
+            model(torch.randint(1, 97, (b, 9)), past_key_values=cache)
+        mamba = sum(t.numel() * 4 for t in (*cache.conv_states, *cache.ssm_states) if t is not None)
+        kv = sum(t.numel() * 4 for t in (*cache.key_cache, *cache.value_cache) if t is not None)
+        row = rows[(f"decode_b{b}", 8)]
+        per_token = (weights + 2 * mamba + kv) / b
+        assert row["limit_fraction"] == pytest.approx(row["bamba"] * per_token / LIMITS["mem_bandwidth"])
     table = capsys.readouterr().out
-    assert (
-        "tuned allocator" in table
-        and "decode_b8" in table
-        and f"fp32 matmuls: {lim['fp32_matmuls']}" in table
-    )
+    assert "tuned allocator" in table and "decode_b2" in table and "machine: a test CPU" in table
+
+
+def test_machine_limits_arithmetic(monkeypatch):
+    """FLOP/s and op/s from the best of five timings of an n x n product: 2 n^3 / seconds; sgemm_flops is
+    the faster of BLAS and oneDNN. Timings are made up (the measured ones take seconds)."""
+    bench_mod = harness()
+    onednn = bench_mod.onednn_available()
+    times = iter([0.5, 0.25, 0.3, 0.4, 0.5] + ([0.125, 0.2, 0.3, 0.4, 0.5] if onednn else []))
+    monkeypatch.setattr(bench_mod, "_timed", lambda fn: next(times))
+    a, b = torch.randn(64, 64), torch.randn(64, 64)
+    flops = bench_mod._sgemm_flops(a, b)
+    assert flops["sgemm_blas_flops"] == 2 * 64**3 / 0.25
+    if onednn:
+        assert flops["sgemm_onednn_flops"] == 2 * 64**3 / 0.125 == flops["sgemm_flops"]
+    else:
+        assert flops["sgemm_flops"] == flops["sgemm_blas_flops"]
+    times = iter([4.0, 2.0, 8.0, 3.0, 5.0])
+    assert bench_mod._int8_gemm_ops(a, b) == 2 * 64**3 / 2.0
+
+
+def test_bench_command_line_options(monkeypatch):
+    """--long, --rounds, --allocator (and the rest) reach bench as keyword arguments; --long adds a
+    32768-token prefill, chunked."""
+    from bamba import cli
+
+    calls = []
+    monkeypatch.setattr(cli, "bench", lambda **kw: calls.append(kw) or {})
+    argv = ["bench", "--long", "--rounds", "3", "--allocator", "tuned", "--quick", "--variants", "fp32,int8"]
+    assert cli.main([*argv, "--no-transformers", "--threads", "4", "--json", "r.json"]) == 0
+    assert calls == [
+        dict(
+            checkpoint=None,
+            threads=4,
+            quick=True,
+            variants=("fp32", "int8"),
+            long_prompt=True,
+            transformers=False,
+            json_path="r.json",
+            allocator="tuned",
+            rounds=3,
+        )
+    ]
+    groups = harness().plan(True, ("fp32",), True, False)
+    assert groups[-1] == [
+        dict(impl="bamba", kind="prefill", variant="fp32", lengths=(32768,), chunk=2048, reps=1)
+    ]
+    assert all(len(g) == 1 for g in groups)  # no transformers: ours alone
 
 
 def test_bench_rejects_unknown_variants(tmp_path):

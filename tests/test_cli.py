@@ -45,6 +45,32 @@ def test_generate_streams_text(folder, capsys):
     assert greedy.startswith("to be") and greedy.endswith("\n")
 
 
+def test_generate_sampling_flags_and_dtype(folder, capsys, monkeypatch):
+    """--top-k 1, or a --top-p that keeps only the likeliest token, sample what greedy decoding gives;
+    without them the same seed draws other text. --dtype loads the model in that dtype."""
+    import bamba.chat
+
+    args = ["generate", "--model", folder, "--max-new-tokens", "8"]
+    outputs = {}
+    for name, extra in [
+        ("greedy", ["--temperature", "0"]),
+        ("top_k_1", ["--temperature", "1", "--seed", "5", "--top-k", "1"]),
+        ("top_p_tiny", ["--temperature", "1", "--seed", "5", "--top-p", "1e-6"]),
+        ("sampled", ["--temperature", "1", "--seed", "5", "--top-p", "1"]),
+    ]:
+        assert main([*args, *extra, "to be"]) == 0
+        outputs[name] = capsys.readouterr().out
+    assert outputs["top_k_1"] == outputs["top_p_tiny"] == outputs["greedy"] != outputs["sampled"]
+    dtypes = []
+    real = bamba.chat.generate
+    monkeypatch.setattr(
+        bamba.chat, "generate", lambda lm, *a, **k: dtypes.append(lm.dtype) or real(lm, *a, **k)
+    )
+    for dtype in ("bfloat16", "float16"):
+        assert main([*args, "--temperature", "0", "--dtype", dtype, "to be"]) == 0
+    assert dtypes == [torch.bfloat16, torch.float16]
+
+
 def test_generate_with_beams(folder, capsys):
     """--num-beams: beam search (plain with --temperature 0), the text printed at the end, as generate's."""
     from bamba.generation import generate
@@ -119,9 +145,27 @@ def test_generate_text_stats(folder):
 
 
 def test_info(folder, capsys, tmp_path):
+    """The figures `bamba info` reads from headers only are those of the model and of a filled cache."""
+    from bamba import HybridMambaAttentionDynamicCache
+    from bamba.info import model_info
+
     assert main(["info", folder]) == 0
     out = capsys.readouterr().out
     assert "MAM" in out and "parameters" in out and "quantized" not in out
+    info = model_info(folder)
+    model = BambaForCausalLM.from_pretrained(folder)
+    n = sum(p.numel() for p in model.parameters())
+    assert info["parameters"] == n and f"parameters   {n:,} (float32 on disk" in out
+    assert info["stored_bytes"] == sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    cache = HybridMambaAttentionDynamicCache(model.config)
+    with torch.no_grad():
+        model(torch.randint(1, 300, (1, 10)), past_key_values=cache)  # one sequence of 10 tokens
+    state = sum(
+        t.numel() * t.element_size() for t in (*cache.conv_states, *cache.ssm_states) if t is not None
+    )
+    kv = sum(t.numel() * t.element_size() for t in (*cache.key_cache, *cache.value_cache) if t is not None)
+    assert info["mamba_state_bytes_per_sequence_fp32"] == state
+    assert info["kv_cache_bytes_per_token_fp32"] * 10 == kv
     BambaForCausalLM.from_pretrained(folder, quantization="int8dq").save_pretrained(tmp_path)
     assert main(["info", str(tmp_path)]) == 0
     n = len(BambaForCausalLM.from_pretrained(str(tmp_path)).quantization_config["modules"])

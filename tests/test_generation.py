@@ -106,6 +106,47 @@ def test_sampling_is_seeded_and_respects_top_k(hf_folder):
     assert n.shape[0] == 6 and torch.equal(n[0, :4], ids[0]) and torch.equal(n[3, :4], ids[1])
 
 
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(top_p=0.8, top_k=0),
+        dict(min_p=0.9, top_k=0),  # (near-uniform random logits: only a high min_p cuts)
+        dict(top_p=0.7, min_p=0.6, top_k=40, temperature=0.5),
+    ],
+)
+def test_sampling_with_top_p_and_min_p_draws_as_transformers(hf_folder, kw, one_thread):
+    """With the same global seed, the same tokens as transformers' sampling (its warpers, then one
+    multinomial draw per step); and top_p / min_p matter here: without them other tokens are drawn."""
+    ref, folder = hf_folder(seed=6)
+    ours = BambaForCausalLM.from_pretrained(folder)
+    ids = torch.randint(3, 97, (2, 4), generator=torch.Generator().manual_seed(1))
+    kw = dict(do_sample=True, max_new_tokens=12, eos_token_id=None, **kw)
+    torch.manual_seed(4)
+    theirs = ref.generate(ids, **kw)
+    torch.manual_seed(4)
+    assert torch.equal(generate(ours, ids, **kw), theirs)
+    torch.manual_seed(4)
+    plain = generate(ours, ids, **{**kw, "top_p": None, "min_p": None})
+    assert not torch.equal(plain, theirs)
+
+
+def test_sampling_draws_from_the_generator_given(hf_folder):
+    """generator=: the draws come from it (the same seed gives the same tokens, another seed others),
+    and the global RNG is left as it was."""
+    _, folder = hf_folder(seed=6)
+    model = BambaForCausalLM.from_pretrained(folder)
+    ids = torch.randint(3, 97, (2, 4), generator=torch.Generator().manual_seed(2))
+    kw = dict(do_sample=True, max_new_tokens=8, eos_token_id=[])
+    state = torch.get_rng_state()
+    a = generate(model, ids, generator=torch.Generator().manual_seed(5), **kw)
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(123)  # another global state: no effect
+    b = generate(model, ids, generator=torch.Generator().manual_seed(5), **kw)
+    c = generate(model, ids, generator=torch.Generator().manual_seed(6), **kw)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(a, generate(model, ids, seed=5, **kw))  # seed=5: a generator seeded with 5
+
+
 def test_process_logits_matches_transformers_warpers():
     from transformers.generation.logits_process import (
         MinPLogitsWarper,

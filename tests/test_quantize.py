@@ -50,6 +50,15 @@ CFG = {
 }
 
 
+def close_to_reference(out: torch.Tensor, ref: torch.Tensor, kernel: bool) -> None:
+    """The packed int8 / int4 kernels round the activations and their output to bf16: within one bf16 step
+    (2**-7) of the output's largest value (measured: 0.14-0.26% of it for int8, 0.29-0.35% for int4).
+    Past the kernels' rows, the dequantized weight in an fp32 GEMM: the reference's own sum (measured:
+    exact), within fp32 rounding."""
+    bound = (2**-7 if kernel else 1e-5) * ref.abs().max().item()
+    torch.testing.assert_close(out, ref, atol=bound, rtol=0)
+
+
 def tiny(seed: int = 0) -> BambaForCausalLM:
     torch.manual_seed(seed)
     return BambaForCausalLM(BambaConfig(**CFG)).eval()
@@ -62,8 +71,7 @@ def test_int8_linear_matches_reference(rows):
     w, x, bias = torch.randn(192, 256) * 0.05, torch.randn(rows, 256), torch.randn(192)
     q, s = quantize_int8(w)
     ref = linear_int8_reference(x, q, s, bias)
-    # the kernel computes in bf16 activations: ~2^-8 relative to the output's scale
-    torch.testing.assert_close(linear_int8(x, q, s, bias), ref, atol=0.02 * ref.abs().max().item(), rtol=0)
+    close_to_reference(linear_int8(x, q, s, bias), ref, kernel=rows <= INT8_KERNEL_MAX_ROWS)
     # the quantization error itself: |w - q s| <= s / 2 per element (plus bf16 rounding of s)
     assert (dequantize_int8(q, s) - w).abs().le(s.float()[:, None] * 0.51 + 1e-6).all()
 
@@ -95,7 +103,7 @@ def test_int8_linear_one_row_takes_the_compiled_gemv_where_it_is_fast(monkeypatc
         if fast and one_row:
             torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
         else:
-            torch.testing.assert_close(out, ref, atol=0.02 * ref.abs().max().item(), rtol=0)
+            close_to_reference(out, ref, kernel=True)
 
 
 @pytest.mark.parametrize("rows", [1, 7, 64])
@@ -173,9 +181,7 @@ def test_int4_linear_matches_reference(rows):
     packed, sz = quantize_int4(w, 128)
     assert packed.shape == (128, 128)  # 100 rows padded to 128
     ref = linear_int4_reference(x, packed, sz, 128, out=100)
-    torch.testing.assert_close(
-        linear_int4(x, packed, sz, 128, out=100), ref, atol=0.02 * ref.abs().max().item(), rtol=0
-    )
+    close_to_reference(linear_int4(x, packed, sz, 128, out=100), ref, kernel=2 * rows <= INT4_KERNEL_MAX_ROWS)
     scale = sz[..., 0].float().t().repeat_interleave(128, dim=1)  # (out, in)
     assert (dequantize_int4(packed, sz, 128)[:100] - w).abs().le(scale[:100] * 0.51 + 2e-3).all()
 

@@ -226,6 +226,29 @@ def test_warmup_longer_than_the_epoch_is_refused(corpus, tmp_path):
         run(corpus, tmp_path, max_steps=None, warmup_steps=500)
 
 
+def test_gradient_checkpointing_and_no_clipping(corpus, tmp_path, monkeypatch):
+    """gradient_checkpointing=True checkpoints every layer of every micro-batch, with the same losses,
+    gradient norms and weights as without; clip=0 leaves the gradients whole (the same run as a clip
+    never reached), where the default clip of 1 changes the run (its first gradient norm is 1.7)."""
+    calls = []
+    real = bamba.model.checkpoint
+    monkeypatch.setattr(bamba.model, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    run(corpus, tmp_path / "plain", max_steps=2, clip=0)
+    assert not calls
+    run(corpus, tmp_path / "ckpt", max_steps=2, clip=0, gradient_checkpointing=True)
+    assert len(calls) == 2 * 2  # 2 steps of one micro-batch, 2 layers each
+    torch.testing.assert_close(losses(tmp_path / "ckpt"), losses(tmp_path / "plain"), atol=1e-6, rtol=0)
+    norms = losses(tmp_path / "plain", "grad_norm")
+    torch.testing.assert_close(losses(tmp_path / "ckpt", "grad_norm"), norms, atol=0, rtol=1e-5)
+    assert_same_weights(tmp_path / "ckpt" / "final", tmp_path / "plain" / "final", atol=1e-6)
+    run(corpus, tmp_path / "huge", max_steps=2, clip=1e9)
+    assert_same_weights(tmp_path / "huge" / "final", tmp_path / "plain" / "final")
+    run(corpus, tmp_path / "clipped", max_steps=2)  # clip=1
+    assert norms[0] > 1.2 and losses(tmp_path / "clipped", "grad_norm")[0] == pytest.approx(norms[0])
+    with pytest.raises(AssertionError):
+        assert_same_weights(tmp_path / "clipped" / "final", tmp_path / "plain" / "final")
+
+
 def test_bfloat16_autocast_trains_close_to_float32(corpus, tmp_path):
     run(corpus, tmp_path / "fp32", max_steps=2)
     run(corpus, tmp_path / "bf16", max_steps=2, dtype="bfloat16")
@@ -422,10 +445,10 @@ def test_cli_trains_and_continues(corpus, tmp_path, capsys):
     ]
     config = tmp_path / "config.json"
     BambaConfig(**TINY).save_pretrained(tmp_path)
-    assert (
-        cli_main([*base, "--config", str(config), "--max-steps", "2", "--row-tokens", "32", "--no-progress"])
-        == 0
-    )
+    first = [*base, "--config", str(config), "--max-steps", "2", "--row-tokens", "32", "--no-progress"]
+    assert cli_main([*first, "--threads", "0"]) == 2 and "--threads 0 must be >= 1" in capsys.readouterr().err
+    assert cli_main([*first, "--threads", "2"]) == 0
+    assert torch.get_num_threads() == 2  # (the one_thread fixture puts it back)
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert metrics["step"] == 2
     # the same command again: nothing left to train, the final model is not rewritten, the JSON stays valid
