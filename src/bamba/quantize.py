@@ -474,7 +474,7 @@ INT8_MODULES = {METHODS[0]: Int8WeightOnlyLinear, METHODS[2]: Int8DynamicActivat
 
 
 # ----- whole models ---------------------------------------------------------------------------------------
-def _targets(model: nn.Module, method: str, group_size: int) -> list[str]:
+def quantized_names(model: nn.Module, method: str, group_size: int) -> list[str]:
     """Names of the Linear layers `method` quantizes (a tied lm_head stays: it is the embedding)."""
     names = []
     for name, mod in model.named_modules():
@@ -535,7 +535,7 @@ def quantize(
             )
         return model  # already done: nothing to do
     group_size = 128 if group_size is None else group_size
-    names = _targets(model, method, group_size)
+    names = quantized_names(model, method, group_size)
     with torch.no_grad():
         for name in names:
             linear = model.get_submodule(name)
