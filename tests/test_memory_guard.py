@@ -212,7 +212,8 @@ def int4_whole(w, g):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_blocked_quantizers_equal_the_whole_weight_formulas_bit_for_bit(monkeypatch, dtype):
-    """Blocks of a few rows (the last one short and zero-padded) give exactly the whole-weight result."""
+    """Blocks of a few rows (the last one short and zero-padded) give exactly the whole-weight result;
+    so do the blocked dequantizers."""
     monkeypatch.setattr(quantize_module, "QUANTIZE_BLOCK", 3 * 256)  # 3 rows (int8) / 64 rows (int4) a block
     threads = torch.get_num_threads()
     gen = torch.Generator().manual_seed(0)
@@ -225,4 +226,16 @@ def test_blocked_quantizers_equal_the_whole_weight_formulas_bit_for_bit(monkeypa
     ]:
         for a, b in zip(got, want):
             assert a.dtype == b.dtype and torch.equal(a, b)
+    # and the dequantizers that prompts use, against the plain ones (the references' own)
+    q8, s8 = quantize_module.quantize_int8(w)
+    packed, sz = quantize_module.quantize_int4(w, 32)
+    for out in (torch.float32, torch.bfloat16):
+        a, b = (
+            quantize_module.dequantize_int8_blocked(q8, s8, out),
+            quantize_module.dequantize_int8(q8, s8, out),
+        )
+        assert a.dtype == b.dtype == out and torch.equal(a, b)
+        a = quantize_module.dequantize_int4_blocked(packed, sz, 32, out)
+        b = quantize_module.dequantize_int4(packed, sz, 32, out)
+        assert a.dtype == b.dtype == out and torch.equal(a, b)
     assert torch.get_num_threads() == threads  # (restored after the one-thread sections)

@@ -137,6 +137,18 @@ def dequantize_int8(q: Tensor, scales: Tensor, dtype: torch.dtype = torch.float3
     return (q.to(torch.float32) * scales.float()[:, None]).to(dtype)
 
 
+@_one_thread
+def dequantize_int8_blocked(q: Tensor, scales: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """`dequantize_int8` bit for bit, QUANTIZE_BLOCK weights at a time through one fp32 buffer (as the
+    quantizers: no weight-sized fp32 temporaries, no page faults per op)."""
+    n, k = q.shape
+    out = torch.empty(n, k, dtype=dtype, device=q.device)
+    s = scales.float()[:, None]  # (out, 1)
+    for r0, r1, blk in quantize_blocks(q, 1):  # blk (rows, in) fp32: q's rows as floats
+        out[r0:r1] = blk.mul_(s[r0:r1])
+    return out
+
+
 def linear_int8_reference(x: Tensor, q: Tensor, scales: Tensor, bias: Tensor | None = None) -> Tensor:
     """Reference: dequantize, then a plain F.linear in x's dtype."""
     return F.linear(x, dequantize_int8(q, scales, x.dtype), bias)
@@ -153,7 +165,7 @@ def linear_int8(x: Tensor, q: Tensor, scales: Tensor, bias: Tensor | None = None
     # Prompts, and widths the kernel cannot read (it reads the input in blocks of 16: other widths gave
     # garbage or crashed): dequantize, then the fastest dense GEMM.
     if rows > INT8_KERNEL_MAX_ROWS or q.shape[1] % INT8_KERNEL_IN_MULTIPLE:
-        return dense_linear(x, dequantize_int8(q, scales, x.dtype), bias)
+        return dense_linear(x, dequantize_int8_blocked(q, scales, x.dtype), bias)
     if rows == 1 and not needs_grad(x) and takes_compiled_gemv(q):  # decoding one row: fp32 activations
         return compiled_gemv(gemv_int8, x, bias, q, scales.contiguous())
     x2 = x.reshape(rows, x.shape[-1]).to(torch.bfloat16).contiguous()
@@ -286,6 +298,27 @@ def dequantize_int4(
     return w.view(n, k).to(dtype)
 
 
+@_one_thread
+def dequantize_int4_blocked(
+    packed: Tensor, sz: Tensor, group_size: int, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """`dequantize_int4` bit for bit, blocks of rows (multiples of 64, which unpack alone) through one
+    fp32 buffer: what a prompt's int4 layers spend most of their time on (benchmarks/README.md, issue 19)."""
+    n, k = packed.shape[0], packed.shape[1] * 2
+    groups = k // group_size
+    scale = sz[..., 0].t().float().contiguous()[..., None]  # (out, groups, 1)
+    zero = sz[..., 1].t().float().contiguous()[..., None]
+    out = torch.empty(n, k, dtype=dtype, device=packed.device)
+    rows = max(INT4_BLOCK_N, QUANTIZE_BLOCK // k // INT4_BLOCK_N * INT4_BLOCK_N)
+    buf = torch.empty(min(rows, n), k, dtype=torch.float32, device=packed.device)
+    for r0 in range(0, n, rows):
+        r1 = min(r0 + rows, n)
+        blk = buf[: r1 - r0].view(r1 - r0, groups, group_size)  # (rows, groups, g)
+        blk.copy_(unpack_int4(packed[r0:r1]).view(r1 - r0, groups, group_size))
+        out[r0:r1] = blk.sub_(8.0).mul_(scale[r0:r1]).add_(zero[r0:r1]).view(r1 - r0, k)
+    return out
+
+
 def linear_int4_reference(
     x: Tensor, packed: Tensor, sz: Tensor, group_size: int, bias: Tensor | None = None, out: int | None = None
 ) -> Tensor:
@@ -304,7 +337,7 @@ def linear_int4(
     if x.device.type != "cpu":
         return linear_int4_reference(x, packed, sz, group_size, bias, out)
     if rows > INT4_KERNEL_MAX_ROWS or not int4_kernel_layout_matches():  # dequantize, fastest dense GEMM
-        return dense_linear(x, dequantize_int4(packed, sz, group_size, x.dtype)[:out], bias)
+        return dense_linear(x, dequantize_int4_blocked(packed, sz, group_size, x.dtype)[:out], bias)
     # the kernel needs dense bf16 rows
     x2 = x.reshape(rows, x.shape[-1]).to(torch.bfloat16).contiguous()
     if sz.dtype != torch.bfloat16:  # a model cast after quantizing
