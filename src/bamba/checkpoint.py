@@ -26,6 +26,7 @@ from .config import BambaConfig, is_token_ids
 from .files import _write_staged, atomic_write, remove_dead_staging
 from .hub import HUB_KEYWORDS, CheckpointError, resolve_folder
 from .linear import pack_for_cpu
+from .memory import check_fits
 from .quantize import check_method, prepare_quantized
 
 CONFIG_NAME = "config.json"
@@ -178,6 +179,7 @@ def load_pretrained(
     revision: str | None = None,
     pack: bool = False,
     group_size: int | None = None,
+    check_memory: bool = True,
     **kwargs: Any,
 ) -> nn.Module:
     """Load `cls` (BambaForCausalLM or BambaModel) from a checkpoint folder or hub repo id.
@@ -188,6 +190,8 @@ def load_pretrained(
     quantized, and the same quantization given again changes nothing.
     pack: for CPU inference, store Linear weights in oneDNN's layout where that is measured to be faster
     (`bamba.linear.pack_for_cpu`; bf16 on CPUs with AVX512-BF16); the model can then not be trained.
+    check_memory: on the CPU, refuse (InsufficientMemoryError) before reading any weight when the model
+    would not fit in the memory available (`bamba.memory.check_fits`; BAMBA_MEMORY_CHECK=0 skips it too).
     Also taken, as transformers users pass them: `torch_dtype` (dtype's older name), `device_map` as one
     device ("cpu", "cuda:0", 0, "auto": the GPU when there is one, or a dict whose values all name one
     device), and huggingface_hub's download keywords (HUB_KEYWORDS: cache_dir, token, local_files_only,
@@ -204,6 +208,9 @@ def load_pretrained(
         model = cls(config, init=False)
     prefix = "model." if hasattr(model, "lm_head") else ""
     _prepare_quantized_modules(model, folder, prefix)
+    if check_memory and device.type == "cpu":  # before any weight is read
+        stored = {e[0] for path in weight_files(folder) for e in SafetensorsFile(path).entries.values()}
+        check_fits(model, stored, dtype, quantization, group_size)
     expected = model.state_dict()
     found = _read_tensors(folder, expected, prefix, dtype, device)
     config = _settle_tied_head(model, config, prefix, found.tensors, folder)
@@ -368,7 +375,7 @@ def _transformers_keywords(
     if unknown:
         raise TypeError(
             f"from_pretrained: unknown keyword argument(s) {unknown}; it takes dtype (torch_dtype), device "
-            f"(device_map), quantization, group_size, config, revision, pack, and the hub's {sorted(HUB_KEYWORDS)}"
+            f"(device_map), quantization, group_size, config, revision, pack, check_memory, and the hub's {sorted(HUB_KEYWORDS)}"
         )
     return dtype, device, kwargs
 

@@ -9,7 +9,9 @@ import torch
 from .checkpoint import SafetensorsFile, read_config, read_quantization_config, weight_files
 from .demo import demo_path
 from .hub import resolve_folder
+from .memory import float_dtype_of, load_needs, predicted_peak_rss
 from .model import BambaForCausalLM
+from .quantize import prepare_quantized
 
 
 def model_info(model: str | None = None) -> dict[str, Any]:
@@ -19,6 +21,7 @@ def model_info(model: str | None = None) -> dict[str, Any]:
     with torch.device("meta"):
         lm = BambaForCausalLM(config, init=False)
     n_params = lm.num_parameters()
+    quantization = read_quantization_config(folder)
     stored = 0
     dtypes = set()
     for path in weight_files(folder):
@@ -26,7 +29,7 @@ def model_info(model: str | None = None) -> dict[str, Any]:
         for name in st.keys():
             dtype, shape, start, end = st.entries[name]
             stored += end - start
-            dtypes.add(str(dtype).removeprefix("torch."))
+            dtypes.add(dtype)
     c = config
     state_per_row = sum(
         (c.mamba_d_conv - 1) * c.mamba_conv_dim * 4 + c.mamba_n_heads * c.mamba_d_head * c.mamba_d_state * 4
@@ -40,7 +43,7 @@ def model_info(model: str | None = None) -> dict[str, Any]:
         "folder": folder,
         "parameters": n_params,
         "stored_bytes": stored,
-        "stored_dtypes": sorted(dtypes),
+        "stored_dtypes": sorted(str(d).removeprefix("torch.") for d in dtypes),
         "layers": c.num_hidden_layers,
         "layout": "".join("A" if k == "attention" else "M" for k in c.layers_block_type),
         "attention_layers": c.attn_layer_indices or [],
@@ -53,8 +56,22 @@ def model_info(model: str | None = None) -> dict[str, Any]:
         "mamba_state_bytes_per_sequence_fp32": state_per_row,
         "kv_cache_bytes_per_token_fp32": kv_per_token,
         "max_position_embeddings": c.max_position_embeddings,
-        "quantization": read_quantization_config(folder),  # that of a model saved quantized, or None
+        "quantization": quantization,  # that of a model saved quantized, or None
+        "predicted_peak_rss": _predicted_peak_rss(lm, quantization, float_dtype_of(dtypes)),
     }
+
+
+def _predicted_peak_rss(
+    lm: BambaForCausalLM, quantization: dict | None, stored: torch.dtype
+) -> dict[str, int]:
+    """`bamba.memory`'s peak RSS of loading (`from_pretrained(folder, quantization=...)`, floats as stored)
+    and generating at batch 1: as stored, and quantized to int8 / int4 while loading (not for a folder
+    saved quantized, which loads as it is)."""
+    if quantization is not None:
+        prepare_quantized(lm, quantization)
+        return {"as stored": predicted_peak_rss(load_needs(lm, stored))}
+    settings = {"as stored": None, "int8": "int8_weight_only", "int4": "int4_weight_only"}
+    return {name: predicted_peak_rss(load_needs(lm, stored, None, q)) for name, q in settings.items()}
 
 
 def _gib(n: int) -> str:
@@ -83,4 +100,6 @@ def format_info(info: dict[str, Any]) -> str:
         f"cache        {_gib(info['mamba_state_bytes_per_sequence_fp32'])} Mamba state per sequence + "
         f"{info['kv_cache_bytes_per_token_fp32'] / 1024:.1f} KiB KV per token (fp32)"
     )
+    peaks = ", ".join(f"{_gib(n)} {name}" for name, n in info["predicted_peak_rss"].items())
+    lines.append(f"memory       peak RSS to load and generate (batch 1): {peaks}")
     return "\n".join(lines)

@@ -50,7 +50,7 @@ figures that set the limits, with their commands, are in benchmarks/README.md.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -79,17 +79,74 @@ INT4_GROUP_SIZES = (32, 64, 128, 256)  # the group sizes PyTorch's CPU int4 kern
 INT8_KERNEL_IN_MULTIPLE = 16  # the int8 kernel's in_features must be a multiple of this
 
 
+# ----- quantizing a weight in blocks of rows -------------------------------------------------------------
+QUANTIZE_BLOCK = 1 << 20  # weights per block of rows quantized at once (4 MB of fp32: cache-sized)
+
+
+def _one_thread(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Run `fn` with one intra-op thread (restored after): its many small ops on cache-sized blocks each
+    wait at a barrier for every thread, which on a machine busy with other work took 5-10x longer than
+    one thread alone (benchmarks/README.md, issue 19)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
+
+    return wrapper
+
+
+def quantize_blocks(w: Tensor, multiple: int) -> Iterator[tuple[int, int, Tensor]]:
+    """(r0, r1, rows r0:r1 of w as fp32) for blocks of about QUANTIZE_BLOCK weights, `multiple` rows
+    each (the last may be shorter); rows past w's end (up to a multiple) are zeros. The fp32 block is
+    one buffer, overwritten by the next block: a 9B model's lm_head quantized at once made 6 GB of
+    temporaries, and a fresh multi-MB buffer per op costs more in page faults than the op itself."""
+    n, k = w.shape
+    rows = max(multiple, QUANTIZE_BLOCK // k // multiple * multiple)
+    padded = n + (-n % multiple)
+    buf = torch.empty(min(rows, padded), k, dtype=torch.float32, device=w.device)
+    for r0 in range(0, padded, rows):
+        r1 = min(r0 + rows, padded)
+        blk, real = buf[: r1 - r0], min(r1, n) - r0
+        blk[:real] = w[r0 : r0 + real]
+        blk[real:] = 0
+        yield r0, r1, blk
+
+
 # ----- int8: per output channel -----------------------------------------------------------------------------
+@_one_thread
 def quantize_int8(w: Tensor) -> tuple[Tensor, Tensor]:
-    """w (out, in) float -> (q int8 (out, in), scales bf16 (out,)), symmetric: w ~ q * scales."""
-    w = w.float()
-    scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12).to(torch.bfloat16)
-    q = torch.round(w / scales.float()[:, None]).clamp(-127, 127).to(torch.int8)
+    """w (out, in) float -> (q int8 (out, in), scales bf16 (out,)), symmetric: w ~ q * scales. Computed
+    `quantize_blocks` rows at a time: the fp32 temporaries are one block's, not the weight's."""
+    n, k = w.shape
+    q = torch.empty(n, k, dtype=torch.int8, device=w.device)
+    scales = torch.empty(n, dtype=torch.bfloat16, device=w.device)
+    for r0, r1, blk in quantize_blocks(w, 1):  # blk (rows, in) fp32, a reused buffer
+        amax = torch.maximum(blk.amax(1), blk.amin(1).neg_())  # = blk.abs().amax(1), without a copy
+        s = (amax / 127.0).clamp(min=1e-12).to(torch.bfloat16)
+        q[r0:r1] = blk.div_(s.float()[:, None]).round_().clamp_(-127, 127)  # integers: exact as int8
+        scales[r0:r1] = s
     return q, scales
 
 
 def dequantize_int8(q: Tensor, scales: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     return (q.to(torch.float32) * scales.float()[:, None]).to(dtype)
+
+
+@_one_thread
+def dequantize_int8_blocked(q: Tensor, scales: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """`dequantize_int8` bit for bit, QUANTIZE_BLOCK weights at a time through one fp32 buffer (as the
+    quantizers: no weight-sized fp32 temporaries, no page faults per op)."""
+    n, k = q.shape
+    out = torch.empty(n, k, dtype=dtype, device=q.device)
+    s = scales.float()[:, None]  # (out, 1)
+    for r0, r1, blk in quantize_blocks(q, 1):  # blk (rows, in) fp32: q's rows as floats
+        out[r0:r1] = blk.mul_(s[r0:r1])
+    return out
 
 
 def linear_int8_reference(x: Tensor, q: Tensor, scales: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -108,7 +165,7 @@ def linear_int8(x: Tensor, q: Tensor, scales: Tensor, bias: Tensor | None = None
     # Prompts, and widths the kernel cannot read (it reads the input in blocks of 16: other widths gave
     # garbage or crashed): dequantize, then the fastest dense GEMM.
     if rows > INT8_KERNEL_MAX_ROWS or q.shape[1] % INT8_KERNEL_IN_MULTIPLE:
-        return dense_linear(x, dequantize_int8(q, scales, x.dtype), bias)
+        return dense_linear(x, dequantize_int8_blocked(q, scales, x.dtype), bias)
     if rows == 1 and not needs_grad(x) and takes_compiled_gemv(q):  # decoding one row: fp32 activations
         return compiled_gemv(gemv_int8, x, bias, q, scales.contiguous())
     x2 = x.reshape(rows, x.shape[-1]).to(torch.bfloat16).contiguous()
@@ -193,22 +250,25 @@ def shifted_row_sums(q: Tensor) -> Tensor | None:
 
 
 # ----- int4: per group of input columns ---------------------------------------------------------------------
+@_one_thread
 def quantize_int4(w: Tensor, group_size: int = 128) -> tuple[Tensor, Tensor]:
     """w (out, in) float -> (packed uint8 (out', in/2) in the CPU int4 layout, scales_and_zeros bf16
     (in/g, out', 2)), with w ~ (q - 8) * scale + zero per group; out' is out rounded up to a multiple
-    of 64 (zero rows)."""
+    of 64 (zero rows). Computed `quantize_blocks` rows at a time (blocks of 64 rows pack alone)."""
     n, k = w.shape
-    pad = -n % INT4_BLOCK_N  # zero rows up to a multiple of 64 (their outputs are dropped)
-    n += pad
+    n += -n % INT4_BLOCK_N  # zero rows up to a multiple of 64 (their outputs are dropped)
     _check_int4_shape(n, k, group_size)
-    wg = F.pad(w.float(), (0, 0, 0, pad)).view(n, k // group_size, group_size)  # (out, groups, g)
-    lo, hi = wg.amin(-1), wg.amax(-1)  # (out, groups)
-    scale = ((hi - lo) / 15.0).clamp(min=1e-8).to(torch.bfloat16)
-    zero = (lo + 8.0 * scale.float()).to(torch.bfloat16)  # the value of q = 8
-    q = torch.round((wg - zero.float()[..., None]) / scale.float()[..., None] + 8.0).clamp(0, 15)
-    q = q.to(torch.uint8).view(n, k)
-    sz = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()  # (groups, out, 2)
-    return pack_int4(q), sz
+    packed = torch.empty(n, k // 2, dtype=torch.uint8, device=w.device)
+    sz = torch.empty(k // group_size, n, 2, dtype=torch.bfloat16, device=w.device)  # (groups, out, 2)
+    for r0, r1, blk in quantize_blocks(w, INT4_BLOCK_N):
+        wg = blk.view(r1 - r0, k // group_size, group_size)  # (rows, groups, g)
+        lo, hi = wg.amin(-1), wg.amax(-1)  # (rows, groups)
+        scale = ((hi - lo) / 15.0).clamp(min=1e-8).to(torch.bfloat16)
+        zero = (lo + 8.0 * scale.float()).to(torch.bfloat16)  # the value of q = 8
+        q = wg.sub_(zero.float()[..., None]).div_(scale.float()[..., None]).add_(8.0).round_().clamp_(0, 15)
+        packed[r0:r1] = pack_int4(q.view(r1 - r0, k).to(torch.uint8))
+        sz[:, r0:r1, 0], sz[:, r0:r1, 1] = scale.t(), zero.t()
+    return packed, sz
 
 
 def pack_int4(q: Tensor) -> Tensor:
@@ -238,6 +298,27 @@ def dequantize_int4(
     return w.view(n, k).to(dtype)
 
 
+@_one_thread
+def dequantize_int4_blocked(
+    packed: Tensor, sz: Tensor, group_size: int, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """`dequantize_int4` bit for bit, blocks of rows (multiples of 64, which unpack alone) through one
+    fp32 buffer: what a prompt's int4 layers spend most of their time on (benchmarks/README.md, issue 19)."""
+    n, k = packed.shape[0], packed.shape[1] * 2
+    groups = k // group_size
+    scale = sz[..., 0].t().float().contiguous()[..., None]  # (out, groups, 1)
+    zero = sz[..., 1].t().float().contiguous()[..., None]
+    out = torch.empty(n, k, dtype=dtype, device=packed.device)
+    rows = max(INT4_BLOCK_N, QUANTIZE_BLOCK // k // INT4_BLOCK_N * INT4_BLOCK_N)
+    buf = torch.empty(min(rows, n), k, dtype=torch.float32, device=packed.device)
+    for r0 in range(0, n, rows):
+        r1 = min(r0 + rows, n)
+        blk = buf[: r1 - r0].view(r1 - r0, groups, group_size)  # (rows, groups, g)
+        blk.copy_(unpack_int4(packed[r0:r1]).view(r1 - r0, groups, group_size))
+        out[r0:r1] = blk.sub_(8.0).mul_(scale[r0:r1]).add_(zero[r0:r1]).view(r1 - r0, k)
+    return out
+
+
 def linear_int4_reference(
     x: Tensor, packed: Tensor, sz: Tensor, group_size: int, bias: Tensor | None = None, out: int | None = None
 ) -> Tensor:
@@ -256,7 +337,7 @@ def linear_int4(
     if x.device.type != "cpu":
         return linear_int4_reference(x, packed, sz, group_size, bias, out)
     if rows > INT4_KERNEL_MAX_ROWS or not int4_kernel_layout_matches():  # dequantize, fastest dense GEMM
-        return dense_linear(x, dequantize_int4(packed, sz, group_size, x.dtype)[:out], bias)
+        return dense_linear(x, dequantize_int4_blocked(packed, sz, group_size, x.dtype)[:out], bias)
     # the kernel needs dense bf16 rows
     x2 = x.reshape(rows, x.shape[-1]).to(torch.bfloat16).contiguous()
     if sz.dtype != torch.bfloat16:  # a model cast after quantizing
@@ -426,7 +507,7 @@ INT8_MODULES = {METHODS[0]: Int8WeightOnlyLinear, METHODS[2]: Int8DynamicActivat
 
 
 # ----- whole models ---------------------------------------------------------------------------------------
-def _targets(model: nn.Module, method: str, group_size: int) -> list[str]:
+def quantized_names(model: nn.Module, method: str, group_size: int) -> list[str]:
     """Names of the Linear layers `method` quantizes (a tied lm_head stays: it is the embedding)."""
     names = []
     for name, mod in model.named_modules():
@@ -487,7 +568,7 @@ def quantize(
             )
         return model  # already done: nothing to do
     group_size = 128 if group_size is None else group_size
-    names = _targets(model, method, group_size)
+    names = quantized_names(model, method, group_size)
     with torch.no_grad():
         for name in names:
             linear = model.get_submodule(name)
