@@ -187,7 +187,10 @@ def test_quantizing_at_load_holds_one_float_layer_at_a_time(saved, method):
     )
     r = json.loads(out.stdout.strip().splitlines()[-1])
     layer = 32768 * 512 * 2  # the lm_head in bf16: the largest float layer
-    assert r["peak_load"] - r["quantized"] < 2 * layer, (r, layer)  # measured 1.1-1.65x; before: 8-11x
+    assert r["peak_load"] - r["quantized"] < 2.5 * layer, (
+        r,
+        layer,
+    )  # measured 1.1-1.65x (once over 2x on a busy machine); before: 8-11x
     assert r["peak_run"] <= r["needs"], r
 
 

@@ -23,11 +23,11 @@ import torch
 from torch import nn
 
 from .config import BambaConfig, is_token_ids
-from .files import _write_staged, atomic_write, remove_dead_staging
+from .files import _write_staged, atomic_write, parse_json, read_json_file, remove_dead_staging
 from .hub import HUB_KEYWORDS, CheckpointError, resolve_folder
 from .linear import pack_for_cpu
 from .memory import check_fits
-from .quantize import check_method, prepare_quantized
+from .quantize import METHODS, check_method, prepare_quantized
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -58,45 +58,30 @@ _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 
 # ----- reading safetensors ------------------------------------------------------------------------------
 class SafetensorsFile:
-    """A memory-mapped safetensors file; `tensor(name)` is a zero-copy, copy-on-write view."""
+    """A memory-mapped safetensors file; `tensor(name)` is a zero-copy, copy-on-write view.
+
+    The header is checked as the `safetensors` library checks it before any byte of data is used: at
+    most 100 MB of UTF-8 JSON, an object; every tensor's dtype, shape and data_offsets well formed; the
+    tensors' bytes following each other from the start of the data to its end, with no gap and no
+    overlap (so no tensor reads another's bytes, and no byte is left unowned)."""
 
     def __init__(self, path: str) -> None:
         self.path = path
-        size = os.path.getsize(path)
         with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
             if size < 8:
                 raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes)")
             (n,) = struct.unpack("<Q", f.read(8))
-            if n > size - 8 or n > 100_000_000:
-                raise CheckpointError(f"{path}: corrupt safetensors header (length {n}, file {size} bytes)")
-            try:
-                header = json.loads(f.read(n))
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
-            if not isinstance(header, dict):
-                raise CheckpointError(f"{path}: corrupt safetensors header (a JSON {type(header).__name__})")
-            self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 0 else None
+            if n > size - 8 or n > MAX_HEADER_BYTES:
+                raise CheckpointError(
+                    f"{path}: corrupt safetensors header (length {n}, file {size} bytes, at most "
+                    f"{MAX_HEADER_BYTES} allowed)"
+                )
+            header = _parse_header(path, f.read(n))
+            self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         self.metadata = header.pop("__metadata__", None) or {}
         self.base = 8 + n
-        self.entries: dict[str, tuple[torch.dtype, list[int], int, int]] = {}
-        for name, e in header.items():
-            try:
-                dtype = _ST_DTYPES[e["dtype"]]
-                start, end = e["data_offsets"]
-                shape = [int(d) for d in e["shape"]]
-                if not all(type(v) is int and v >= 0 for v in (start, end, *shape)) or start > end:
-                    raise ValueError("offsets and sizes must be integers >= 0, start <= end")
-            except (KeyError, TypeError, ValueError):
-                raise CheckpointError(f"{path}: corrupt header entry for tensor {name!r}: {e}") from None
-            numel = 1
-            for d in shape:
-                numel *= d
-            if end - start != numel * dtype.itemsize or self.base + end > size:
-                raise CheckpointError(
-                    f"{path}: tensor {name!r} needs bytes {self.base + start}..{self.base + end} but the file "
-                    f"has {size} bytes (truncated or corrupt)"
-                )
-            self.entries[name] = (dtype, shape, self.base + start, self.base + end)
+        self.entries = _header_entries(path, header, self.base, size - self.base)
 
     def keys(self) -> list[str]:
         return list(self.entries)
@@ -118,18 +103,106 @@ class SafetensorsFile:
             self.mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
 
+MAX_HEADER_BYTES = 100_000_000  # as the safetensors library
+
+
+def _parse_header(path: str, raw: bytes) -> dict[str, Any]:
+    """A safetensors header's JSON object, with its __metadata__ checked (a map of strings, or absent)."""
+    try:
+        header = parse_json(raw, f"{path}: corrupt safetensors header", constants=False)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (a JSON {type(header).__name__})")
+    if not raw.startswith(b"{"):  # (as the safetensors library requires)
+        raise CheckpointError(f"{path}: corrupt safetensors header (it must start with '{{')")
+    metadata = header.get("__metadata__")
+    if metadata is not None and not (
+        isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())
+    ):
+        raise CheckpointError(
+            f"{path}: corrupt safetensors header (__metadata__ must map names to strings, found "
+            f"{json.dumps(metadata)[:80]})"
+        )
+    return header
+
+
+def _is_count(value: Any) -> bool:
+    return type(value) is int and value >= 0
+
+
+def _nbytes(shape: list[int], dtype: torch.dtype) -> int | None:
+    """Bytes of a tensor, or None where the safetensors library's 64-bit count overflows on the way."""
+    n = dtype.itemsize
+    for d in shape:
+        n *= d
+        if n >= 2**64:
+            return None
+    return n
+
+
+def _header_entries(
+    path: str, header: dict[str, Any], base: int, data_size: int
+) -> dict[str, tuple[torch.dtype, list[int], int, int]]:
+    """name -> (dtype, shape, start, end in the file) of every tensor of a safetensors header (less its
+    __metadata__); raises a CheckpointError naming the file and tensor unless the entries are well formed
+    and their bytes tile the `data_size` bytes of data exactly."""
+    entries: dict[str, tuple[torch.dtype, list[int], int, int]] = {}
+    for name, e in header.items():
+        dtype = (
+            _ST_DTYPES.get(e.get("dtype"))
+            if isinstance(e, dict) and isinstance(e.get("dtype"), str)
+            else None
+        )
+        shape, offsets = (e.get("shape"), e.get("data_offsets")) if isinstance(e, dict) else (None, None)
+        problem = None
+        if dtype is None:
+            problem = f"dtype must be one of {sorted(_ST_DTYPES)}"
+        elif not (isinstance(shape, list) and all(map(_is_count, shape))):
+            problem = "shape must be a list of integers >= 0"
+        elif not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets))):
+            problem = "data_offsets must be [start, end], integers >= 0"
+        elif offsets[1] - offsets[0] != _nbytes(shape, dtype):
+            problem = f"shape {shape} of {e['dtype']} takes {_nbytes(shape, dtype) or 'over 2**64'} bytes"
+        if problem:
+            raise CheckpointError(
+                f"{path}: corrupt header entry for tensor {name!r}: {problem}, found {json.dumps(e)[:120]}"
+            )
+        entries[name] = (dtype, shape, base + offsets[0], base + offsets[1])
+    end = 0
+    for name, (_, _, start, stop) in sorted(entries.items(), key=lambda kv: kv[1][2:]):
+        if start - base != end:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} starts at byte {start - base} of the data, expected {end}: "
+                "the tensors' bytes must follow each other with no gap and no overlap"
+            )
+        end = stop - base
+    if end != data_size:
+        raise CheckpointError(
+            f"{path}: the tensors take {end} bytes of data, but the file holds {data_size} after its header "
+            "(truncated or corrupt)"
+        )
+    return entries
+
+
 def weight_files(folder: str) -> list[str]:
-    """The safetensors files of a checkpoint folder (one file, or the shards its index names)."""
+    """The safetensors files of a checkpoint folder (one file, or the shards its index names). A shard is
+    a file name in the folder: a path that leaves it (absolute, or through "..") is refused."""
     single, index = os.path.join(folder, WEIGHTS_NAME), os.path.join(folder, INDEX_NAME)
     if os.path.isfile(index):
         try:
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
+            weight_map = _read_json_object(index).get("weight_map")
             if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
                 raise TypeError(f"weight_map must map tensor names to file names, found {weight_map!r:.80}")
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({e!r})") from None
+        except (ValueError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
         shards = sorted(set(weight_map.values()))
+        for s in shards:
+            if not _is_file_name(s):
+                raise CheckpointError(
+                    f"{index}: shard {s!r} is not a file name in the checkpoint folder (shards are read "
+                    "only from the folder itself)"
+                )
         missing = [s for s in shards if not os.path.isfile(os.path.join(folder, s))]
         if missing:
             raise FileNotFoundError(f"{folder}: missing shard file(s) {missing} named in {INDEX_NAME}")
@@ -141,9 +214,65 @@ def weight_files(folder: str) -> list[str]:
     raise FileNotFoundError(f"{folder}: no {WEIGHTS_NAME} and no {INDEX_NAME}")
 
 
-def _iter_tensors(files: list[str]) -> Iterator[tuple[str, SafetensorsFile]]:
-    for path in files:
-        st = SafetensorsFile(path)
+def _is_file_name(name: str) -> bool:
+    """Is `name` a plain file name (no folder part, not "." or "..", no NUL)?"""
+    return (
+        bool(name)
+        and name not in (".", "..")
+        and "/" not in name
+        and "\\" not in name
+        and "\0" not in name
+        and os.path.basename(name) == name
+    )
+
+
+def read_headers(folder: str) -> list[SafetensorsFile]:
+    """Every safetensors file of the folder, its header read and checked (no tensor data is touched); a
+    tensor named in two files is refused (which of the two would load?)."""
+    files = [SafetensorsFile(path) for path in weight_files(folder)]
+    where: dict[str, str] = {}
+    for st in files:
+        for name in st.keys():
+            if name in where:
+                raise CheckpointError(
+                    f"{folder}: tensor {name!r} is in both {os.path.basename(where[name])} and "
+                    f"{os.path.basename(st.path)}"
+                )
+            where[name] = st.path
+    return files
+
+
+_LAYER = re.compile(r"(?:model\.)?layers\.(\d{1,9})\.")
+
+
+def check_config_against_headers(config: BambaConfig, files: list[SafetensorsFile], folder: str) -> None:
+    """Compare config.json with the weights' headers before any module is built: the number of layers
+    and the embedding's size (vocab_size x hidden_size). (A 3-layer checkpoint whose config asked for
+    50,000 layers would otherwise build them all before a tensor was compared.) Other shapes are
+    compared once the model is built, cheaply, on `meta`."""
+    layers = {int(m.group(1)) for st in files for name in st.keys() if (m := _LAYER.match(name))}
+    if layers and max(layers) + 1 != config.num_hidden_layers:
+        raise CheckpointError(
+            f"{folder}: config.json has num_hidden_layers={config.num_hidden_layers}, but the weights hold "
+            f"layers 0..{max(layers)} ({max(layers) + 1} layers)"
+        )
+    if not layers and config.num_hidden_layers > 0:
+        raise CheckpointError(
+            f"{folder}: config.json has num_hidden_layers={config.num_hidden_layers}, but the weights hold "
+            "no layer tensors (model.layers.<i>.*)"
+        )
+    want = [config.vocab_size, config.hidden_size]
+    for st in files:
+        for name in ("model.embed_tokens.weight", "embed_tokens.weight"):
+            if name in st.entries and st.entries[name][1] != want:
+                raise CheckpointError(
+                    f"{folder}: {name} is {st.entries[name][1]} in {os.path.basename(st.path)}, but "
+                    f"config.json has vocab_size x hidden_size = {want}"
+                )
+
+
+def _iter_tensors(files: list[SafetensorsFile]) -> Iterator[tuple[str, SafetensorsFile]]:
+    for st in files:
         for name in st.keys():
             yield name, st
 
@@ -204,21 +333,23 @@ def load_pretrained(
         config = read_config(folder)
     dtype = _parse_dtype(dtype)
     device = one_device(device, "from_pretrained: device") if device is not None else torch.device("cpu")
+    files = read_headers(folder)  # every header checked; no tensor data read yet
+    check_config_against_headers(config, files, folder)  # before any module is built
     with torch.device("meta"):
         model = cls(config, init=False)
     prefix = "model." if hasattr(model, "lm_head") else ""
     _prepare_quantized_modules(model, folder, prefix)
     if check_memory and device.type == "cpu":  # before any weight is read
-        stored = {e[0] for path in weight_files(folder) for e in SafetensorsFile(path).entries.values()}
+        stored = {e[0] for st in files for e in st.entries.values()}  # the stored dtypes
         check_fits(model, stored, dtype, quantization, group_size)
     expected = model.state_dict()
-    found = _read_tensors(folder, expected, prefix, dtype, device)
+    found = _read_tensors(files, expected, prefix, dtype, device)
     config = _settle_tied_head(model, config, prefix, found.tensors, folder)
     _check_tensors(folder, config, prefix, expected, found)
     model.load_state_dict(found.tensors, strict=False, assign=True)
     model.tie_weights()
     model.eval()
-    model.generation_config = read_generation_config(folder)
+    model.generation_config = read_generation_config(folder, config)
     if quantization is not None:
         from .quantize import quantize  # looked up at call time: tests/test_cli.py spies on it there
 
@@ -236,7 +367,10 @@ def _prepare_quantized_modules(model: nn.Module, folder: str, prefix: str) -> No
     # module names as saved (a BambaForCausalLM's) -> this class's, as for the tensors
     keys = [_map_key(name + ".weight", prefix) for name in quant_meta["modules"]]
     modules = [k.removesuffix(".weight") for k in keys if k is not None]
-    prepare_quantized(model, {**quant_meta, "modules": modules})
+    try:
+        prepare_quantized(model, {**quant_meta, "modules": modules})
+    except ValueError as e:
+        raise CheckpointError(f"{os.path.join(folder, QUANT_CONFIG_FILE)}: {e}") from None
 
 
 @dataclasses.dataclass
@@ -258,7 +392,7 @@ class _FoundTensors:
 
 
 def _read_tensors(
-    folder: str,
+    files: list[SafetensorsFile],
     expected: dict[str, torch.Tensor],
     prefix: str,
     dtype: torch.dtype | None,
@@ -267,7 +401,7 @@ def _read_tensors(
     """Every tensor of the folder's files as `expected` wants it: views of the mapped file when dtype
     and device are kept, else converted copies (one at a time, the mapped pages dropped)."""
     found = _FoundTensors()
-    for name, st in _iter_tensors(weight_files(folder)):
+    for name, st in _iter_tensors(files):
         key = _map_key(name, prefix)
         if key is None or _IGNORED_KEYS.match(name):
             continue
@@ -435,10 +569,16 @@ def read_config(folder: str) -> BambaConfig:
 def read_json(path: str) -> Any:
     """The JSON value in `path`; a file that does not parse is named in the error."""
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+        return read_json_file(path)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def _read_json_object(path: str) -> dict[str, Any]:
+    value = read_json(path)
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, found a JSON {type(value).__name__}")
+    return value
 
 
 def _read_json_file(folder: str, name: str) -> Any:
@@ -447,25 +587,55 @@ def _read_json_file(folder: str, name: str) -> Any:
     return read_json(path) if os.path.isfile(path) else None
 
 
-def read_generation_config(folder: str) -> dict | None:
-    """The folder's generation_config.json as a dict, or None."""
+def read_generation_config(folder: str, config: BambaConfig | None = None) -> dict | None:
+    """The folder's generation_config.json as a dict, or None. Its token ids (what generation reads of it)
+    are checked: integers (eos: or a list of them) in [0, config.vocab_size)."""
     gen = _read_json_file(folder, GENERATION_CONFIG_FILE)
-    if gen is not None and not (isinstance(gen, dict) and is_token_ids(gen.get("eos_token_id"))):
-        raise CheckpointError(
-            f"{os.path.join(folder, GENERATION_CONFIG_FILE)}: expected a JSON object whose eos_token_id is "
-            "an integer or a list of them"
-        )
+    if gen is None:
+        return None
+    path = os.path.join(folder, GENERATION_CONFIG_FILE)
+    if not isinstance(gen, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, found a JSON {type(gen).__name__}")
+    vocab = config.vocab_size if config is not None else None
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = gen.get(key)
+        ids = value if isinstance(value, list) and key == "eos_token_id" else [value]
+        if value is not None and not all(
+            is_token_ids(i) and i is not None and 0 <= i < (vocab or i + 1) for i in ids
+        ):
+            raise CheckpointError(
+                f"{path}: {key}={json.dumps(value)[:80]} is invalid: expected a token id (an integer in "
+                f"[0, {vocab or 'vocab_size'}))" + (" or a list of them" if key == "eos_token_id" else "")
+            )
     return gen
 
 
 def read_quantization_config(folder: str) -> dict | None:
-    """The folder's quantization_config.json (written when a quantized model is saved), or None."""
+    """The folder's quantization_config.json (written when a quantized model is saved), or None; checked:
+    quant_method "bamba", a known format, an int4 group size PyTorch's kernel takes, module names."""
     meta = _read_json_file(folder, QUANT_CONFIG_FILE)
+    if meta is None:
+        return None
+    path = os.path.join(folder, QUANT_CONFIG_FILE)
     modules = meta.get("modules") if isinstance(meta, dict) else None
-    if meta is not None and not (isinstance(modules, list) and all(isinstance(m, str) for m in modules)):
+    if not (isinstance(modules, list) and all(isinstance(m, str) and m for m in modules)):
+        raise CheckpointError(f"{path}: expected a JSON object with a 'modules' list of module names")
+    if len(set(modules)) != len(modules):
+        raise CheckpointError(f"{path}: a module is named twice in 'modules'")
+    group_size = meta.get("group_size")
+    if meta.get("quant_method") != "bamba" or meta.get("format") not in METHODS:
         raise CheckpointError(
-            f"{os.path.join(folder, QUANT_CONFIG_FILE)}: expected a JSON object with a 'modules' list of "
-            "module names"
+            f"{path}: expected quant_method 'bamba' and format one of {METHODS}, found "
+            f"{meta.get('quant_method')!r} and {meta.get('format')!r}"
+        )
+    if meta["format"] == "int4_weight_only" and group_size is not None:
+        try:
+            check_method(meta["format"], group_size, path)
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: {e}") from None
+    elif group_size is not None and meta["format"] != "int4_weight_only":
+        raise CheckpointError(
+            f"{path}: group_size={group_size!r} is set, but format {meta['format']} has none"
         )
     return meta
 

@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from .files import read_json_file
 from .hub import resolve_file
 
 _INF = float("inf")
@@ -119,8 +120,12 @@ class BambaConfig:
         def bad(name: str, rule: str) -> ValueError:
             return ValueError(f"BambaConfig.{name}={getattr(self, name)!r} is invalid: {rule}")
 
-        if self.head_dim is not None and self.head_dim <= 0:
-            raise bad("head_dim", "must be a positive integer (or null: hidden_size / num_attention_heads)")
+        if self.head_dim is not None and not 0 < self.head_dim <= MAX_SIZE:
+            raise bad(
+                "head_dim",
+                f"must be a positive integer <= {MAX_SIZE} (or null: hidden_size / num_attention_heads)",
+            )
+        _check_numbers(self, bad)
         if self.head_dim is None and self.hidden_size % self.num_attention_heads:
             raise bad(
                 "num_attention_heads", f"must divide hidden_size ({self.hidden_size}) unless head_dim is set"
@@ -132,7 +137,7 @@ class BambaConfig:
                 "mamba_n_heads", f"must divide mamba_expand * hidden_size ({self.mamba_intermediate_size})"
             )
         if (
-            not isinstance(self.mamba_d_head, int)
+            not _is_int(self.mamba_d_head)
             or self.mamba_d_head * self.mamba_n_heads != self.mamba_intermediate_size
         ):
             raise bad(
@@ -171,8 +176,6 @@ class BambaConfig:
             lo, hi = self.time_step_limit
             if len(self.time_step_limit) != 2 or math.isnan(lo) or math.isnan(hi) or lo > hi or lo < 0:
                 raise bad("time_step_limit", "must be (min, max) with 0 <= min <= max")
-        if self.z_loss_coefficient < 0:
-            raise bad("z_loss_coefficient", "must be >= 0")
 
     # ----- config.json I/O --------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -237,11 +240,7 @@ class BambaConfig:
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> BambaConfig:
-        try:
-            with open(path) as f:
-                data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        data = read_json_file(os.fspath(path))
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a JSON object, found {type(data).__name__}")
         return cls.from_dict(data, source=str(path))
@@ -322,11 +321,46 @@ def _check_types(cfg: BambaConfig) -> None:
         raise bad("time_step_limit", "[min, max] (two numbers) or null")
 
 
+# Upper bounds of the sizes: far above any real model's, low enough that no weight's element count can
+# overflow int64 (the largest, hidden_size x in_proj, stays below 2**62).
+MAX_SIZE = 2**20
+_MAX_SIZES = {"vocab_size": 2**31 - 1, "max_position_embeddings": 2**31 - 1, "mamba_expand": 2**8}
+
+
+# float fields: what each must be (every one finite)
+_FLOAT_RULES = {
+    "rms_norm_eps": (lambda v: v >= 0, ">= 0"),
+    "initializer_range": (lambda v: v >= 0, ">= 0"),
+    "attention_dropout": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "time_step_min": (lambda v: v >= 0, ">= 0"),
+    "time_step_max": (lambda v: v >= 0, ">= 0"),
+    "z_loss_coefficient": (lambda v: v >= 0, ">= 0"),
+    "rope_theta": (lambda v: v > 0, "> 0"),
+}
+
+
+def _check_numbers(cfg: BambaConfig, bad: Any) -> None:
+    """Finite floats in their ranges, and token ids an embedding of vocab_size rows takes."""
+    for name, (ok, rule) in _FLOAT_RULES.items():
+        value = getattr(cfg, name)
+        if not (math.isfinite(value) and ok(value)):
+            raise bad(name, f"must be a finite number {rule}")
+    if cfg.time_step_min > cfg.time_step_max:
+        raise bad("time_step_min", f"must be <= time_step_max ({cfg.time_step_max})")
+    pad = cfg.pad_token_id
+    if pad is not None and not -cfg.vocab_size <= pad < cfg.vocab_size:
+        raise bad("pad_token_id", f"must be a token id in [0, vocab_size={cfg.vocab_size}) (or null)")
+    if cfg.num_logits_to_keep is not None and cfg.num_logits_to_keep < 0:
+        raise bad("num_logits_to_keep", "must be >= 0 (or null)")
+
+
 def _check_positive(cfg: BambaConfig, *names: str) -> None:
     for name in names:
-        value = getattr(cfg, name)
-        if not _is_int(value) or value <= 0:
-            raise ValueError(f"BambaConfig.{name}={value!r} is invalid: must be a positive integer")
+        value, most = getattr(cfg, name), _MAX_SIZES.get(name, MAX_SIZE)
+        if not _is_int(value) or not 0 < value <= most:
+            raise ValueError(
+                f"BambaConfig.{name}={value!r} is invalid: must be a positive integer (<= {most})"
+            )
 
 
 def _decode_float(value: Any) -> Any:

@@ -128,6 +128,54 @@ def _fsync_folder(folder: str) -> None:
             os.close(fd)
 
 
+# ----- reading JSON that others wrote ---------------------------------------------------------------------
+MAX_JSON_BYTES = 100_000_000  # the safetensors library's bound on a header; any JSON file we read is smaller
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"the key {twice!r} appears twice in one object")
+    return out
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_json(data: bytes | str, source: str, constants: bool = True) -> Any:
+    """The JSON value in `data` (UTF-8 bytes or text), strictly: no key twice in an object (which of the
+    two would count?), nesting no deeper than the parser's recursion allows (a RecursionError otherwise).
+    Any fault is a ValueError that names `source` (a file, or a file and a part of it). constants=False
+    also refuses NaN and Infinity (not JSON, but Python writes them, and old config.json files hold them)."""
+    try:
+        text = data.decode("utf-8") if isinstance(data, bytes) else data
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{source}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    try:
+        hook = {} if constants else {"parse_constant": _no_constant}
+        return json.loads(text, object_pairs_hook=_no_duplicate_keys, **hook)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{source}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise ValueError(f"{source}: JSON nested too deeply to read") from None
+    except ValueError as e:  # (from the hooks above)
+        raise ValueError(f"{source}: not valid JSON ({e})") from None
+
+
+def read_json_file(path: str, max_bytes: int = MAX_JSON_BYTES) -> Any:
+    """The JSON value of the file at `path` (see `parse_json`); a file larger than `max_bytes` is refused
+    before it is read."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > max_bytes:
+            raise ValueError(f"{path}: {size} bytes, more than the {max_bytes} a JSON file here may hold")
+        data = f.read()
+    return parse_json(data.removeprefix(b"\xef\xbb\xbf"), path)
+
+
 def strict_json(record: dict[str, Any]) -> str:
     """`record` as one line of strict JSON: a float that is not finite (a nan loss) is written as null."""
     return json.dumps(

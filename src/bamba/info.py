@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import SafetensorsFile, read_config, read_quantization_config, weight_files
+from .checkpoint import check_config_against_headers, read_config, read_headers, read_quantization_config
 from .demo import demo_path
 from .hub import resolve_folder
 from .memory import float_dtype_of, load_needs, predicted_peak_rss
@@ -18,14 +18,15 @@ def model_info(model: str | None = None) -> dict[str, Any]:
     """Read config.json and the safetensors headers only (built on `meta`: no weights in memory)."""
     folder = resolve_folder(model) if model is not None else demo_path()
     config = read_config(folder)
+    files = read_headers(folder)
+    check_config_against_headers(config, files, folder)  # (before a module is built)
     with torch.device("meta"):
         lm = BambaForCausalLM(config, init=False)
     n_params = lm.num_parameters()
     quantization = read_quantization_config(folder)
     stored = 0
     dtypes = set()
-    for path in weight_files(folder):
-        st = SafetensorsFile(path)
+    for st in files:
         for name in st.keys():
             dtype, shape, start, end = st.entries[name]
             stored += end - start

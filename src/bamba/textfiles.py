@@ -95,6 +95,8 @@ def _jsonl_text(path: Path, line_no: int, line: str) -> str:
         record = json.loads(line)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{line_no}: invalid JSON ({e.msg})") from e
+    except RecursionError:
+        raise ValueError(f"{path}:{line_no}: JSON nested too deeply to read") from None
     text = record.get("text") if isinstance(record, dict) else None
     if not isinstance(text, str):
         if not isinstance(record, dict):

@@ -19,12 +19,13 @@ tokenizer.json, which is what the tests compare against:
 from __future__ import annotations
 
 import codecs
-import functools
+import contextlib
 import json
+import math
 import os
+import re
 import tempfile
-from collections.abc import Iterable, Sequence
-from datetime import datetime
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +33,9 @@ import torch
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as BackendTokenizer
 
-from . import hub
+from . import hub, templates
 from .checkpoint import read_json
+from .files import MAX_JSON_BYTES, atomic_write, remove_dead_staging
 from .textfiles import check_files, iter_text_files
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -75,10 +77,70 @@ _CONTINUE_MARKER = "BAMBA_CONTINUE_FINAL_MESSAGE "
 
 
 def _read_json_object(path: str) -> dict[str, Any]:
+    """A tokenizer_config.json or special_tokens_map.json, its entries that we read checked."""
     value = read_json(path)
     if not isinstance(value, dict):
         raise ValueError(f"{path}: expected a JSON object, found a JSON {type(value).__name__}")
+    problem = _config_problem(value)
+    if problem:
+        raise ValueError(f"{path}: {problem}")
     return value
+
+
+def _is_token(value: Any) -> bool:
+    """A special token as a config stores it: a string, or an AddedToken dict with a string `content`."""
+    return isinstance(value, str) or (isinstance(value, dict) and isinstance(value.get("content"), str))
+
+
+def _config_problem(config: dict[str, Any]) -> str | None:
+    """What is wrong with the entries of a tokenizer config that loading reads, or None."""
+    for name in SPECIAL_TOKEN_NAMES:
+        if config.get(name) is not None and not _is_token(config[name]):
+            return f"{name}={json.dumps(config[name])[:80]} is invalid: expected a string or {{'content': string}}"
+    for name in ("extra_special_tokens", "additional_special_tokens"):
+        value = config.get(name)
+        tokens = value.values() if isinstance(value, dict) else value if isinstance(value, list) else None
+        if value is not None and (tokens is None or not all(map(_is_token, tokens))):
+            return (
+                f"{name} is invalid: expected a list (or an object) of tokens, found {json.dumps(value)[:80]}"
+            )
+    decoder = config.get("added_tokens_decoder")
+    if decoder is not None and not (
+        isinstance(decoder, dict)
+        and all(
+            k.isdigit() and len(k) < 10 and _is_token(v) and isinstance(v, dict) for k, v in decoder.items()
+        )
+    ):
+        return f"added_tokens_decoder is invalid: expected {{id: {{'content': ...}}}}, found {json.dumps(decoder)[:80]}"
+    template = config.get("chat_template")
+    if template is not None and not (
+        isinstance(template, str)
+        or (isinstance(template, dict) and all(isinstance(v, str) for v in template.values()))
+        or (
+            isinstance(template, list)
+            and all(
+                isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str)
+                for t in template
+            )
+        )
+    ):
+        return "chat_template is invalid: expected a string, {name: template} or [{name, template}]"
+    length = config.get("model_max_length")
+    if length is not None and not (
+        isinstance(length, int | float)
+        and not isinstance(length, bool)
+        and math.isfinite(length)
+        and length >= 0
+    ):
+        return f"model_max_length={json.dumps(length)[:40]} is invalid: expected a number >= 0"
+    for name in ("split_special_tokens", "clean_up_tokenization_spaces"):
+        if name in config and not isinstance(config[name], bool):
+            return f"{name}={json.dumps(config[name])[:40]} is invalid: expected true or false"
+    if config.get("padding_side", "right") not in ("left", "right"):
+        return (
+            f"padding_side={json.dumps(config['padding_side'])[:40]} is invalid: expected 'left' or 'right'"
+        )
+    return None
 
 
 def _resolve(path: str | os.PathLike, filename: str, required: bool, **hub_kwargs: Any) -> str | None:
@@ -128,39 +190,95 @@ def _named_templates(value: Any) -> dict[str, str]:
     return dict(value)
 
 
+def _read_text(path: str) -> str:
+    """A template file's text; one that is not UTF-8, or too large to be a template, is named."""
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size > MAX_JSON_BYTES:
+            raise ValueError(f"{path}: larger than {MAX_JSON_BYTES} bytes, too large for a chat template")
+        data = f.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+
+
 def _read_named_templates(folder: str) -> dict[str, str]:
     """{name: template} from the <name>.jinja files of `folder` (none when it does not exist)."""
     named = {}
     if os.path.isdir(folder):
         for name in sorted(os.listdir(folder)):
             if name.endswith(".jinja"):
-                with open(os.path.join(folder, name), encoding="utf-8") as f:
-                    named[name.removesuffix(".jinja")] = f.read()
+                named[name.removesuffix(".jinja")] = _read_text(os.path.join(folder, name))
     return named
 
 
-def _write_template_files(
+def _template_files(
     template_file: str, extra_dir: str, default: str | None, named: dict[str, str]
-) -> None:
-    """chat_template.jinja holds `default` (removed when None); extra_dir holds one <name>.jinja per named
-    template and nothing else (removed when there are none)."""
-    if default is None:
-        if os.path.exists(template_file):
-            os.remove(template_file)
-    else:
-        with open(template_file, "w", encoding="utf-8") as f:
-            f.write(default)
+) -> dict[str, str | None]:
+    """path -> text of the template files that hold `default` (chat_template.jinja) and `named` (one
+    extra_dir/<name>.jinja each); None for a file to remove (a default that is gone, stale named ones)."""
+    files: dict[str, str | None] = {template_file: default}
     if os.path.isdir(extra_dir):
-        for name in os.listdir(extra_dir):
-            if name.endswith(".jinja"):
-                os.remove(os.path.join(extra_dir, name))
-    if named:
-        os.makedirs(extra_dir, exist_ok=True)
-        for name, template in named.items():
-            with open(os.path.join(extra_dir, f"{name}.jinja"), "w", encoding="utf-8") as f:
-                f.write(template)
-    elif os.path.isdir(extra_dir) and not os.listdir(extra_dir):
+        files.update(
+            {os.path.join(extra_dir, n): None for n in os.listdir(extra_dir) if n.endswith(".jinja")}
+        )
+    files.update({os.path.join(extra_dir, f"{name}.jinja"): template for name, template in named.items()})
+    return files
+
+
+def _write_files(files: dict[str, str | None], extra_dir: str) -> None:
+    """Write each file whole (atomically) or remove it (None); extra_dir goes when it is left empty."""
+    for path, text in files.items():
+        if text is None:
+            if os.path.exists(path):
+                os.remove(path)
+            continue
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        atomic_write(path, lambda f, text=text: f.write(text))
+    if os.path.isdir(extra_dir) and not os.listdir(extra_dir):
         os.rmdir(extra_dir)
+
+
+def _file_text(path: str) -> str | None:
+    """The text of a file, or None when it is absent or unreadable as UTF-8."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+_PIECE_CHARS = 1 << 16  # a longer text is encoded in pieces of about this many characters (see _encode_rows)
+
+
+def _piece_ends(text: str) -> Iterator[int]:
+    """Where to cut `text` into pieces of about _PIECE_CHARS characters: before a space that has a
+    non-space on each side (where the GPT-2 pattern starts a new pre-token: " ?\\p{L}+" and its siblings
+    take the space, and nothing before it reaches past it); the last end is len(text)."""
+    start = 0
+    while len(text) - start > _PIECE_CHARS:
+        cut = text.find(" ", start + _PIECE_CHARS)
+        while cut != -1 and (text[cut - 1].isspace() or cut + 1 >= len(text) or text[cut + 1].isspace()):
+            cut = text.find(" ", cut + 1)
+        if cut == -1:
+            break
+        yield cut
+        start = cut
+    yield len(text)
+
+
+@contextlib.contextmanager
+def _backend_errors(what: str) -> Iterator[None]:
+    """The tokenizers library's errors (a bare Exception, or a Rust panic: a BaseException) as a
+    ValueError that starts with `what`."""
+    try:
+        yield
+    except (ValueError, OSError):
+        raise
+    except BaseException as e:
+        if not isinstance(e, Exception) and type(e).__name__ != "PanicException":
+            raise  # KeyboardInterrupt, SystemExit, MemoryError (a BaseException too, here: not caught)
+        raise ValueError(f"{what} ({type(e).__name__}: {' '.join(str(e).split())[:300]})") from None
 
 
 # transformers' clean_up_tokenization: drop the space a word-piece decoder puts before punctuation.
@@ -172,43 +290,6 @@ def _clean_up_spaces(text: str) -> str:
     for old, new in _CLEAN_UP:
         text = text.replace(old, new)
     return text
-
-
-@functools.lru_cache(maxsize=16)
-def _compile_template(source: str) -> Any:
-    """Compile a chat template in the sandbox, with the globals and filters transformers gives templates."""
-    import jinja2
-    import jinja2.ext
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message: str) -> None:
-        raise jinja2.exceptions.TemplateError(message)
-
-    def tojson(
-        x: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None, sort_keys=False
-    ):
-        # Jinja's own tojson escapes HTML characters, which chat templates do not want.
-        return json.dumps(
-            x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
-        )
-
-    class GenerationBlock(jinja2.ext.Extension):
-        """{% generation %}...{% endgeneration %}: the body as written. (transformers uses the block to
-        mark the assistant's tokens for return_assistant_tokens_mask, which is not supported here.)"""
-
-        tags = {"generation"}
-
-        def parse(self, parser: Any) -> Any:
-            next(parser.stream)
-            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
-
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols, GenerationBlock]
-    )
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return env.from_string(source)
 
 
 # The names a message's reasoning goes by; templates read one or another (transformers 5 fills them all).
@@ -324,28 +405,32 @@ class Tokenizer:
                 config.update(_read_json_object(map_file))
         chat_template = None
         if template_file := _resolve(path_or_repo_id, CHAT_TEMPLATE_FILE, False, **hub_kwargs):
-            with open(template_file, encoding="utf-8") as f:
-                chat_template = f.read()
+            chat_template = _read_text(template_file)
         # transformers 5 writes named templates as additional_chat_templates/<name>.jinja
         named = _read_named_templates(os.path.join(os.path.dirname(tokenizer_file), ADDITIONAL_TEMPLATES_DIR))
         if chat_template is not None or named:  # as transformers: template files replace the config's
             config.pop("chat_template", None)
-        try:
+        with _backend_errors(f"{tokenizer_file}: not a valid tokenizer.json"):
             backend = BackendTokenizer.from_file(tokenizer_file)
-        except Exception as e:  # the tokenizers library raises a bare Exception
-            raise ValueError(f"{tokenizer_file}: not a valid tokenizer.json ({e})") from None
-        return cls(
-            backend,
-            config,
-            chat_template=chat_template,
-            name_or_path=os.fspath(path_or_repo_id),
-            named_chat_templates=named,
-        )
+        folder = os.path.dirname(tokenizer_file)
+        with _backend_errors(f"{folder}: tokenizer.json and the tokenizer's config do not fit together"):
+            return cls(
+                backend,
+                config,
+                chat_template=chat_template,
+                name_or_path=os.fspath(path_or_repo_id),
+                named_chat_templates=named,
+            )
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
-        """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json into `folder`."""
+        """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json (and the template files
+        of a folder that keeps its templates in files) into `folder`.
+
+        Each file is written whole (a temporary file, renamed). tokenizer.json, which loading requires,
+        goes last; where the folder holds another tokenizer, its tokenizer.json is removed first, so a save
+        cut short leaves a folder that fails to load (no tokenizer.json) rather than one that mixes two."""
+        folder = os.fspath(folder)
         os.makedirs(folder, exist_ok=True)
-        self.backend.save(os.path.join(folder, TOKENIZER_FILE))
         config = dict(self.config)
         config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
         for name in SPECIAL_TOKEN_NAMES:
@@ -355,10 +440,11 @@ class Tokenizer:
         config["clean_up_tokenization_spaces"] = self.clean_up_tokenization_spaces
         template_file = os.path.join(folder, CHAT_TEMPLATE_FILE)
         extra_dir = os.path.join(folder, ADDITIONAL_TEMPLATES_DIR)
+        files: dict[str, str | None] = {}
         if os.path.exists(template_file) or os.path.isdir(extra_dir):
             # The folder keeps its templates in files, which loading prefers to the config's entry: they
             # are rewritten to hold exactly these templates (none stale), and the config holds none.
-            _write_template_files(template_file, extra_dir, self.chat_template, self.named_chat_templates)
+            files = _template_files(template_file, extra_dir, self.chat_template, self.named_chat_templates)
             config.pop("chat_template", None)
         elif self.named_chat_templates:  # the list form, which transformers reads too
             config["chat_template"] = [{"name": k, "template": v} for k, v in self._templates().items()]
@@ -366,15 +452,19 @@ class Tokenizer:
             config["chat_template"] = self.chat_template
         else:
             config.pop("chat_template", None)  # removed since loading: not written back
-        with open(os.path.join(folder, CONFIG_FILE), "w", encoding="utf-8") as f:
-            json.dump(config, f, indent=2, ensure_ascii=False)
-            f.write("\n")
         special_map: dict[str, Any] = dict(self.special_tokens_map)
         if self.extra_special_tokens:
             special_map["additional_special_tokens"] = list(self.extra_special_tokens)
-        with open(os.path.join(folder, SPECIAL_TOKENS_MAP_FILE), "w", encoding="utf-8") as f:
-            json.dump(special_map, f, indent=2, ensure_ascii=False)
-            f.write("\n")
+        files[os.path.join(folder, CONFIG_FILE)] = json.dumps(config, indent=2, ensure_ascii=False) + "\n"
+        files[os.path.join(folder, SPECIAL_TOKENS_MAP_FILE)] = (
+            json.dumps(special_map, indent=2, ensure_ascii=False) + "\n"
+        )
+        tokenizer_path = os.path.join(folder, TOKENIZER_FILE)
+        files[tokenizer_path] = self.backend.to_str(pretty=True)
+        if os.path.exists(tokenizer_path) and any(_file_text(p) != text for p, text in files.items()):
+            os.remove(tokenizer_path)  # another tokenizer's: gone before any of its files is replaced
+        _write_files(files, extra_dir)  # (tokenizer.json last: dicts keep their order)
+        remove_dead_staging(folder)  # what a save of this machine that was killed left
 
     # ---- special tokens -------------------------------------------------------------------------------------
 
@@ -491,7 +581,7 @@ class Tokenizer:
         if return_tensors not in ("pt", None):
             raise ValueError(f"return_tensors should be 'pt' or None, got {return_tensors!r}")
         batch = [texts] if isinstance(texts, str) else list(texts)
-        rows = [e.ids for e in self.backend.encode_batch(batch, add_special_tokens=add_special_tokens)]
+        rows = self._encode_rows(batch, add_special_tokens)
         masks = [[1] * len(row) for row in rows]
         width = max(map(len, rows), default=0)
         ragged = any(len(row) != width for row in rows)
@@ -515,6 +605,35 @@ class Tokenizer:
             "input_ids": torch.tensor(rows, dtype=torch.long).view(len(rows), width),  # (B, L)
             "attention_mask": torch.tensor(masks, dtype=torch.long).view(len(rows), width),  # (B, L)
         }
+
+    def _encode_rows(self, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
+        """The ids of each text. A long text is encoded in pieces cut where the tokenizer is known to cut
+        anyway (see `_piece_ends`), so that the tokenizers library's per-token records (about 250 bytes a
+        token) are held for one piece at a time: the ids are the same as the whole text's."""
+        if add_special_tokens or all(len(t) <= _PIECE_CHARS for t in texts) or not self._cuts_at_spaces():
+            return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
+        rows = []
+        for text in texts:
+            ids: list[int] = []
+            start = 0
+            for end in _piece_ends(text):
+                ids += self.backend.encode(text[start:end], add_special_tokens=False).ids
+                start = end
+            rows.append(ids)
+        return rows
+
+    def _cuts_at_spaces(self) -> bool:
+        """Does encoding split a text at every space between two non-spaces, whatever surrounds it? True
+        for byte-level BPE with the GPT-2 pattern, no normalizer and no added token holding whitespace
+        (what `train_tokenizer` makes)."""
+        pre = self.backend.pre_tokenizer
+        return (
+            self.backend.normalizer is None
+            and isinstance(pre, pre_tokenizers.ByteLevel)
+            and pre.use_regex
+            and not pre.add_prefix_space
+            and not any(re.search(r"\s", t.content) for t in self.backend.get_added_tokens_decoder().values())
+        )
 
     def decode(
         self,
@@ -689,8 +808,9 @@ class Tokenizer:
                     f"continue_final_message: the final message has no text in {field!r} to continue (a string, "
                     "or content blocks with a 'text')"
                 )
-        compiled = _compile_template(template)
-        text = compiled.render(
+        text = templates.render(
+            template,
+            repr(self.name_or_path),
             messages=chat,
             tools=tools,
             documents=documents,
@@ -792,7 +912,7 @@ def train_tokenizer(
         initial_alphabet=alphabet,
         show_progress=False,
     )
-    backend.train(list(files), trainer)
+    backend.train_from_iterator(_training_sequences(files), trainer)
     bos_id = backend.token_to_id(bos)
     backend.post_processor = processors.TemplateProcessing(
         single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, bos_id)]
@@ -811,6 +931,27 @@ def train_tokenizer(
     tokenizer = Tokenizer(backend, config, chat_template=chat_template, name_or_path=out_dir)
     tokenizer.save_pretrained(out_dir)
     return tokenizer
+
+
+_TRAIN_RUN_CHARS = 1000  # longer runs of non-space characters are cut (see _training_sequences)
+
+
+def _training_sequences(files: list[str]) -> Iterator[str]:
+    """The files' lines (split at \\n, kept), as the tokenizers library reads files for training, except
+    that a run of more than _TRAIN_RUN_CHARS non-space characters is cut into pieces of that many, each
+    a sequence of its own: the BPE trainer's time grows with the square of a word's length (a run of
+    250,000 letters took two minutes), and no word that long is ever learnt as a token."""
+    long_run = re.compile(rf"\S{{{_TRAIN_RUN_CHARS + 1},}}")
+    for path in files:
+        with open(path, "rb") as f:
+            for raw in f:
+                line = raw.decode("utf-8")  # (checked to be UTF-8 before training)
+                start = 0
+                for m in long_run.finditer(line):
+                    for cut in range(m.start() + _TRAIN_RUN_CHARS, m.end(), _TRAIN_RUN_CHARS):
+                        yield line[start:cut]
+                        start = cut
+                yield line[start:]
 
 
 def train_tokenizer_files(

@@ -4,6 +4,7 @@ trainer_state.pt (optimizer, step, RNG states, data layout), and the log trimmed
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import time
@@ -62,10 +63,7 @@ def read_trainer_state(ckpt: str) -> dict[str, Any]:
             "an optimizer state dict (with state and param_groups)",
         ),
         "rng": (
-            isinstance(rng, dict)
-            and isinstance(rng.get("torch"), Tensor)
-            and rng["torch"].dtype == torch.uint8
-            and isinstance(rng.get("python"), tuple),
+            _is_rng_state(rng),
             "a dict of the torch (uint8 tensor) and python (tuple) random states",
         ),
     }
@@ -85,6 +83,23 @@ def read_trainer_state(ckpt: str) -> dict[str, Any]:
 
 def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_rng_state(rng: Any) -> bool:
+    """Is `rng` what `rng_states` saves: states that torch and random take back?"""
+    if not (isinstance(rng, dict) and isinstance(rng.get("torch"), Tensor)):
+        return False
+    cpu = torch.get_rng_state()
+    if rng["torch"].dtype != cpu.dtype or rng["torch"].shape != cpu.shape:
+        return False
+    cuda = rng.get("cuda")
+    if cuda is not None and not (isinstance(cuda, Tensor) and cuda.dtype == torch.uint8 and cuda.dim() == 1):
+        return False
+    try:
+        random.Random().setstate(rng.get("python"))  # (a throwaway generator: it checks the state)
+    except (TypeError, ValueError, OverflowError):
+        return False
+    return True
 
 
 def _short(value: Any) -> str:
@@ -179,20 +194,49 @@ def restore_optimizer(
     schedule: dict[str, Any],
 ) -> dict[str, str]:
     """Load the saved optimizer state. This call's betas, weight decay and eps win, as its `schedule` (lr,
-    warmup_steps, min_lr_ratio, max_steps) does; returns those it sets otherwise than the run it continues."""
+    warmup_steps, min_lr_ratio, max_steps) does; returns those it sets otherwise than the run it continues.
+    The state must fit the model (groups, parameters, moment shapes), or a ValueError names the file."""
     changed: dict[str, str] = {}
-    fresh = [{k: g[k] for k in ("weight_decay", "betas", "eps")} for g in optimizer.param_groups]
-    load_optimizer_state(model, optimizer, state["optimizer"], fsdp)
+    fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    try:
+        load_optimizer_state(model, optimizer, state["optimizer"], fsdp)
+    except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as e:
+        raise ValueError(
+            f"train: cannot resume: the optimizer state in {STATE_FILE} does not fit this model ({e}); use "
+            "another out_dir, or resume=False (--no-resume) to start over"
+        ) from None
+    if not fsdp:
+        _check_moments(optimizer)
     for group, settings in zip(optimizer.param_groups, fresh):
-        for k, v in settings.items():
-            if group[k] != v:
-                changed[k] = f"{k} {group[k]} -> {v}"
-        group.update(settings)
+        for k in ("weight_decay", "betas", "eps"):
+            if group[k] != settings[k]:
+                changed[k] = f"{k} {group[k]} -> {settings[k]}"
+        group.update(settings)  # (this run's AdamW settings; the schedule sets the lr at each step)
     before = {**state["schedule"], "max_steps": state["max_steps"]}
     for k, v in schedule.items():
         if before.get(k) != v:
             changed[k] = f"{k} {before.get(k)} -> {v}"
     return changed
+
+
+def _check_moments(optimizer: torch.optim.Optimizer) -> None:
+    """AdamW's loaded state: each parameter's moments of its shape, its step a finite count."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            st = optimizer.state.get(p, {})
+            bad = [
+                k
+                for k in ("exp_avg", "exp_avg_sq")
+                if k in st and not (isinstance(st[k], Tensor) and st[k].shape == p.shape)
+            ]
+            step = st.get("step", 0)
+            step = step.item() if isinstance(step, Tensor) and step.numel() == 1 else step
+            if bad or not (isinstance(step, int | float) and math.isfinite(step) and step >= 0):
+                raise ValueError(
+                    f"train: cannot resume: the optimizer state in {STATE_FILE} does not fit a parameter of "
+                    f"shape {list(p.shape)} ({', '.join(bad) or 'step'} malformed); use another out_dir, or "
+                    "resume=False (--no-resume) to start over"
+                )
 
 
 def rng_states(dev: torch.device) -> dict[str, Any]:
