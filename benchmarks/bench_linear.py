@@ -1,12 +1,18 @@
 """The Linear paths of `bamba.linear` and `bamba.quantize` against plain F.linear, side by side.
 
 For each path, one pass over every Linear layer of a model config (bench-small by default: the 87
-layers a decode step runs, weights far larger than the caches) is timed at several row counts, and
-the weight bytes read per second are printed next to the baseline measured in the same run:
+layers a decode step runs, weights far larger than the caches) is timed at several row counts, the
+paths in turn within each repetition (best of --reps), and the weight bytes read per second are printed
+next to the baselines measured in the same run, and next to the memory's read bandwidth measured first
+(the best of a PyTorch sum and the C++ kernels' read loop, `bamba.kernels.read_bandwidth`):
 
 - fp32: F.linear (the baseline) | oneDNN matmul on the dense weight (`Linear`'s path for 4-256 rows);
 - bf16: F.linear | oneDNN on the packed weight (`PackedLinear`);
 - int8 / int4: the quantized modules (packed aten kernels up to their row limits, then dequantize + GEMM);
+- the C++ decode kernels of `bamba.kernels` (where they are built; `--isa avx2` takes their AVX2 path),
+  beside the PyTorch path each replaces: fp32 (and the compiled GEMV at 1 row), bf16 (bf16 rows, as a bf16
+  model's), int8 weight-only (against `_weight_int8pack_mm`, and the compiled GEMV at 1 row),
+  int4 (activations rounded to int8 per block of 32; against `_weight_int4pack_mm_for_cpu`);
 - int8dq: the module (rows quantized to int8, `torch._int_mm`, rescaled) and the bare `_int_mm` on
   the rows it takes (uint8 where `int_mm_takes_uint8()`), which shows what the per-call quantization
   and rescaling cost;
@@ -16,20 +22,51 @@ the weight bytes read per second are printed next to the baseline measured in th
   `Int4WeightOnlyConfig(layout=Int4CPULayout())`). A config this torchao cannot run on the CPU is
   reported with its error. This is the measurement behind `bamba.quantize` using PyTorch's own kernels.
 
-Run: python benchmarks/bench_linear.py [--preset bench-small] [--threads 2] [--rows 1,8,16,64]
+Run: python benchmarks/bench_linear.py [--preset bench-small] [--threads 2] [--rows 1,8,16,64] [--reps 5]
+[--only kernels] (the kernels and the paths they replace only) [--isa avx512|avx2]
+
+With --decode fp32,bf16,int8,int4 it times whole decode steps of a model instead (the checkpoint of
+--checkpoint, default .bench/bench-small, created as `bamba bench` creates it), loaded as the command
+line loads it (pack=True; int8 / int4 quantized on load), after a 128-token prompt, at each of
+--batches: the kernels against the paths they replace (BAMBA_KERNELS=0's; for bf16, a second copy with
+oneDNN-packed weights, as pack=True gave before the kernels), in alternating blocks of --steps steps on
+two copies of the same cache, --rounds times. It prints tokens/s of each (median and range over rounds),
+their ratio per round, the weight bytes read per second, and whether the greedy tokens agreed.
+
+--clock cpu times with this process's CPU time instead of the wall clock: on a machine shared with other
+work, and with --threads 1, it counts the work done rather than the time slices others took.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import os
+import statistics
+import sys
 import time
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
 
+from bamba import kernels
+from bamba.cache import HybridMambaAttentionDynamicCache
 from bamba.config import preset
-from bamba.linear import PackedLinear, onednn_available, onednn_linear
+from bamba.decoding import decode_step, prefill
+from bamba.linear import (
+    PackedLinear,
+    compiled_gemv,
+    gemv_fp32,
+    gemv_int8,
+    onednn_available,
+    onednn_linear,
+    pack_for_cpu,
+    weight_bytes,
+)
+from bamba.model import BambaForCausalLM
 from bamba.quantize import (
+    SHORT_NAMES,
     Int4WeightOnlyLinear,
     Int8DynamicActivationInt8WeightLinear,
     Int8WeightOnlyLinear,
@@ -99,15 +136,251 @@ def torchao_paths(dense: list[torch.nn.Linear]) -> dict[str, tuple[list, torch.d
     return paths
 
 
-def time_pass(fns: list, xs: dict[int, torch.Tensor], reps: int = 3) -> float:
-    """Best time of one call of every fn on the input of its width."""
-    best = float("inf")
-    for _ in range(reps + 1):  # the first pass warms up
-        t = time.perf_counter()
-        for fn, k in fns:
-            fn(xs[k])
-        best = min(best, time.perf_counter() - t)
+CLOCK = [time.perf_counter]  # --clock cpu: time.process_time
+
+
+def time_passes(paths: dict, xs_of: dict, reps: int) -> dict[str, float]:
+    """Best time of one call of every fn of each path on the input of its width, the paths in turn
+    within each repetition (so that a machine's drift touches them alike); the first round warms up."""
+    best = dict.fromkeys(paths, float("inf"))
+    for _ in range(reps + 1):
+        for name, (fns, _, _) in paths.items():
+            xs = xs_of[name]
+            t = CLOCK[0]()
+            for fn, k in fns:
+                fn(xs[k])
+            best[name] = min(best[name], CLOCK[0]() - t)
     return best
+
+
+def module_paths(dense: list[torch.nn.Linear]) -> dict[str, tuple[list, torch.dtype, float]]:
+    """name -> (fns with their input widths, activation dtype, bytes per weight): the PyTorch paths."""
+    paths: dict[str, tuple[list, torch.dtype, float]] = {}
+
+    def plain(w: torch.Tensor):
+        return lambda x: F.linear(x, w)
+
+    paths["fp32 F.linear (baseline)"] = ([(plain(m.weight), m.in_features) for m in dense], torch.float32, 4)
+    if onednn_available():
+        paths["fp32 oneDNN"] = (
+            [(lambda x, w=m.weight: onednn_linear(x, w), m.in_features) for m in dense],
+            torch.float32,
+            4,
+        )
+    bf16 = [torch.nn.Linear(m.in_features, m.out_features, bias=False).to(torch.bfloat16) for m in dense]
+    paths["bf16 F.linear (baseline)"] = ([(plain(m.weight), m.in_features) for m in bf16], torch.bfloat16, 2)
+    if onednn_available():
+        packed = [PackedLinear(m) for m in bf16]
+        paths["bf16 packed oneDNN"] = ([(m, m.in_features) for m in packed], torch.bfloat16, 2)
+    q8 = [Int8WeightOnlyLinear.from_linear(m) for m in dense]
+    paths["int8 weight-only module"] = ([(m, m.in_features) for m in q8], torch.float32, 1)
+    dq = [Int8DynamicActivationInt8WeightLinear.from_linear(m) for m in dense]
+    paths["int8dq module"] = ([(m, m.in_features) for m in dq], torch.float32, 1)
+    rows_dtype = torch.uint8 if int_mm_takes_uint8() else torch.int8  # what the module feeds _int_mm
+    paths[f"int8dq bare _int_mm {str(rows_dtype)[6:]}"] = (
+        [(lambda x, w=m.weight: torch._int_mm(x, w.t()), m.in_features) for m in dq],
+        rows_dtype,
+        1,
+    )
+    q4 = [Int4WeightOnlyLinear.from_linear(m) for m in dense]
+    paths["int4 weight-only module"] = ([(m, m.in_features) for m in q4], torch.float32, 0.5)
+    paths.update(torchao_paths(dense))
+    return paths
+
+
+def kernel_paths(
+    dense: list[torch.nn.Linear], rows: int, isa: int
+) -> dict[str, tuple[list, torch.dtype, float]]:
+    """The C++ kernels and the PyTorch paths they replace (in that order, per weight type)."""
+    paths: dict[str, tuple[list, torch.dtype, float]] = {}
+    name = kernels.ISA_NAMES[isa]
+    if rows == 1:
+        paths["fp32 compiled GEMV (Inductor)"] = (
+            [(lambda x, w=m.weight: compiled_gemv(gemv_fp32, x, None, w), m.in_features) for m in dense],
+            torch.float32,
+            4,
+        )
+    if onednn_available():
+        paths["fp32 oneDNN"] = (
+            [(lambda x, w=m.weight: onednn_linear(x, w), m.in_features) for m in dense],
+            torch.float32,
+            4,
+        )
+    paths[f"fp32 kernel {name}"] = (
+        [(lambda x, w=m.weight: kernels.dense(x, w, isa=isa), m.in_features) for m in dense],
+        torch.float32,
+        4,
+    )
+    bf16 = [m.weight.bfloat16() for m in dense]
+    if onednn_available():
+        packed = [torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in bf16]
+        paths["bf16 packed oneDNN"] = (
+            [(lambda x, w=w: onednn_linear(x, w), w.shape[1]) for w in packed],
+            torch.bfloat16,
+            2,
+        )
+    paths[f"bf16 kernel {name}"] = (
+        [(lambda x, w=w: kernels.dense(x, w, isa=isa), w.shape[1]) for w in bf16],  # bf16 rows
+        torch.bfloat16,
+        2,
+    )
+    del bf16
+    q8 = [Int8WeightOnlyLinear.from_linear(m) for m in dense]
+    if rows == 1:
+        paths["int8 compiled GEMV (Inductor)"] = (
+            [
+                (lambda x, m=m: compiled_gemv(gemv_int8, x, None, m.weight, m.scales), m.in_features)
+                for m in q8
+            ],
+            torch.float32,
+            1,
+        )
+    paths["int8 _weight_int8pack_mm"] = (
+        [
+            (lambda x, m=m: torch.ops.aten._weight_int8pack_mm(x, m.weight, m.scales), m.in_features)
+            for m in q8
+        ],
+        torch.bfloat16,
+        1,
+    )
+    paths[f"int8 kernel {name}"] = (
+        [(lambda x, m=m: kernels.dense(x, m.weight, m.scales, isa=isa), m.in_features) for m in q8],
+        torch.float32,
+        1,
+    )
+    q4 = [Int4WeightOnlyLinear.from_linear(m) for m in dense]
+    paths["int4 _weight_int4pack_mm"] = (
+        [
+            (
+                lambda x, m=m: torch.ops.aten._weight_int4pack_mm_for_cpu(
+                    x, m.weight, m.group_size, m.scales_and_zeros
+                ),
+                m.in_features,
+            )
+            for m in q4
+        ],
+        torch.bfloat16,
+        0.5,
+    )
+    paths[f"int4 kernel {name}"] = (
+        [
+            (
+                lambda x, m=m: kernels.int4(x, m.weight, m.scales_and_zeros, m.group_size, isa=isa),
+                m.in_features,
+            )
+            for m in q4
+        ],
+        torch.float32,
+        0.5,
+    )
+    return paths
+
+
+def inputs(dtype: torch.dtype, rows: int, widths: set[int]) -> dict[int, torch.Tensor]:
+    """A random input of `rows` rows for each width: quantized rows for the bare _int_mm."""
+    if dtype in (torch.int8, torch.uint8):
+        low = -127 if dtype == torch.int8 else 1
+        return {k: torch.randint(low, low + 255, (rows, k), dtype=dtype) for k in widths}
+    return {k: torch.randn(rows, k).to(dtype) for k in widths}
+
+
+def read_bandwidth(threads: int) -> str:
+    """The memory's read bandwidth, in words: a PyTorch sum and the kernels' read loop, best of 5 each."""
+    buf = torch.ones(256 * 2**20)  # 1 GiB
+    best = float("inf")
+    for _ in range(6):
+        t = time.perf_counter()
+        buf.sum()
+        best = min(best, time.perf_counter() - t)
+    del buf
+    words = f"memory read: torch sum {2**30 / best / 1e9:.1f} GB/s"
+    if kernels.available():
+        words += f", kernels' loop {kernels.read_bandwidth(threads=threads) / 1e9:.1f} GB/s"
+    return words
+
+
+# ----- whole decode steps: the kernels against the paths they replace ----------------------------------------
+def decode_models(folder: str, variant: str) -> tuple[BambaForCausalLM, BambaForCausalLM]:
+    """(the model the kernels serve, the baseline's): the same model object except for bf16, whose
+    baseline is a copy with oneDNN-packed weights (what pack=True made of it before the kernels)."""
+    if variant in SHORT_NAMES:
+        model = BambaForCausalLM.from_pretrained(folder, quantization=SHORT_NAMES[variant], pack=True)
+    else:
+        dtype = torch.bfloat16 if variant == "bf16" else torch.float32
+        model = BambaForCausalLM.from_pretrained(folder, dtype=dtype, pack=True)
+    if variant != "bf16":
+        return model, model
+    baseline = copy.deepcopy(model)
+    pack_for_cpu(baseline, dtypes=(torch.bfloat16,))
+    return model, baseline
+
+
+def decode_rounds(models: tuple, batch: int, steps: int, rounds: int) -> dict[str, list]:
+    """tok/s of the kernels ("ours") and of the baseline, per round, each on its own copy of one cache
+    prefilled with a 128-token prompt; and the greedy tokens each produced."""
+    ours, base = models
+    gen = torch.Generator().manual_seed(0)
+    cache = HybridMambaAttentionDynamicCache(ours.config)
+    first = prefill(ours, torch.randint(0, ours.config.vocab_size, (1, 128), generator=gen), cache).argmax(-1)
+    cache.batch_repeat_interleave(batch)
+    state = {
+        name: [copy.deepcopy(cache), first.expand(batch).contiguous(), []] for name in ("ours", "baseline")
+    }
+    figures: dict[str, list] = {"ours": [], "baseline": []}
+
+    def run(name: str, n: int) -> float:
+        model = ours if name == "ours" else base
+        c, tokens, seen = state[name]
+        with mock.patch.object(kernels, "available", kernels.available if name == "ours" else lambda: False):
+            t = CLOCK[0]()
+            for _ in range(n):
+                tokens = decode_step(model, c, tokens).argmax(-1)  # (batch,)
+                seen.append(tokens[0].item())
+            spent = CLOCK[0]() - t
+        state[name][1] = tokens
+        return spent
+
+    for name in figures:
+        run(name, 4)  # warm-up (the baseline's compiled GEMV compiles here)
+    for r in range(rounds):
+        for name in ("ours", "baseline") if r % 2 == 0 else ("baseline", "ours"):
+            figures[name].append(batch * steps / run(name, steps))
+    figures["agree"] = [a == b for a, b in zip(state["ours"][2], state["baseline"][2])]
+    return figures
+
+
+def decode_main(args: argparse.Namespace) -> None:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench import ensure_checkpoint  # the harness's checkpoint (benchmarks/bench.py)
+
+    folder = ensure_checkpoint(args.checkpoint)
+    print(
+        f"{folder}: {args.threads} threads, {read_bandwidth(args.threads)}; kernels: {kernels.STATUS} "
+        f"({kernels.ISA_NAMES.get(kernels.isa(), 'none')})"
+    )
+    print(f"{'variant':8s} {'batch':>5s} {'ours tok/s':>17s} {'baseline tok/s':>17s} {'ratio':>15s} "
+          f"{'GB/s':>11s} agree")  # fmt: skip
+    with torch.inference_mode():
+        for variant in args.decode.split(","):
+            models = decode_models(folder, variant)
+            step_bytes = weight_bytes(models[0], decode_step=True)
+            for batch in (int(b) for b in args.batches.split(",")):
+                f = decode_rounds(models, batch, args.steps, args.rounds)
+                ratios = [a / b for a, b in zip(f["ours"], f["baseline"])]
+
+                def spread(v: list[float], fmt: str = ".1f") -> str:
+                    return f"{statistics.median(v):{fmt}} ({min(v):{fmt}}-{max(v):{fmt}})"
+
+                gbs = [
+                    t / batch * step_bytes / 1e9
+                    for t in (statistics.median(f[k]) for k in ("ours", "baseline"))
+                ]
+                print(
+                    f"{variant:8s} {batch:5d} {spread(f['ours']):>17s} {spread(f['baseline']):>17s} "
+                    f"{spread(ratios, '.2f'):>15s} {gbs[0]:5.1f}/{gbs[1]:<5.1f} "
+                    f"{sum(f['agree'])}/{len(f['agree'])}"
+                )
+            del models
 
 
 def main() -> None:
@@ -115,69 +388,48 @@ def main() -> None:
     ap.add_argument("--preset", default="bench-small")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rows", default="1,8,16,64")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--only", choices=("all", "kernels"), default="all")
+    ap.add_argument("--isa", choices=tuple(kernels.ISA_NAMES.values()), default=None)
+    ap.add_argument("--decode", default=None, help="variants (fp32,bf16,int8,int4): whole decode steps")
+    ap.add_argument("--checkpoint", default=".bench/bench-small")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="cpu: this process's CPU time (with --threads 1: the work, whoever else shares the cores)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.clock == "cpu":
+        CLOCK[0] = time.process_time
+    if args.decode:
+        return decode_main(args)
     torch.manual_seed(0)
     shapes = linear_shapes(preset(args.preset))
     n_weights = sum(o * i for o, i in shapes)
     print(
-        f"{args.preset}: {len(shapes)} Linear layers, {n_weights / 1e6:.0f}M weights, {args.threads} threads"
+        f"{args.preset}: {len(shapes)} Linear layers, {n_weights / 1e6:.0f}M weights, {args.threads} threads; "
+        f"{read_bandwidth(args.threads)}; kernels: {kernels.STATUS or ['not built']}"
     )
-
+    isa = {v: k for k, v in kernels.ISA_NAMES.items()}[args.isa] if args.isa else kernels.isa()
     with torch.inference_mode():
         dense = [torch.nn.Linear(i, o, bias=False) for o, i in shapes]
-        paths: dict[
-            str, tuple[list, torch.dtype, float]
-        ] = {}  # name -> (fns, activation dtype, bytes/weight)
-
-        def plain(w: torch.Tensor):
-            return lambda x: F.linear(x, w)
-
-        def onednn(w: torch.Tensor):
-            return lambda x: onednn_linear(x, w)
-
-        paths["fp32 F.linear (baseline)"] = (
-            [(plain(m.weight), m.in_features) for m in dense],
-            torch.float32,
-            4,
-        )
-        if onednn_available():
-            paths["fp32 oneDNN"] = ([(onednn(m.weight), m.in_features) for m in dense], torch.float32, 4)
-        bf16 = [torch.nn.Linear(m.in_features, m.out_features, bias=False).to(torch.bfloat16) for m in dense]
-        paths["bf16 F.linear (baseline)"] = (
-            [(plain(m.weight), m.in_features) for m in bf16],
-            torch.bfloat16,
-            2,
-        )
-        if onednn_available():
-            packed = [PackedLinear(m) for m in bf16]
-            paths["bf16 packed oneDNN"] = ([(m, m.in_features) for m in packed], torch.bfloat16, 2)
-        del bf16
-        q8 = [Int8WeightOnlyLinear.from_linear(m) for m in dense]
-        paths["int8 weight-only kernel"] = ([(m, m.in_features) for m in q8], torch.float32, 1)
-        dq = [Int8DynamicActivationInt8WeightLinear.from_linear(m) for m in dense]
-        paths["int8dq module"] = ([(m, m.in_features) for m in dq], torch.float32, 1)
-        rows_dtype = torch.uint8 if int_mm_takes_uint8() else torch.int8  # what the module feeds _int_mm
-        paths[f"int8dq bare _int_mm {str(rows_dtype)[6:]}"] = (
-            [(lambda x, w=m.weight: torch._int_mm(x, w.t()), m.in_features) for m in dq],
-            rows_dtype,
-            1,
-        )
-        q4 = [Int4WeightOnlyLinear.from_linear(m) for m in dense]
-        paths["int4 weight-only kernel"] = ([(m, m.in_features) for m in q4], torch.float32, 0.5)
-        paths.update(torchao_paths(dense))
-
+        fixed = module_paths(dense) if args.only == "all" else {}
         widths = {i for _, i in shapes}
-        print(f"{'path':28s} {'rows':>5s} {'ms/pass':>9s} {'GB/s':>7s}")
+        print(f"{'path':32s} {'rows':>5s} {'ms/pass':>9s} {'GB/s':>7s}")
         for rows in (int(r) for r in args.rows.split(",")):
-            for name, (fns, dtype, per_weight) in paths.items():
-                if dtype in (torch.int8, torch.uint8):  # the bare _int_mm's inputs: quantized rows
-                    low = -127 if dtype == torch.int8 else 1
-                    xs = {k: torch.randint(low, low + 255, (rows, k), dtype=dtype) for k in widths}
-                else:
-                    xs = {k: torch.randn(rows, k).to(dtype) for k in widths}
-                t = time_pass(fns, xs)
-                print(f"{name:28s} {rows:5d} {t * 1e3:9.2f} {n_weights * per_weight / t / 1e9:7.1f}")
+            paths = dict(fixed)
+            if isa:
+                paths |= kernel_paths(dense, rows, isa)
+            xs_of = {name: inputs(dtype, rows, widths) for name, (_, dtype, _) in paths.items()}
+            best = time_passes(paths, xs_of, args.reps)
+            for name, (_, _, per_weight) in paths.items():
+                t = best[name]
+                print(f"{name:32s} {rows:5d} {t * 1e3:9.2f} {n_weights * per_weight / t / 1e9:7.1f}")
 
 
 if __name__ == "__main__":

@@ -1,15 +1,19 @@
 """How Linear layers compute: the one place that picks a matmul path for a device, dtype and input size.
 
 - `Linear` is `nn.Linear` (same parameters, same state_dict) that takes, on CPUs, the path measured
-  fastest for its weight's dtype and the input's rows: bf16 prompts in fp32 from weight tiles upcast on
+  fastest for its weight's dtype and the input's rows: up to `kernels.MAX_ROWS` rows (decoding) by a fp32
+  or bf16 weight of `KERNEL_MIN_WEIGHTS` or more through the C++ decode kernels of `bamba.kernels`, which
+  read each weight once at the memory's speed (`kernel_linear`, where they are built: x86 with a
+  compiler; BAMBA_KERNELS=0 turns them off); bf16 prompts in fp32 from weight tiles upcast on
   the fly, so the weights stay bf16 (`linear_upcast`, where `bf16_gemm_is_fast()` is False); fp32
   inference through oneDNN's matmul (`onednn_linear`, where `use_onednn_fp32` says); one input row by a
-  large fp32 weight through a GEMV that TorchInductor compiles from plain PyTorch (`compiled_gemv`, where
-  `compiled_gemv_is_fast`; BAMBA_COMPILED_GEMV=0 turns it off; int8 weight-only layers take the same
+  large fp32 weight, where the kernels are not built, through a GEMV that TorchInductor compiles from plain
+  PyTorch (`compiled_gemv`, where `compiled_gemv_is_fast`; BAMBA_COMPILED_GEMV=0 turns it off; int8 weight-only layers take the same
   route, `gemv_int8`); fp32 training through oneDNN (`OneDNNLinearFunction`, where `onednn_trains()`).
   Everything else is F.linear.
 - `PackedLinear`, made by `pack_for_cpu(model)`, is for inference on CPUs: the weight is stored once, in
-  oneDNN's blocked layout, and every input runs through oneDNN (only for dtypes where `packing_pays`).
+  oneDNN's blocked layout, and every input runs through oneDNN (only for dtypes where `packing_pays`:
+  never where the decode kernels are built, which read the dense weight faster).
 
 The figures behind each rule, with the commands that measure them: benchmarks/README.md.
 References: each fast path equals F.linear in fp32 within rounding (tests/test_linear.py).
@@ -31,6 +35,8 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import kernels
+
 ONEDNN_ROWS = (4, 256)  # fp32 inputs with this many rows (inclusive) use oneDNN's matmul (x86 only)
 X86 = platform.machine().lower() in ("x86_64", "amd64")  # where that was measured faster
 ONEDNN_FAST = 1.3  # oneDNN takes every fp32 row count where its GEMM measures this much faster than MKL's
@@ -40,6 +46,7 @@ PACKED_BF16_MAX_ROWS = 128  # above this, a packed bf16 weight is unpacked for `
 COMPILED_GEMV_MIN_WEIGHTS = 2**20  # one input row by weights this large may take the compiled GEMV
 COMPILED_GEMV_FAST = 1.05  # ... where it measured this much faster than the path it replaces
 COMPILED_GEMV_PROBE = (4096, 1024)  # (out, in) of the weights that measurement uses
+KERNEL_MIN_WEIGHTS = 2**16  # weights this large take the decode kernels (smaller: F.linear's call is cheaper)
 
 
 def _probe(*shape: int) -> Tensor:
@@ -118,13 +125,15 @@ def use_onednn_fp32(rows: int, weights: int) -> bool:
 
 
 def dense_linear(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
-    """F.linear(x, w, bias) for fp32 on the CPU: one input row through the compiled GEMV where
-    `takes_compiled_gemv` says, else through oneDNN where `use_onednn_fp32` says (inference) or
+    """F.linear(x, w, bias) for fp32 on the CPU: up to `kernels.MAX_ROWS` rows through the decode kernels
+    where `kernel_fits` says, one input row through the compiled GEMV where `takes_compiled_gemv` says, else through oneDNN where `use_onednn_fp32` says (inference) or
     `onednn_trains` says (autograd), on what `plain_cpu_fp32` allows; F.linear itself (the reference)
     otherwise."""
     if plain_cpu_fp32(x, w, bias):
         if not needs_grad(x, w, bias):
             rows = x.numel() // x.shape[-1]
+            if rows <= kernels.MAX_ROWS and kernel_fits(w):
+                return kernel_linear(x, w, bias)
             if rows == 1 and takes_compiled_gemv(w):
                 return compiled_gemv(gemv_fp32, x, bias, w)
             if use_onednn_fp32(rows, w.numel()):
@@ -146,17 +155,20 @@ def onednn_can_take(x: Tensor, *others: Tensor | None) -> bool:
 
 
 def plain_cpu_fp32(x: Tensor, *others: Tensor | None) -> bool:
-    """Can a CPU fast path (oneDNN's op, a compiled GEMV) serve these tensors? Plain (not DTensor...),
-    non-empty fp32 CPU tensors, outside autocast (which must see F.linear or torch.matmul to cast it),
-    torch.func transforms and forward-mode AD (the fast ops have no forward derivative), and
-    torch.compile (whose inductor fails to lower oneDNN's op, and picks its own kernels anyway)."""
+    """Can a CPU fast path (oneDNN's op, a compiled GEMV, the decode kernels) serve these tensors?
+    What `plain_cpu` allows, all fp32."""
+    return all(t.dtype == torch.float32 for t in (x, *others) if t is not None) and plain_cpu(x, *others)
+
+
+def plain_cpu(x: Tensor, *others: Tensor | None) -> bool:
+    """Plain (not DTensor, not a buffer or Parameter subclass...) non-empty CPU tensors, outside autocast
+    (which must see F.linear or torch.matmul to cast it), torch.func transforms and forward-mode AD (the
+    fast ops have no forward derivative), and torch.compile (whose inductor fails to lower oneDNN's op,
+    cannot trace the kernels' ctypes calls, and picks its own kernels anyway)."""
     return (
         not torch.compiler.is_compiling()
         and all(
-            type(t) in (Tensor, nn.Parameter)
-            and t.device.type == "cpu"
-            and t.dtype == torch.float32
-            and t.numel() > 0
+            type(t) in (Tensor, nn.Parameter) and t.device.type == "cpu" and t.numel() > 0
             for t in (x, *others)
             if t is not None
         )
@@ -164,6 +176,35 @@ def plain_cpu_fp32(x: Tensor, *others: Tensor | None) -> bool:
         and not torch._C._are_functorch_transforms_active()
         and fwAD._current_level < 0  # no forward-mode AD level open
     )
+
+
+# ----- the C++ decode kernels (bamba.kernels): a few rows, each weight read once ------------------------------
+def kernel_fits(w: Tensor) -> bool:
+    """Is `w` a weight the decode kernels take: contiguous, of `KERNEL_MIN_WEIGHTS` elements or more,
+    where they are built? (The caller checks the input: `plain_cpu`, no autograd, few rows.)"""
+    return w.numel() >= KERNEL_MIN_WEIGHTS and w.is_contiguous() and kernels.available()
+
+
+def takes_kernel(x: Tensor, w: Tensor, *others: Tensor | None) -> bool:
+    """Do the rows of x by the CPU weight w go through `kernel_linear`? Up to `kernels.MAX_ROWS` rows, no
+    autograd, what `plain_cpu` allows, a weight that `kernel_fits`."""
+    return (
+        x.numel() <= kernels.MAX_ROWS * x.shape[-1]
+        and kernel_fits(w)
+        and plain_cpu(x, w, *others)
+        and not needs_grad(x, w, *others)
+    )
+
+
+def kernel_linear(x: Tensor, w: Tensor, bias: Tensor | None = None, scales: Tensor | None = None) -> Tensor:
+    """x (..., in) @ (w * scales[:, None]).T + bias through `kernels.dense` (the activations as they come
+    in fp32, products and sums in fp32; w fp32, bf16 or int8 with bf16 scales), returned in x's dtype.
+    Reference: F.linear in fp32."""
+    k = x.shape[-1]
+    if bias is not None and bias.dtype != torch.float32:
+        bias = bias.float()
+    y = kernels.dense(x.reshape(-1, k), w, scales, bias)  # (rows, out) fp32
+    return y.view(*x.shape[:-1], w.shape[0]).to(x.dtype)
 
 
 def onednn_trains() -> bool:
@@ -338,13 +379,11 @@ class Linear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.weight
-        if (
-            w.device.type == "cpu"
-            and w.dtype == torch.bfloat16
-            and x.numel() // x.shape[-1] >= UPCAST_MIN_ROWS
-            and not bf16_gemm_is_fast()
-        ):
-            return linear_upcast(x, w, self.bias)
+        if w.device.type == "cpu" and w.dtype == torch.bfloat16:
+            if takes_kernel(x, w, self.bias):
+                return kernel_linear(x, w, self.bias)
+            if x.numel() // x.shape[-1] >= UPCAST_MIN_ROWS and not bf16_gemm_is_fast():
+                return linear_upcast(x, w, self.bias)
         return dense_linear(x, w, self.bias)
 
 
@@ -436,8 +475,14 @@ class PackedLinear(nn.Module):
 @functools.cache
 def packing_pays(dtype: torch.dtype) -> bool:
     """Measured once per dtype: is a packed oneDNN GEMV at least 15% faster than F.linear on this CPU?
-    (fp32: never measured faster on the machines we tried, so False without measuring.)"""
-    if dtype != torch.bfloat16 or not onednn_available() or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    (fp32: never measured faster on the machines we tried, so False without measuring; nor where the
+    decode kernels are built, which read the dense weights faster than oneDNN reads packed ones.)"""
+    if (
+        dtype != torch.bfloat16
+        or not onednn_available()
+        or not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        or kernels.available()
+    ):
         return False
     ws = [torch.full((2048, 1024), 0.01, dtype=dtype) for _ in range(8)]  # 32 MB: mostly out of cache
     packed = [torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in ws]

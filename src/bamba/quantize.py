@@ -7,9 +7,14 @@
 
 Methods:
 
-- int8_weight_only, int4_weight_only: only the weights are quantized; activations stay in floating
-  point (the packed kernels see them rounded to bf16; one int8 row through the compiled GEMV of
-  `bamba.linear`, where it measured faster, keeps them in fp32).
+- int8_weight_only, int4_weight_only: only the weights are quantized. int8 activations stay in floating
+  point: fp32 through the decode kernels of `bamba.kernels` (up to `kernels.MAX_ROWS` rows, where they
+  are built) and the compiled GEMV (one row, where the kernels are not), rounded to bf16 by PyTorch's
+  packed kernel. int4 decoding through the kernels rounds each block of 32 activations to int8 (one
+  fp32 scale per block, as llama.cpp's q8_0), so that the products are exact integer sums (VNNI on
+  AVX-512): `linear_int4_q8_reference` is that rounding, then F.linear; its error is a small fraction
+  of the int4 weights' own (tests/test_kernels.py measures both). PyTorch's int4 kernel, where the
+  kernels are not built, rounds the activations to bf16.
 - int8_dynamic_activation_int8_weight ("int8dq", as torchao names it): the int8_weight_only weights,
   and each input row is quantized to int8 on the fly (symmetric, one fp32 scale per row), so the
   product is an exact int8 x int8 -> int32 matmul (`torch._int_mm`, VNNI on x86), rescaled in fp32.
@@ -37,7 +42,9 @@ A saved quantized model's folder holds `quantization_config.json`:
 {"quant_method": "bamba", "format": ..., "group_size": ..., "modules": [names], "version": 1}; loading
 reads it and builds the quantized modules before the weights are assigned (`prepare_quantized`).
 
-Kernels: up to `INT8_KERNEL_MAX_ROWS` / `INT4_KERNEL_MAX_ROWS` input rows (decoding) the packed aten
+Kernels: up to `kernels.MAX_ROWS` input rows (decoding) the C++ kernels of `bamba.kernels` where they
+are built (x86 with a C++ compiler; BAMBA_KERNELS=0 turns them off), each weight read once; else, and
+up to `INT8_KERNEL_MAX_ROWS` / `INT4_KERNEL_MAX_ROWS` input rows, the packed aten
 kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`); more rows (prompts) dequantize the
 weight and take the fp32 GEMM, whose cost is fixed plus fast. int8dq takes `torch._int_mm` at every row
 count on the CPU, its rows shifted to uint8 where `_int_mm` takes them (VNNI multiplies u8 x s8
@@ -57,6 +64,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import kernels
 from .linear import (
     X86,
     PackedLinear,
@@ -64,9 +72,11 @@ from .linear import (
     dense_linear,
     gemv_int8,
     is_tied_lm_head,
+    kernel_linear,
     needs_grad,
     replace_module,
     takes_compiled_gemv,
+    takes_kernel,
 )
 from .runtime import release_free_memory
 
@@ -155,13 +165,18 @@ def linear_int8_reference(x: Tensor, q: Tensor, scales: Tensor, bias: Tensor | N
 
 
 def linear_int8(x: Tensor, q: Tensor, scales: Tensor, bias: Tensor | None = None) -> Tensor:
-    """x (..., in) @ dequant(q).T: on the CPU, one row through the compiled GEMV where
+    """x (..., in) @ dequant(q).T: on the CPU, up to `kernels.MAX_ROWS` rows through the decode kernels
+    where `takes_kernel` says (fp32 activations), one row through the compiled GEMV where
     `takes_compiled_gemv` says (fp32 activations), up to `INT8_KERNEL_MAX_ROWS` rows through the packed
     kernel (bf16 activations), else the dequantized weight through `dense_linear`; on other devices the
     reference."""
     rows = x.numel() // x.shape[-1]
     if x.device.type != "cpu":
         return linear_int8_reference(x, q, scales, bias)
+    if takes_kernel(x, q, bias):
+        if scales.dtype != torch.bfloat16:  # a model cast after quantizing
+            scales = scales.to(torch.bfloat16)
+        return kernel_linear(x, q, bias, scales.contiguous())
     # Prompts, and widths the kernel cannot read (it reads the input in blocks of 16: other widths gave
     # garbage or crashed): dequantize, then the fastest dense GEMM.
     if rows > INT8_KERNEL_MAX_ROWS or q.shape[1] % INT8_KERNEL_IN_MULTIPLE:
@@ -327,15 +342,36 @@ def linear_int4_reference(
     return F.linear(x, w[:out], bias)
 
 
+def linear_int4_q8_reference(
+    x: Tensor, packed: Tensor, sz: Tensor, group_size: int, bias: Tensor | None = None, out: int | None = None
+) -> Tensor:
+    """Reference of the int4 decode kernel (`kernels.int4`): the rows of x rounded to int8 per block of
+    32 (`kernels.quantize_blocks`), then a plain fp32 F.linear on the dequantized weight; the first `out`
+    outputs (default all), in x's dtype."""
+    x2 = x.reshape(-1, x.shape[-1])  # (rows, in)
+    q, s = kernels.quantize_blocks(x2)  # (rows, in / 32, 32), (rows, in / 32, 1)
+    y = F.linear((q * s).view(x2.shape), dequantize_int4(packed, sz, group_size)[:out])  # (rows, out)
+    y = y.view(*x.shape[:-1], y.shape[-1]).to(x.dtype)
+    return y + bias if bias is not None else y
+
+
 def linear_int4(
     x: Tensor, packed: Tensor, sz: Tensor, group_size: int, bias: Tensor | None = None, out: int | None = None
 ) -> Tensor:
-    """x (..., in) @ dequant(packed)[:out].T: PyTorch's CPU int4 kernel (bf16 activations) for few rows
-    where this CPU's kernel uses our layout, else the dequantized weight through `dense_linear` (on other
-    devices: the reference)."""
+    """x (..., in) @ dequant(packed)[:out].T: on the CPU, up to `kernels.MAX_ROWS` rows through the
+    decode kernel where `takes_kernel` says (activations rounded to int8 per block of 32: see
+    `linear_int4_q8_reference`), PyTorch's CPU int4 kernel (bf16 activations) for few rows where this
+    CPU's kernel uses our layout, else the dequantized weight through `dense_linear` (on other devices:
+    the reference)."""
     rows = x.numel() // x.shape[-1]
     if x.device.type != "cpu":
         return linear_int4_reference(x, packed, sz, group_size, bias, out)
+    if takes_kernel(x, packed, bias):
+        if sz.dtype != torch.bfloat16:  # a model cast after quantizing
+            sz = sz.to(torch.bfloat16)
+        b = bias.float() if bias is not None and bias.dtype != torch.float32 else bias
+        y = kernels.int4(x.reshape(rows, x.shape[-1]).float(), packed, sz.contiguous(), group_size, b, out)
+        return y.view(*x.shape[:-1], y.shape[-1]).to(x.dtype)
     if rows > INT4_KERNEL_MAX_ROWS or not int4_kernel_layout_matches():  # dequantize, fastest dense GEMM
         return dense_linear(x, dequantize_int4_blocked(packed, sz, group_size, x.dtype)[:out], bias)
     # the kernel needs dense bf16 rows
