@@ -815,8 +815,9 @@ def _publish(
     neither save: then the old config.json goes first, and until the new one is renamed in (last) the
     folder fails to load. With the same config, loading prefers an index over model.safetensors, so until
     the new index (or, going to one file, the removal of the old index) the folder still loads the
-    earlier save whole; only where new shards overwrite old ones of the same names is the old index
-    removed first, so a crash in between fails instead of mixing saves."""
+    earlier save whole. Where new shards take the names of old ones, the index first points at the staged
+    shards (see `_publish_over_same_names`); on a file system without hard links the old index is removed
+    first instead, so a crash in between fails instead of mixing saves."""
     config_path = os.path.join(folder, CONFIG_NAME)
     quant_path = os.path.join(folder, QUANT_CONFIG_FILE)
     new_files = set(shards) | ({INDEX_NAME} if len(shards) > 1 else set())
@@ -824,7 +825,10 @@ def _publish(
         if os.path.exists(config_path):
             os.remove(config_path)
     if any(f in shards and f != WEIGHTS_NAME for f in old_files) and INDEX_NAME in old_files:
-        os.remove(os.path.join(folder, INDEX_NAME))
+        rest = _publish_over_same_names(folder, staged, shards)
+        if rest is None:
+            os.remove(os.path.join(folder, INDEX_NAME))
+        staged = rest or staged
     for tmp, path in staged:
         if path == config_path:
             stale = [f for f in old_files if f not in new_files and os.path.exists(os.path.join(folder, f))]
@@ -835,6 +839,50 @@ def _publish(
             ):  # an earlier save was quantized
                 os.remove(quant_path)
         os.replace(tmp, path)
+
+
+def _publish_over_same_names(
+    folder: str, staged: list[tuple[str, str]], shards: dict[str, dict[str, torch.Tensor]]
+) -> list[tuple[str, str]] | None:
+    """Publish new shards over old ones of the same names with the folder loading one save or the other
+    at every moment: an index naming the staged shards replaces the old one (the new save loads from
+    them), the shards take their names through hard links (the staged names stay valid), then the final
+    index goes in. Returns the staged files left to publish, or None where hard links are refused."""
+    pairs = [(tmp, path) for tmp, path in staged if os.path.basename(path) in shards]
+    links: list[str] = []
+    try:
+        for tmp, _ in pairs:
+            links.append(tmp + ".link")
+            os.link(tmp, links[-1])
+    except OSError:
+        for link in links:
+            if os.path.exists(link):
+                os.remove(link)
+        return None
+    index_path = os.path.join(folder, INDEX_NAME)
+    staged_index = next(tmp for tmp, path in staged if path == index_path)
+    with open(staged_index) as f:
+        index = json.load(f)
+    names = {os.path.basename(path): os.path.basename(tmp) for tmp, path in pairs}
+    index["weight_map"] = {k: names[v] for k, v in index["weight_map"].items()}
+    pointed = final = False
+    try:
+        atomic_write(index_path, lambda f: json.dump(index, f, indent=2))  # loads the new save (staged names)
+        pointed = True
+        for link, (_, path) in zip(links, pairs):
+            os.replace(link, path)
+        os.replace(staged_index, index_path)  # (the final names)
+        final = True
+    except BaseException:  # (an exception, not a kill: the staged files go, so the index that names them)
+        for link in links:
+            if os.path.exists(link):
+                os.remove(link)
+        if pointed and not final:
+            os.remove(index_path)
+        raise
+    for tmp, _ in pairs:
+        os.remove(tmp)
+    return [(tmp, path) for tmp, path in staged if (tmp, path) not in pairs and tmp != staged_index]
 
 
 def _read_text(path: str) -> str | None:

@@ -38,14 +38,17 @@ def _staging_host_prefix() -> str:
     return f".tmp-{re.sub(r'[^A-Za-z0-9_.]', '_', socket.gethostname())}-"
 
 
-def remove_dead_staging(folder: str) -> list[str]:
+def remove_dead_staging(folder: str, targets: tuple[str, ...] | None = None) -> list[str]:
     """Remove the staged files that writers on this machine left in `folder` when they were killed (their
-    process is gone); returns their names. Those of live writers, and of other machines, stay."""
+    process is gone); returns their names. Those of live writers, and of other machines, stay; with
+    `targets`, only those staged for files of these names."""
     host_prefix = _staging_host_prefix()
     removed = []
     for name in os.listdir(folder):
         pid = name.removeprefix(host_prefix).split("-", 1)[0]
         if not name.startswith(host_prefix) or not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        if targets is not None and not name.endswith(targets):
             continue
         try:
             os.kill(int(pid), 0)

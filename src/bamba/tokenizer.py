@@ -464,7 +464,10 @@ class Tokenizer:
         if os.path.exists(tokenizer_path) and any(_file_text(p) != text for p, text in files.items()):
             os.remove(tokenizer_path)  # another tokenizer's: gone before any of its files is replaced
         _write_files(files, extra_dir)  # (tokenizer.json last: dicts keep their order)
-        remove_dead_staging(folder)  # what a save of this machine that was killed left
+        # what a tokenizer save of this machine that was killed left (not a checkpoint's staged shards)
+        remove_dead_staging(
+            folder, (TOKENIZER_FILE, CONFIG_FILE, SPECIAL_TOKENS_MAP_FILE, CHAT_TEMPLATE_FILE)
+        )
 
     # ---- special tokens -------------------------------------------------------------------------------------
 
