@@ -24,7 +24,11 @@ ISAS = kernels.supported_isas()  # () without the kernels: every test below is s
 needs_kernels = pytest.mark.skipif(not ISAS, reason=f"the kernels are not built here: {kernels.STATUS}")
 each_isa = pytest.mark.parametrize("isa", ISAS or [0], ids=lambda i: kernels.ISA_NAMES.get(i, "none"))
 # (rows, out, in): odd sizes everywhere (tails of the weight tiles, of the vectors, of the row chunks)
-DENSE_SHAPES = [(1, 1, 1), (1, 7, 33), (3, 65, 100), (5, 130, 1024), (8, 4, 17), (9, 13, 48), (16, 9, 250)]
+# (AMX, from 3 rows: tiles of 16 weight rows and 32 or 64 inputs, a vector kernel for the rows left over)
+DENSE_SHAPES = [
+    (1, 1, 1), (1, 7, 33), (3, 65, 100), (3, 33, 64), (5, 130, 1024), (8, 4, 17), (9, 13, 48), (16, 9, 250),
+    (16, 70, 192),
+]  # fmt: skip
 
 
 def _weight(dtype: torch.dtype, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -13,8 +13,8 @@
 Both take any number of rows; they pay where the weights are read once for all rows (decoding, up to
 `MAX_ROWS`). Built at first use (gemv.cpp and gemv_isa.h, no PyTorch headers: a few seconds, cached by
 torch.utils.cpp_extension under TORCH_EXTENSIONS_DIR) and called through ctypes. Each instruction set
-has its own path: `isa()` picks the best one this CPU runs (3: AVX-512 with VNNI, VBMI and BF16, 2: the
-same without BF16, 1: AVX2 with FMA); `available()` is False where there is no x86 CPU, no compiler, or BAMBA_KERNELS=0 (BAMBA_KERNELS=avx2
+has its own path: `isa()` picks the best one this CPU runs (4: 3 with AMX tiles, which take bf16 and int8
+weights from 3 rows on, 3: AVX-512 with VNNI, VBMI and BF16, 2: the same without BF16, 1: AVX2 with FMA); `available()` is False where there is no x86 CPU, no compiler, or BAMBA_KERNELS=0 (BAMBA_KERNELS=avx2
 keeps to the AVX2 path). References in plain PyTorch: `dense_reference` here, `linear_int4_q8_reference`
 in bamba.quantize; tests/test_kernels.py compares them on every path the machine runs.
 """
@@ -34,7 +34,7 @@ from torch import Tensor
 HERE = os.path.dirname(os.path.abspath(__file__))
 X86 = platform.machine().lower() in ("x86_64", "amd64")
 SOURCES = ("gemv.cpp", "gemv_isa.h")
-ISA_NAMES = {1: "avx2", 2: "avx512", 3: "avx512bf16"}
+ISA_NAMES = {1: "avx2", 2: "avx512", 3: "avx512bf16", 4: "amx"}
 MAX_ROWS = 16  # the modules send up to this many input rows to the kernels (decoding)
 BLOCK = 32  # input values per int8 scale in `int4`
 WTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}

@@ -445,7 +445,10 @@ static inline void bf16_tile(const uint16_t* x, int64_t K, const uint16_t* w, fl
   const int64_t kv = K - K % 32;
   for (int64_t k = 0; k < kv; k += 32) {
     __m512i wv[R];
-    for (int r = 0; r < R; r++) wv[r] = _mm512_loadu_si512(w + r * K + k);
+    for (int r = 0; r < R; r++) {
+      _mm_prefetch((const char*)(w + r * K + k) + BAMBA_PREFETCH, _MM_HINT_T0);
+      wv[r] = _mm512_loadu_si512(w + r * K + k);
+    }
     for (int m = 0; m < MC; m++) {
       const __m512i xv = _mm512_loadu_si512(x + m * K + k);
       for (int r = 0; r < R; r++) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], (__m512bh)wv[r], (__m512bh)xv);
