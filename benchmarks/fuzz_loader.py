@@ -535,6 +535,7 @@ def mutate_index(bases: Bases, rng: random.Random, index: int, work: str) -> Cas
         "reformat",
         "symlink-out",
         "backslash",
+        "duplicate-key",
     ]
     op = rng.choice(ops)
     same = op in ("drop-name", "extra-name", "wrong-shard", "metadata", "reformat", "also-single")
@@ -584,6 +585,9 @@ def mutate_index(bases: Bases, rng: random.Random, index: int, work: str) -> Cas
         same = True  # (a link the folder's owner made: followed, as any file; same tensors, here)
     elif op == "backslash":
         wmap[name] = "..\\outside\\model.safetensors"
+    elif op == "duplicate-key":  # a tensor named twice in the weight_map's JSON text, with two shards
+        other = next(s for s in shards if s != wmap[name])
+        text = json.dumps(idx)[:-2] + ", " + json.dumps({name: other})[1:-1] + "}}"
     with open(path, "w") as f:
         f.write(
             text if text is not None else _dumps(idx) if op != "reformat" else json.dumps(idx, indent=None)
@@ -692,7 +696,7 @@ def mutate_config(bases: Bases, rng: random.Random, index: int, work: str) -> Ca
             ],
             2,
         ):
-            data[key] = rng.choice([0, 1, 3, 2**31, 2**40, 10**12, 2**63, 10**400 if False else 2**80])
+            data[key] = rng.choice([0, 1, 3, 2**31, 2**40, 10**12, 2**63, 2**80])
         what, same, text = (
             "sizes "
             + _dumps({k: data[k] for k in data if isinstance(data[k], int) and data[k] > 10**6})[:80],
@@ -743,7 +747,7 @@ def mutate_generation(bases: Bases, rng: random.Random, index: int, work: str) -
         value[rng.choice(["eos_token_id", "pad_token_id", "bos_token_id"])] = rng.choice(
             [-1, 320, 10**9, 2**63, [2, -5], [2] * 10_000, [], [2, 3.0], 2.0]
         )
-        what = "token id " + _dumps(value)[:80]
+        what, text = "token id " + _dumps(value)[:80], None
     _write_json(path, value, text)
     entry = _entry(rng, {"api": 5, "generate": 5})
     return Case(index, "generation", entry, f"generation_config.json {what}", folder, path)
@@ -849,7 +853,7 @@ def mutate_tokenizer(bases: Bases, rng: random.Random, index: int, work: str) ->
                     [1],
                 ]
             )
-            what = "added_tokens_decoder " + _dumps(data["added_tokens_decoder"])[:60]
+            what, text = "added_tokens_decoder " + _dumps(data["added_tokens_decoder"])[:60], None
     _write_json(path, data, text)
     entry = _entry(rng, {"tokenizer": 8, "generate": 2})
     return Case(index, "tokenizer", entry, f"{name} {what}", folder, path, same=what == "reformat")
@@ -1299,29 +1303,39 @@ def run_template(case: Case, ref: Reference) -> None:
     tok.encode(out)
 
 
+def _train_argv(out: str, data: str, opts: dict[str, Any], max_steps: int) -> list[str]:
+    """`bamba train ...` with the options of `opts` (the base run's)."""
+    return [
+        "train",
+        *("--out", out, "--data", data, "--tokenizer", opts["tokenizer"], "--config", opts["config"]),
+        *("--row-tokens", str(opts["row_tokens"]), "--batch-rows", str(opts["batch_rows"])),
+        *("--eval-fraction", "0", "--eval-every", "0", "--save-every", "0", "--seed", "0"),
+        *("--max-steps", str(max_steps), "--no-progress"),
+    ]
+
+
 def run_resume(case: Case, bases: Bases) -> None:
+    """`bamba train` (half the cases: the command, else the function) resuming from the mutated state."""
     from bamba.train import train
 
     try:
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            train(out_dir=case.folder, max_steps=3, save_every=0, **bases.train_opts)
+        if case.index % 2:
+            run_cli(case, _train_argv(case.folder, bases.corpus, bases.train_opts, 3))
+        else:
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                train(out_dir=case.folder, max_steps=3, save_every=0, **bases.train_opts)
     finally:
         if os.path.exists(case.extra["marker"]):
             raise Wrong("unpickling trainer_state.pt ran code from the file")
 
 
 def run_data(case: Case, bases: Bases) -> None:
+    """`bamba train` (a fresh run of one step) or `bamba train-tokenizer` on the mutated data file."""
     if case.entry == "train":
-        from bamba.train import train
-
-        opts = dict(bases.train_opts, data=[case.file])
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            train(out_dir=os.path.join(case.folder, "out"), max_steps=1, save_every=0, **opts)
+        run_cli(case, _train_argv(os.path.join(case.folder, "out"), case.file, bases.train_opts, 1))
     else:
-        run_cli(
-            case,
-            ["train-tokenizer", case.file, "--vocab-size", "300", "--out", os.path.join(case.folder, "tok")],
-        )
+        out = os.path.join(case.folder, "tok")
+        run_cli(case, ["train-tokenizer", case.file, "--vocab-size", "300", "--out", out])
 
 
 def run_case(case: Case, bases: Bases, ref: Reference) -> None:
