@@ -678,54 +678,27 @@ def mutate_config(bases: Bases, rng: random.Random, index: int, work: str) -> Ca
     op = rng.random()
     if op < 0.15:  # far more layers than the weights hold (a build of all of them would take minutes)
         data["num_hidden_layers"] = rng.choice([4, 50, 5000, 50_000, 10**6, 10**9, 2**40])
-        what, same, text = f"num_hidden_layers -> {data['num_hidden_layers']}", False, None
+        fields, same, text = ["num_hidden_layers"], False, None
+        what = f"num_hidden_layers -> {data['num_hidden_layers']}"
     elif op < 0.25:  # sizes huge or zero in several fields at once
-        for key in rng.sample(
-            [
-                "vocab_size",
-                "hidden_size",
-                "intermediate_size",
-                "mamba_n_heads",
-                "mamba_d_state",
-                "num_attention_heads",
-                "mamba_expand",
-                "mamba_chunk_size",
-                "max_position_embeddings",
-                "head_dim",
-                "mamba_d_conv",
-            ],
-            2,
-        ):
+        sizes = ["vocab_size", "hidden_size", "intermediate_size", "mamba_n_heads", "mamba_d_state"]
+        sizes += ["num_attention_heads", "mamba_expand", "mamba_chunk_size", "max_position_embeddings"]
+        fields = rng.sample([*sizes, "head_dim", "mamba_d_conv"], 2)
+        for key in fields:
             data[key] = rng.choice([0, 1, 3, 2**31, 2**40, 10**12, 2**63, 2**80])
-        what, same, text = (
-            "sizes "
-            + _dumps({k: data[k] for k in data if isinstance(data[k], int) and data[k] > 10**6})[:80],
-            False,
-            None,
-        )
+        what, same, text = "sizes " + _dumps({k: data[k] for k in fields}), False, None
     else:
-        fields = [
-            "rope_parameters",
-            "time_step_limit",
-            "attn_layer_indices",
-            "model_type",
-            "mamba_d_head",
-            "head_dim",
-            "torch_dtype",
-            "dtype",
-        ]
-        value, what, text = _mutate_json_file(rng, data, fields)
+        extra = ["rope_parameters", "time_step_limit", "attn_layer_indices", "model_type", "mamba_d_head"]
+        value, what, text = _mutate_json_file(rng, data, [*extra, "head_dim", "torch_dtype", "dtype"])
         data = value
-        key = what.split(" ")[0]
-        same = (
-            text is not None
-            and what == "reformat"
-            or (what.startswith(tuple(NEUTRAL_CONFIG_FIELDS)) and key in NEUTRAL_CONFIG_FIELDS)
-        )
-        same = same or what == "unknown field added"
+        fields = [what.split(" ")[0]]
+        same = (text is not None and what == "reformat") or what == "unknown field added"
+        same = same or (what.startswith(tuple(NEUTRAL_CONFIG_FIELDS)) and fields[0] in NEUTRAL_CONFIG_FIELDS)
     _write_json(path, data, text)
     entry = _entry(rng, {"api": 6, "info": 2, "generate": 2})
-    return Case(index, "config", entry, f"config.json {what}", folder, path, same=same)
+    case = Case(index, "config", entry, f"config.json {what}", folder, path, same=same)
+    case.extra["fields"] = fields  # (a prompt too long for the context it sets: an error naming the field)
+    return case
 
 
 def mutate_generation(bases: Bases, rng: random.Random, index: int, work: str) -> Case:
@@ -1154,7 +1127,7 @@ def mutate_data(bases: Bases, rng: random.Random, index: int, work: str) -> Case
         "latin1": ("caf\xe9 " + text).encode("latin-1", errors="replace"),
         "bom": b"\xef\xbb\xbf" + text.encode(),
         "nul": text.replace("the", "t\0e").encode(),
-        "huge-line": _huge(suffix, " ".join(["word"] * 400_000)),  # one line of 2 MB
+        "huge-line": _huge(suffix, " ".join(["word"] * 200_000)),  # one line of 1 MB
         "huge-word": _huge(suffix, "a" * 1_000_000),  # one word of a million letters
         "blank": b"\n \n\t\n" * 1000,
         "cr": text.replace("\n", "\r").encode(),
@@ -1213,10 +1186,15 @@ def _forward(model: Any) -> torch.Tensor:
         return model(torch.tensor(IDS)).logits
 
 
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equal (a NaN, as a flipped byte can make, equals itself)."""
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
 def _check_same_weights(model: Any, ref: Reference, case: Case) -> None:
     state = model.state_dict()
     for k, v in ref.state.items():
-        if k not in state or state[k].shape != v.shape or not torch.equal(state[k].to(v.dtype), v):
+        if k not in state or not _same(state[k], v):
             raise Wrong(f"tensor {k} differs from the file's")
 
 
@@ -1249,9 +1227,9 @@ def _check_oracle(model: Any, case: Case) -> None:
         ) from None
     state = model.state_dict()
     for k, v in lib.items():
-        if k not in state or not torch.equal(state[k].to(v.dtype), v):
+        if k not in state or not _same(state[k], v):
             raise Wrong(f"tensor {k} differs from what the safetensors library reads")
-    if case.same and not all(torch.equal(state[k], v) for k, v in _ref_state().items()):
+    if case.same and not all(_same(state[k], v) for k, v in _ref_state().items()):
         raise Wrong("a reformatted header gave other tensors")
 
 
@@ -1373,7 +1351,8 @@ def classify(case: Case, bases: Bases, ref: Reference) -> tuple[str, str]:
         return "wrong", str(e)
     except CliError as e:
         line = " ".join(e.lines)
-        if len(e.lines) == 1 and e.rc == 2 and _names_file(line, case):
+        fields = case.extra.get("fields", ()) if case.entry == "generate" else ()
+        if len(e.lines) == 1 and e.rc == 2 and (_names_file(line, case) or any(f in line for f in fields)):
             return "error", line
         if any(m in line for m in _ALLOC_FAILED):
             return "over-limit", line
@@ -1535,7 +1514,7 @@ def _log_tail(log: str) -> str:
 def campaign(
     cases: int,
     seed: int = 0,
-    timeout: float = 20.0,
+    timeout: float = 60.0,
     memory_gib: float = 2.0,
     targets: list[str] | None = None,
     root: str | None = None,
@@ -1640,7 +1619,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cases", type=int, default=1000)
     p.add_argument("--first", type=int, default=0, help="the first case's number (to rerun one case)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--timeout", type=float, default=20.0, help="seconds per case before it counts as a hang")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds per case before it counts as a hang")
     p.add_argument("--memory-gib", type=float, default=2.0, help="address space a worker may add (RLIMIT_AS)")
     p.add_argument("--targets", default=",".join(TARGETS))
     p.add_argument("--json", default=None, help="write every case's record here")
