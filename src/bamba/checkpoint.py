@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import BambaConfig, is_token_ids
+from .config import BambaConfig
 from .files import _write_staged, atomic_write, parse_json, read_json_file, remove_dead_staging
 from .hub import HUB_KEYWORDS, CheckpointError, resolve_folder
 from .linear import pack_for_cpu
@@ -600,9 +600,7 @@ def read_generation_config(folder: str, config: BambaConfig | None = None) -> di
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         value = gen.get(key)
         ids = value if isinstance(value, list) and key == "eos_token_id" else [value]
-        if value is not None and not all(
-            is_token_ids(i) and i is not None and 0 <= i < (vocab or i + 1) for i in ids
-        ):
+        if value is not None and not all(type(i) is int and 0 <= i < (vocab or i + 1) for i in ids):
             raise CheckpointError(
                 f"{path}: {key}={json.dumps(value)[:80]} is invalid: expected a token id (an integer in "
                 f"[0, {vocab or 'vocab_size'}))" + (" or a list of them" if key == "eos_token_id" else "")

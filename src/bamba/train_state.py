@@ -92,6 +92,10 @@ def _is_rng_state(rng: Any) -> bool:
     cpu = torch.get_rng_state()
     if rng["torch"].dtype != cpu.dtype or rng["torch"].shape != cpu.shape:
         return False
+    try:
+        torch.Generator().set_state(rng["torch"])  # (a throwaway generator: it checks the state)
+    except RuntimeError:
+        return False
     cuda = rng.get("cuda")
     if cuda is not None and not (isinstance(cuda, Tensor) and cuda.dtype == torch.uint8 and cuda.dim() == 1):
         return False
