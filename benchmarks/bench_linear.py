@@ -32,6 +32,7 @@ line loads it (pack=True; int8 / int4 quantized on load), after a 128-token prom
 oneDNN-packed weights, as pack=True gave before the kernels), in alternating blocks of --steps steps on
 two copies of the same cache, --rounds times. It prints tokens/s of each (median and range over rounds),
 their ratio per round, the weight bytes read per second, and whether the greedy tokens agreed.
+--prefill 512 adds prompts of that many tokens (batch 1), timed the same way.
 
 --clock cpu times with this process's CPU time instead of the wall clock: on a machine shared with other
 work, and with --threads 1, it counts the work done rather than the time slices others took.
@@ -45,6 +46,7 @@ import os
 import statistics
 import sys
 import time
+from typing import Any
 from unittest import mock
 
 import torch
@@ -315,6 +317,20 @@ def decode_models(folder: str, variant: str) -> tuple[BambaForCausalLM, BambaFor
     return model, baseline
 
 
+def alternate(run: Any, rounds: int) -> dict[str, list[float]]:
+    """run(name) -> seconds for "ours" and "baseline", alternating (the pair's order too), `rounds` times."""
+    figures: dict[str, list[float]] = {"ours": [], "baseline": []}
+    for r in range(rounds):
+        for name in ("ours", "baseline") if r % 2 == 0 else ("baseline", "ours"):
+            figures[name].append(run(name))
+    return figures
+
+
+def _path_of(name: str) -> Any:
+    """The kernels on ("ours") or off ("baseline": BAMBA_KERNELS=0's paths)."""
+    return mock.patch.object(kernels, "available", kernels.available if name == "ours" else lambda: False)
+
+
 def decode_rounds(models: tuple, batch: int, steps: int, rounds: int) -> dict[str, list]:
     """tok/s of the kernels ("ours") and of the baseline, per round, each on its own copy of one cache
     prefilled with a 128-token prompt; and the greedy tokens each produced."""
@@ -326,27 +342,46 @@ def decode_rounds(models: tuple, batch: int, steps: int, rounds: int) -> dict[st
     state = {
         name: [copy.deepcopy(cache), first.expand(batch).contiguous(), []] for name in ("ours", "baseline")
     }
-    figures: dict[str, list] = {"ours": [], "baseline": []}
 
-    def run(name: str, n: int) -> float:
+    def run(name: str, n: int = steps) -> float:
         model = ours if name == "ours" else base
         c, tokens, seen = state[name]
-        with mock.patch.object(kernels, "available", kernels.available if name == "ours" else lambda: False):
+        with _path_of(name):
             t = CLOCK[0]()
             for _ in range(n):
                 tokens = decode_step(model, c, tokens).argmax(-1)  # (batch,)
                 seen.append(tokens[0].item())
             spent = CLOCK[0]() - t
         state[name][1] = tokens
-        return spent
+        return batch * n / spent
 
-    for name in figures:
+    for name in ("ours", "baseline"):
         run(name, 4)  # warm-up (the baseline's compiled GEMV compiles here)
-    for r in range(rounds):
-        for name in ("ours", "baseline") if r % 2 == 0 else ("baseline", "ours"):
-            figures[name].append(batch * steps / run(name, steps))
+    figures = alternate(run, rounds)
     figures["agree"] = [a == b for a, b in zip(state["ours"][2], state["baseline"][2])]
     return figures
+
+
+def prefill_rounds(models: tuple, length: int, rounds: int) -> dict[str, list]:
+    """tok/s of a prompt of `length` tokens (batch 1, last logits only), ours and the baseline's."""
+    ids = torch.randint(
+        0, models[0].config.vocab_size, (1, length), generator=torch.Generator().manual_seed(1)
+    )
+
+    def run(name: str) -> float:
+        model = models[0] if name == "ours" else models[1]
+        with _path_of(name):
+            t = CLOCK[0]()
+            prefill(model, ids, HybridMambaAttentionDynamicCache(model.config))
+            return length / (CLOCK[0]() - t)
+
+    for name in ("ours", "baseline"):
+        run(name)  # warm-up
+    return alternate(run, rounds)
+
+
+def _spread(v: list[float], fmt: str = ".1f") -> str:
+    return f"{statistics.median(v):{fmt}} ({min(v):{fmt}}-{max(v):{fmt}})"
 
 
 def decode_main(args: argparse.Namespace) -> None:
@@ -358,27 +393,25 @@ def decode_main(args: argparse.Namespace) -> None:
         f"{folder}: {args.threads} threads, {read_bandwidth(args.threads)}; kernels: {kernels.STATUS} "
         f"({kernels.ISA_NAMES.get(kernels.isa(), 'none')})"
     )
-    print(f"{'variant':8s} {'batch':>5s} {'ours tok/s':>17s} {'baseline tok/s':>17s} {'ratio':>15s} "
+    print(f"{'variant':8s} {'measure':>12s} {'ours tok/s':>17s} {'baseline tok/s':>17s} {'ratio':>15s} "
           f"{'GB/s':>11s} agree")  # fmt: skip
     with torch.inference_mode():
         for variant in args.decode.split(","):
             models = decode_models(folder, variant)
             step_bytes = weight_bytes(models[0], decode_step=True)
-            for batch in (int(b) for b in args.batches.split(",")):
-                f = decode_rounds(models, batch, args.steps, args.rounds)
+            rows = [(f"decode b{b}", b) for b in (int(b) for b in args.batches.split(","))]
+            rows += [(f"prefill {n}", n) for n in (int(n) for n in args.prefill.split(",") if n)]
+            for label, n in rows:
+                if label.startswith("decode"):
+                    f = decode_rounds(models, n, args.steps, args.rounds)
+                    gbs = [statistics.median(f[k]) / n * step_bytes / 1e9 for k in ("ours", "baseline")]
+                    extra = f"{gbs[0]:5.1f}/{gbs[1]:<5.1f} {sum(f['agree'])}/{len(f['agree'])}"
+                else:
+                    f, extra = prefill_rounds(models, n, args.rounds), ""
                 ratios = [a / b for a, b in zip(f["ours"], f["baseline"])]
-
-                def spread(v: list[float], fmt: str = ".1f") -> str:
-                    return f"{statistics.median(v):{fmt}} ({min(v):{fmt}}-{max(v):{fmt}})"
-
-                gbs = [
-                    t / batch * step_bytes / 1e9
-                    for t in (statistics.median(f[k]) for k in ("ours", "baseline"))
-                ]
                 print(
-                    f"{variant:8s} {batch:5d} {spread(f['ours']):>17s} {spread(f['baseline']):>17s} "
-                    f"{spread(ratios, '.2f'):>15s} {gbs[0]:5.1f}/{gbs[1]:<5.1f} "
-                    f"{sum(f['agree'])}/{len(f['agree'])}"
+                    f"{variant:8s} {label:>12s} {_spread(f['ours']):>17s} {_spread(f['baseline']):>17s} "
+                    f"{_spread(ratios, '.2f'):>15s} {extra}"
                 )
             del models
 
@@ -394,6 +427,7 @@ def main() -> None:
     ap.add_argument("--decode", default=None, help="variants (fp32,bf16,int8,int4): whole decode steps")
     ap.add_argument("--checkpoint", default=".bench/bench-small")
     ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--prefill", default="", help="prompt lengths to time too (--decode), e.g. 512")
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument(

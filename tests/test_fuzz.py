@@ -380,7 +380,9 @@ def test_json_we_read_has_no_key_twice_and_no_nesting_past_the_parser():
     reader written otherwise takes the first): a file that holds both is refused."""
     from bamba.files import parse_json
 
-    with pytest.raises(ValueError, match="x.json: not valid JSON \\(the key 'a' appears twice in one object\\)"):
+    with pytest.raises(
+        ValueError, match="x.json: not valid JSON \\(the key 'a' appears twice in one object\\)"
+    ):
         parse_json('{"a": 1, "b": {"c": 2}, "a": 3}', "x.json")
     with pytest.raises(ValueError, match="x.json: JSON nested too deeply to read"):
         parse_json("[" * 100_000 + "]" * 100_000, "x.json")

@@ -185,7 +185,7 @@ def test_linear_takes_the_kernels_for_few_rows_without_grad(counted, dtype):
 @needs_kernels
 def test_small_weights_keep_f_linear(monkeypatch):
     calls = []
-    monkeypatch.setattr(kernels, "dense", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(kernels, "dense", lambda *a, **k: calls.append(1) or torch.zeros(1, 70))
     lin = Linear(48, 70)
     assert lin.weight.numel() < linear.KERNEL_MIN_WEIGHTS
     with torch.no_grad():
@@ -210,8 +210,25 @@ def test_quantized_modules_take_the_kernels(counted):
     ref4 = linear_int4_q8_reference(x, q4.weight, q4.scales_and_zeros, 64, q4.bias, 100)
     torch.testing.assert_close(out4, ref4, atol=2e-6 * ref4.abs().max().item(), rtol=0)
     counted.clear()
-    q4(torch.randn(kernels.MAX_ROWS + 1, 256))  # a prompt: PyTorch's paths
+    q8(torch.randn(kernels.MAX_ROWS + 1, 256))  # an int8 prompt: PyTorch's paths
     assert not counted
+    x = torch.randn(300, 256)  # an int4 prompt: the kernel too
+    out4 = q4(x)
+    assert counted == ["int4"]
+    ref4 = linear_int4_q8_reference(x, q4.weight, q4.scales_and_zeros, 64, q4.bias, 100)
+    torch.testing.assert_close(out4, ref4, atol=2e-6 * ref4.abs().max().item(), rtol=0)
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", [(64, 128, 128), (100, 256, 32), (1000, 1024, 64)])
+def test_int4_dequantize_is_dequantize_int4(shape):
+    """The same values, bit for bit (the same fp32 operations), the padding rows left out."""
+    torch.manual_seed(8)
+    out, inp, group = shape
+    packed, sz = quantize_int4(torch.randn(out, inp), group)
+    assert torch.equal(
+        kernels.int4_dequantize(packed, sz, group, out), dequantize_int4(packed, sz, group)[:out]
+    )
 
 
 @needs_kernels

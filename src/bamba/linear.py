@@ -185,11 +185,11 @@ def kernel_fits(w: Tensor) -> bool:
     return w.numel() >= KERNEL_MIN_WEIGHTS and w.is_contiguous() and kernels.available()
 
 
-def takes_kernel(x: Tensor, w: Tensor, *others: Tensor | None) -> bool:
-    """Do the rows of x by the CPU weight w go through `kernel_linear`? Up to `kernels.MAX_ROWS` rows, no
-    autograd, what `plain_cpu` allows, a weight that `kernel_fits`."""
+def takes_kernel(x: Tensor, w: Tensor, *others: Tensor | None, any_rows: bool = False) -> bool:
+    """Do the rows of x by the CPU weight w go through the decode kernels? Up to `kernels.MAX_ROWS` rows
+    (any number with `any_rows`), no autograd, what `plain_cpu` allows, a weight that `kernel_fits`."""
     return (
-        x.numel() <= kernels.MAX_ROWS * x.shape[-1]
+        (any_rows or x.numel() <= kernels.MAX_ROWS * x.shape[-1])
         and kernel_fits(w)
         and plain_cpu(x, w, *others)
         and not needs_grad(x, w, *others)

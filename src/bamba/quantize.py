@@ -8,13 +8,14 @@
 Methods:
 
 - int8_weight_only, int4_weight_only: only the weights are quantized. int8 activations stay in floating
-  point: fp32 through the decode kernels of `bamba.kernels` (up to `kernels.MAX_ROWS` rows, where they
-  are built) and the compiled GEMV (one row, where the kernels are not), rounded to bf16 by PyTorch's
-  packed kernel. int4 decoding through the kernels rounds each block of 32 activations to int8 (one
-  fp32 scale per block, as llama.cpp's q8_0), so that the products are exact integer sums (VNNI on
-  AVX-512): `linear_int4_q8_reference` is that rounding, then F.linear; its error is a small fraction
-  of the int4 weights' own (tests/test_kernels.py measures both). PyTorch's int4 kernel, where the
-  kernels are not built, rounds the activations to bf16.
+  point: through the decode kernels of `bamba.kernels` (up to `kernels.MAX_ROWS` rows, where they are
+  built) fp32, or on AVX-512 split into two int8 parts for VNNI / AMX products (at most 1.5e-5 of each
+  row's largest value off: `kernels.split_rows`); fp32 through the compiled GEMV (one row, where the
+  kernels are not built); rounded to bf16 by PyTorch's packed kernel. The int4 kernel rounds each block
+  of 32 activations to int8 (one fp32 scale per block, as llama.cpp's q8_0), so that the products are
+  exact integer sums (VNNI on AVX-512): `linear_int4_q8_reference` is that rounding, then F.linear; its
+  error is a small fraction of the int4 weights' own (tests/test_kernels.py measures both). PyTorch's
+  int4 kernel, where the kernels are not built, rounds the activations to bf16.
 - int8_dynamic_activation_int8_weight ("int8dq", as torchao names it): the int8_weight_only weights,
   and each input row is quantized to int8 on the fly (symmetric, one fp32 scale per row), so the
   product is an exact int8 x int8 -> int32 matmul (`torch._int_mm`, VNNI on x86), rescaled in fp32.
@@ -42,10 +43,10 @@ A saved quantized model's folder holds `quantization_config.json`:
 {"quant_method": "bamba", "format": ..., "group_size": ..., "modules": [names], "version": 1}; loading
 reads it and builds the quantized modules before the weights are assigned (`prepare_quantized`).
 
-Kernels: up to `kernels.MAX_ROWS` input rows (decoding) the C++ kernels of `bamba.kernels` where they
-are built (x86 with a C++ compiler; BAMBA_KERNELS=0 turns them off), each weight read once; else, and
-up to `INT8_KERNEL_MAX_ROWS` / `INT4_KERNEL_MAX_ROWS` input rows, the packed aten
-kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`); more rows (prompts) dequantize the
+Kernels: the C++ kernels of `bamba.kernels` where they are built (x86 with a C++ compiler; BAMBA_KERNELS=0
+turns them off): int8 up to `kernels.MAX_ROWS` input rows (decoding), each weight read once; int4 at
+every row count, prompts included. Else, and up to `INT8_KERNEL_MAX_ROWS` / `INT4_KERNEL_MAX_ROWS`
+input rows, the packed aten kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`); more rows (prompts) dequantize the
 weight and take the fp32 GEMM, whose cost is fixed plus fast. int8dq takes `torch._int_mm` at every row
 count on the CPU, its rows shifted to uint8 where `_int_mm` takes them (VNNI multiplies u8 x s8
 natively; the shift is subtracted exactly); other devices take its reference. PyTorch's own kernels, not torchao's (measured no faster on
@@ -358,22 +359,22 @@ def linear_int4_q8_reference(
 def linear_int4(
     x: Tensor, packed: Tensor, sz: Tensor, group_size: int, bias: Tensor | None = None, out: int | None = None
 ) -> Tensor:
-    """x (..., in) @ dequant(packed)[:out].T: on the CPU, up to `kernels.MAX_ROWS` rows through the
-    decode kernel where `takes_kernel` says (activations rounded to int8 per block of 32: see
-    `linear_int4_q8_reference`), PyTorch's CPU int4 kernel (bf16 activations) for few rows where this
-    CPU's kernel uses our layout, else the dequantized weight through `dense_linear` (on other devices:
-    the reference)."""
+    """x (..., in) @ dequant(packed)[:out].T: on the CPU, any number of rows through the int4 kernel
+    where `takes_kernel` says (activations rounded to int8 per block of 32: see `linear_int4_q8_reference`;
+    its integer products outrun dequantizing + an fp32 GEMM at every row count measured, prompts
+    included), else PyTorch's CPU int4 kernel (bf16 activations) for few rows where this CPU's kernel uses
+    our layout, else the dequantized weight through `dense_linear` (on other devices: the reference)."""
     rows = x.numel() // x.shape[-1]
     if x.device.type != "cpu":
         return linear_int4_reference(x, packed, sz, group_size, bias, out)
-    if takes_kernel(x, packed, bias):
+    if takes_kernel(x, packed, bias, any_rows=True):
         if sz.dtype != torch.bfloat16:  # a model cast after quantizing
             sz = sz.to(torch.bfloat16)
         b = bias.float() if bias is not None and bias.dtype != torch.float32 else bias
         y = kernels.int4(x.reshape(rows, x.shape[-1]).float(), packed, sz.contiguous(), group_size, b, out)
         return y.view(*x.shape[:-1], y.shape[-1]).to(x.dtype)
     if rows > INT4_KERNEL_MAX_ROWS or not int4_kernel_layout_matches():  # dequantize, fastest dense GEMM
-        return dense_linear(x, dequantize_int4_blocked(packed, sz, group_size, x.dtype)[:out], bias)
+        return dense_linear(x, _dequantized_int4(packed, sz, group_size, x.dtype, out), bias)
     # the kernel needs dense bf16 rows
     x2 = x.reshape(rows, x.shape[-1]).to(torch.bfloat16).contiguous()
     if sz.dtype != torch.bfloat16:  # a model cast after quantizing
@@ -383,6 +384,22 @@ def linear_int4(
         y = y[:, :out]  # drop the padding rows
     y = y.reshape(*x.shape[:-1], y.shape[1]).to(x.dtype)
     return y + bias if bias is not None else y
+
+
+def _dequantized_int4(
+    packed: Tensor, sz: Tensor, group_size: int, dtype: torch.dtype, out: int | None
+) -> Tensor:
+    """dequantize_int4(...)[:out] in `dtype`: through `kernels.int4_dequantize` (the same values, about 6x
+    faster) where the kernels are built and the tensors are plain contiguous CPU ones."""
+    if (
+        kernels.available()
+        and sz.dtype == torch.bfloat16
+        and packed.is_contiguous()
+        and sz.is_contiguous()
+        and packed.device.type == "cpu"
+    ):
+        return kernels.int4_dequantize(packed, sz, group_size, out).to(dtype)
+    return dequantize_int4_blocked(packed, sz, group_size, dtype)[:out]
 
 
 @functools.cache

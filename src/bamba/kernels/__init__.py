@@ -78,6 +78,8 @@ def _library() -> ctypes.CDLL | None:
     lib.bamba_dense.restype = i32
     lib.bamba_q4.argtypes = [i32, p, i64, i64, p, i64, p, i64, p, p, i64, i32]
     lib.bamba_q4.restype = i32
+    lib.bamba_q4_dequantize.argtypes = [p, i64, i64, p, i64, p, i64, i32]
+    lib.bamba_q4_dequantize.restype = i32
     lib.bamba_read.argtypes = [i32, p, i64, i32]
     lib.bamba_read.restype = ctypes.c_double
     STATUS.append(f"built: {path}")
@@ -189,6 +191,22 @@ def int4(
             f"bamba_q4 returned {rc} for weight {tuple(packed.shape)}, in={k}, group_size={group_size}"
         )
     return y
+
+
+def int4_dequantize(packed: Tensor, sz: Tensor, group_size: int, out: int | None = None) -> Tensor:
+    """The first `out` rows (default all) of the int4 weight `packed` with `sz` (bamba.quantize's format),
+    dequantized: (out, K) fp32, for prompts (reference: bamba.quantize.dequantize_int4)."""
+    n, k = packed.shape[0], packed.shape[1] * 2
+    out = n if out is None else out
+    w = torch.empty(out, k, dtype=torch.float32)
+    rc = _library().bamba_q4_dequantize(
+        packed.data_ptr(), n, k, sz.data_ptr(), group_size, w.data_ptr(), out, torch.get_num_threads()
+    )
+    if rc:
+        raise RuntimeError(
+            f"bamba_q4_dequantize returned {rc} for weight {tuple(packed.shape)}, group_size={group_size}"
+        )
+    return w
 
 
 def quantize_blocks(x: Tensor, block: int = BLOCK) -> tuple[Tensor, Tensor]:

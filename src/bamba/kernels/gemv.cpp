@@ -15,6 +15,9 @@
 #include <cstring>
 #include <vector>
 
+#ifndef BAMBA_SEQ
+#define BAMBA_SEQ 1  // one input row: one weight row at a time (dense_seq)
+#endif
 #ifndef BAMBA_PREFETCH
 #define BAMBA_PREFETCH 1024  // bytes ahead that each weight row is prefetched (software, into L1)
 #endif
@@ -307,6 +310,30 @@ int bamba_q4(int isa, const float* x, int64_t M, int64_t K, const uint8_t* w, in
       avx512::q4_rows(a, b0, b1);
     else
       avx2::q4_rows(a, b0, b1);
+  });
+  return 0;
+}
+
+// The first n_out rows of the int4 weight W (N / 64, K, 32) with sz (K / group, N, 2), dequantized:
+// out (n_out, K) fp32 = (q - 8) * scale + zero (bamba.quantize.dequantize_int4), for prompts. Tiles of 64
+// rows by 16 inputs (512 bytes read, 64 rows of 64 bytes written). Returns 0, -2 for shapes it cannot take.
+int bamba_q4_dequantize(const uint8_t* w, int64_t N, int64_t K, const uint16_t* sz, int64_t group, float* out,
+                        int64_t n_out, int nt) {
+  if (N % 64 || group % 32 || group <= 0 || K % group || n_out > N) return -2;
+  parallel_blocks(N / 64, nt, [&](int64_t nb0, int64_t nb1) {
+    for (int64_t nb = nb0; nb < nb1; nb++)
+      for (int64_t k0 = 0; k0 < K; k0 += 16) {
+        const uint8_t* p = w + (nb * K + k0) * 32;
+        const int64_t gi = k0 / group;
+        for (int j = 0; j < 64; j++) {
+          const int64_t n = nb * 64 + j;
+          if (n >= n_out) break;
+          const float s = bf16_to_float(sz[(gi * N + n) * 2]), z = bf16_to_float(sz[(gi * N + n) * 2 + 1]);
+          const int jj = j & 31, shift = (j >> 5) * 4;
+          float* o = out + n * K + k0;
+          for (int i = 0; i < 16; i++) o[i] = (float)(((p[i * 32 + jj] >> shift) & 15) - 8) * s + z;
+        }
+      }
   });
   return 0;
 }

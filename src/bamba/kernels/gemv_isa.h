@@ -181,8 +181,28 @@ static void dense_rows_r(const DenseArgs& a, int64_t n) {
   }
 }
 
+// One input row: each weight row read start to end (one sequential stream), four sums in flight.
+template <typename WT>
+static void dense_seq(const DenseArgs& a, int64_t n0, int64_t n1) {
+  const int64_t K = a.K, kv = K - K % (4 * VW);
+  constexpr int64_t line = 64 / sizeof(WT);
+  for (int64_t n = n0; n < n1; n++) {
+    const WT* w = (const WT*)a.w + n * K;
+    vf acc[4] = {vzero(), vzero(), vzero(), vzero()};
+    for (int64_t k = 0; k < kv; k += 4 * VW) {
+      for (int64_t j = 0; j < 4 * VW; j += line) _mm_prefetch((const char*)(w + k + j) + BAMBA_PREFETCH, _MM_HINT_T0);
+      for (int u = 0; u < 4; u++) acc[u] = vfma(wload(w + k + u * VW), vload(a.x + k + u * VW), acc[u]);
+    }
+    float s = vsum(vadd(vadd(acc[0], acc[1]), vadd(acc[2], acc[3])));
+    for (int64_t k = kv; k < K; k++) s += a.x[k] * to_float(w[k]);
+    if (a.scales) s *= bf16_to_float(a.scales[n]);
+    a.y[n] = s + (a.bias ? a.bias[n] : 0.0f);
+  }
+}
+
 template <typename WT>
 static void dense_rows(const DenseArgs& a, int64_t n0, int64_t n1) {
+  if (a.M == 1 && BAMBA_SEQ) return dense_seq<WT>(a, n0, n1);
   int64_t n = n0;
   for (; n + 4 <= n1; n += 4) dense_rows_r<WT, 4>(a, n);
   for (; n < n1; n++) dense_rows_r<WT, 1>(a, n);
@@ -480,7 +500,26 @@ static void bf16_rows_r(const DenseArgs& a, int64_t n) {
   }
 }
 
+static void bf16_seq(const DenseArgs& a, int64_t n0, int64_t n1) {
+  const int64_t K = a.K, kv = K - K % 128;
+  for (int64_t n = n0; n < n1; n++) {
+    const uint16_t* w = (const uint16_t*)a.w + n * K;
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int64_t k = 0; k < kv; k += 128) {
+      for (int u = 0; u < 4; u++) {
+        _mm_prefetch((const char*)(w + k + 32 * u) + BAMBA_PREFETCH, _MM_HINT_T0);
+        acc[u] = _mm512_dpbf16_ps(acc[u], (__m512bh)_mm512_loadu_si512(w + k + 32 * u),
+                                  (__m512bh)_mm512_loadu_si512(a.x16 + k + 32 * u));
+      }
+    }
+    float s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
+    for (int64_t k = kv; k < K; k++) s += bf16_to_float(a.x16[k]) * bf16_to_float(w[k]);
+    a.y[n] = s + (a.bias ? a.bias[n] : 0.0f);
+  }
+}
+
 static void bf16_rows(const DenseArgs& a, int64_t n0, int64_t n1) {
+  if (a.M == 1 && BAMBA_SEQ) return bf16_seq(a, n0, n1);
   int64_t n = n0;
   for (; n + 4 <= n1; n += 4) bf16_rows_r<4>(a, n);
   for (; n < n1; n++) bf16_rows_r<1>(a, n);
