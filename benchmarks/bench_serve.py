@@ -111,6 +111,29 @@ def concurrency(model, tok, clients: int, rng: random.Random) -> dict:
     }
 
 
+def generate_rate(model, tok, rng: random.Random) -> float:
+    """One client's baseline: `generate` on the same prompt size, in this process, no server (tok/s,
+    prefill included, as a client's figure is)."""
+    ids = torch.tensor([tok.encode(words(rng, 128))])
+    start = time.perf_counter()
+    out = model.generate(ids, max_new_tokens=64, min_new_tokens=64)
+    return (out.shape[1] - ids.shape[1]) / (time.perf_counter() - start)
+
+
+def single_client(model, tok, rng: random.Random, rounds: int = 3) -> dict:
+    """One client against `generate`, alternating: the server's own cost at batch 1."""
+    body = {"max_tokens": 64, "temperature": 0, "ignore_eos": True}
+    served, direct = [], []
+    with serving(model, tok, 0.0) as url:
+        stream_completion(url, {"prompt": words(rng, 16), "max_tokens": 4})  # warm-up
+        generate_rate(model, tok, rng)
+        for _ in range(rounds):
+            direct.append(generate_rate(model, tok, rng))
+            _, wall, tokens, _ = stream_completion(url, {**body, "prompt": words(rng, 128)})
+            served.append(tokens / wall)
+    return {"served": served, "generate": direct}
+
+
 def shared_prefix(model, tok, cache_gib: float, rng: random.Random) -> dict:
     system = words(rng, 2000)
     with serving(model, tok, cache_gib) as url:
@@ -158,6 +181,13 @@ def main() -> None:
     tok = Tokenizer.from_pretrained(folder)
     rng = random.Random(0)
     results: dict = {"threads": args.threads, "concurrency": [], "shared_prefix": [], "chat": []}
+    results["single"] = r = single_client(model, tok, rng)
+    print(
+        "1 client against generate, alternating: "
+        + ", ".join(f"{a:.1f} / {b:.1f}" for a, b in zip(r["served"], r["generate"]))
+        + " tok/s",
+        flush=True,
+    )
     for clients in (1, 4, 16):
         results["concurrency"].append(r := concurrency(model, tok, clients, rng))
         print(
