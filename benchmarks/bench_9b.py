@@ -22,7 +22,7 @@ times loading that folder in another child. The machine's limits (memory read ba
 GEMM FLOP/s) are measured in a child of the same run; the fractions are computed as `bamba bench` does
 (benchmarks/README.md, "The comparison harness"), the prefill's against the GEMM of the dtype the
 prompt's matmuls run in. A variant runs only when MemAvailable covers its predicted peak RSS + 3 GiB
-(HEADROOM: the machine is shared); otherwise the table says so.
+(--headroom: the machine is shared); otherwise the table says so.
 """
 
 from __future__ import annotations
@@ -408,8 +408,16 @@ def _child(spec: dict[str, Any], threads: int) -> dict[str, Any]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def run(folder: str, variants: tuple[str, ...], threads: int, steps: int, shape: str = "bamba-9b") -> dict:
-    """The checkpoint (written once), the limits, then each variant in a child: the report."""
+def run(
+    folder: str,
+    variants: tuple[str, ...],
+    threads: int,
+    steps: int,
+    shape: str = "bamba-9b",
+    headroom: int = HEADROOM,
+) -> dict:
+    """The checkpoint (written once), the limits, then each variant in a child (when MemAvailable covers
+    its predicted peak RSS + `headroom` bytes): the report."""
     write_checkpoint(folder, shape)
     report: dict[str, Any] = {"folder": folder, "threads": threads, "steps": steps}
     report["limits"] = _child({"limits": True}, threads)
@@ -417,7 +425,7 @@ def run(folder: str, variants: tuple[str, ...], threads: int, steps: int, shape:
     for v in variants:
         need = predicted(folder, v)
         available, source = available_memory()
-        if available < need + HEADROOM:
+        if available < need + headroom:
             report["variants"][v] = {
                 "skipped": f"predicted peak {need / GIB:.1f} GiB; {available / GIB:.1f} GiB available ({source})"
             }
@@ -511,6 +519,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--steps", type=int, default=16, help="decode steps per batch size")
     p.add_argument("--json", default=None, help="also write the report here")
+    p.add_argument(
+        "--headroom",
+        type=float,
+        default=HEADROOM / GIB,
+        help="GiB of MemAvailable left to others beside a variant's predicted peak (bf16's is mostly mapped "
+        "file pages, which the kernel can drop: less is safe there)",
+    )
     p.add_argument("--write-only", action="store_true", help="write the checkpoint and stop")
     p.add_argument("--profile", choices=VARIANTS, help="only: seconds per module class, decode and prefill")
     p.add_argument(
@@ -537,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
     bad = [v for v in variants if v not in VARIANTS]
     if bad:
         p.error(f"--variants: {bad} not among {VARIANTS}")
-    report = run(folder, variants, args.threads, args.steps, args.shape)
+    report = run(folder, variants, args.threads, args.steps, args.shape, int(args.headroom * GIB))
     if args.json:  # (first: the figures are kept whatever the formatting does)
         atomic_write(args.json, lambda f: json.dump(report, f, indent=2))
     print(format_report(report))
