@@ -32,7 +32,6 @@ import json
 import os
 import resource
 import shutil
-import subprocess
 import sys
 import time
 from typing import Any
@@ -49,6 +48,7 @@ from bench import (  # benchmarks/bench.py
     _timed,
     machine_limits,
 )
+from bench import _child as run_child
 
 from bamba import BambaConfig, BambaForCausalLM
 from bamba.checkpoint import read_config
@@ -67,24 +67,8 @@ HEADROOM = 3 * GIB  # a variant runs only when MemAvailable covers its predicted
 N_SPECIAL, SPECIAL_TOKENS = 256, ["<|begin_of_text|>", "<|end_of_text|>"]
 SHAPES = {  # --shape: the config.json written (transformers.BambaConfig keywords)
     "bamba-9b": dict(PRESETS["bamba-9b"], tie_word_embeddings=False),
-    # the same structure (untied, attention in the middle, 1 group), a few MB: for tests and smoke runs
-    "small": dict(
-        vocab_size=1024,
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        attn_layer_indices=[1],
-        mamba_n_heads=8,
-        mamba_d_head=64,
-        mamba_n_groups=1,
-        mamba_d_state=16,
-        mamba_d_conv=4,
-        mamba_expand=2,
-        mamba_chunk_size=64,
-        tie_word_embeddings=False,
-    ),
+    # the demo model's shape, untied as Bamba-9B (attention in the middle, 1 group), 9 MB: for tests and smoke runs
+    "small": dict(PRESETS["demo"], tie_word_embeddings=False),
 }
 
 
@@ -396,16 +380,11 @@ def layer_bench(threads: int, reps: int = 3) -> list[tuple[str, float, float, fl
 
 # ----- the parent -------------------------------------------------------------------------------------------------
 def _child(spec: dict[str, Any], threads: int) -> dict[str, Any]:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    proc = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    if proc.returncode != 0:
-        return {"error": f"exit {proc.returncode}: {proc.stderr[-2000:]}"}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    """bench.py's child runner on this script: a failed child is reported, the others still run."""
+    try:
+        return run_child(spec, threads, __file__)
+    except RuntimeError as e:
+        return {"error": str(e)[-2000:]}
 
 
 def run(

@@ -17,12 +17,12 @@ from bamba.checkpoint import read_config
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 bench_9b = pytest.importorskip("bench_9b")  # (it needs transformers and huggingface_hub, as bench.py does)
-SHARD = "2MB"  # the small shape's 7 MB cut into 4 shards
+SHARD = "2MB"  # the small shape's 9 MB cut into several shards
 
 
 @pytest.fixture(scope="module")
 def written(tmp_path_factory):
-    """The small shape written by bench_9b, and the same config saved by transformers' save_pretrained."""
+    """The small shape (the demo model's, untied) written by bench_9b, and the same config saved by transformers' save_pretrained."""
     import transformers
 
     ours, theirs = tmp_path_factory.mktemp("ours"), tmp_path_factory.mktemp("theirs")
@@ -42,7 +42,7 @@ def _header(path) -> bytes:
 def test_shards_index_and_headers_are_the_ones_save_pretrained_writes(written):
     ours, theirs = written
     shards = sorted(f for f in os.listdir(theirs) if f.endswith(".safetensors"))
-    assert len(shards) == 4
+    assert len(shards) > 3
     assert sorted(f for f in os.listdir(ours) if f.endswith(".safetensors")) == shards
     index = "model.safetensors.index.json"
     assert (ours / index).read_text() == (theirs / index).read_text()  # byte for byte
