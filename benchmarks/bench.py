@@ -379,13 +379,14 @@ def _timed(fn: Any) -> float:
 
 
 # ----- the parent: plan, spawn children, report --------------------------------------------------------
-def _child(spec: dict[str, Any], threads: int) -> dict[str, Any]:
-    """Run `spec` (a run_case configuration, or {"limits": True}) in a child process of this script."""
+def _child(spec: dict[str, Any], threads: int, script: str = __file__) -> dict[str, Any]:
+    """Run `spec` (a run_case configuration, or {"limits": True}) in a child process of `script` (this
+    one, or another harness that takes `--worker SPEC`)."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     env.setdefault("TRANSFORMERS_VERBOSITY", "error")
     env.setdefault("HF_HUB_OFFLINE", "1")
     proc = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
+        [sys.executable, os.path.abspath(script), "--worker", json.dumps(spec)],
         env=env,
         capture_output=True,
         text=True,

@@ -32,7 +32,7 @@ def test_scan_extra_memory_at_bamba_9b_shapes_4096_tokens_under_1_gib():
 
 
 def save_model(folder, dtype=None, **save_kwargs) -> None:
-    """A random ~130M-parameter Bamba (untied lm_head) saved to `folder`, in `dtype` if given."""
+    """A random ~65M-parameter Bamba (untied lm_head) saved to `folder`, in `dtype` if given."""
     import torch
 
     from bamba import BambaConfig, BambaForCausalLM

@@ -1,5 +1,5 @@
 """The memory guard (bamba.memory) and the memory bounds of quantizing while loading (issue 19), CI-sized:
-a faked low limit stands in for a small machine, a ~130M-parameter model for Bamba-9B."""
+a faked low limit stands in for a small machine, a ~65M-parameter model for Bamba-9B."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
+from test_memory import save_model
 
-from bamba import BambaConfig, BambaForCausalLM, memory
+from bamba import BambaForCausalLM, memory
 from bamba import checkpoint as checkpoint_module
 from bamba.info import model_info
 from bamba.memory import InsufficientMemoryError, available_memory, load_needs, predicted_peak_rss
@@ -23,22 +23,9 @@ quantize_module = importlib.import_module("bamba.quantize")  # (`bamba.quantize`
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    """A random ~130M-parameter Bamba (untied lm_head, the largest Linear: 32768 x 512) saved in bf16."""
+    """test_memory's random ~65M-parameter Bamba (untied lm_head, the largest Linear: 32768 x 512), bf16."""
     folder = tmp_path_factory.mktemp("guard")
-    cfg = BambaConfig(
-        vocab_size=32768,
-        hidden_size=512,
-        intermediate_size=1536,
-        num_hidden_layers=8,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        attn_layer_indices=[3],
-        mamba_n_heads=16,
-        mamba_d_state=64,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    BambaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(folder)
+    save_model(folder, torch.bfloat16)
     return str(folder)
 
 
@@ -194,25 +181,7 @@ def test_quantizing_at_load_holds_one_float_layer_at_a_time(saved, method):
     assert r["peak_run"] <= r["needs"], r
 
 
-# ----- blocked quantizers against the whole-weight formulas --------------------------------------------------
-def int8_whole(w):
-    w = w.float()
-    scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12).to(torch.bfloat16)
-    return torch.round(w / scales.float()[:, None]).clamp(-127, 127).to(torch.int8), scales
-
-
-def int4_whole(w, g):
-    n, k = w.shape
-    pad = -n % 64
-    wg = F.pad(w.float(), (0, 0, 0, pad)).view(n + pad, k // g, g)
-    lo, hi = wg.amin(-1), wg.amax(-1)
-    scale = ((hi - lo) / 15.0).clamp(min=1e-8).to(torch.bfloat16)
-    zero = (lo + 8.0 * scale.float()).to(torch.bfloat16)
-    q = torch.round((wg - zero.float()[..., None]) / scale.float()[..., None] + 8.0).clamp(0, 15)
-    sz = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()
-    return quantize_module.pack_int4(q.to(torch.uint8).view(n + pad, k)), sz
-
-
+# ----- blocked quantizers against the whole-weight references --------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_blocked_quantizers_equal_the_whole_weight_formulas_bit_for_bit(monkeypatch, dtype):
     """Blocks of a few rows (the last one short and zero-padded) give exactly the whole-weight result;
@@ -223,9 +192,9 @@ def test_blocked_quantizers_equal_the_whole_weight_formulas_bit_for_bit(monkeypa
     w = (torch.randn(200, 256, generator=gen) * 0.02).to(dtype)
     w[5, :40] = 0  # a flat group
     for got, want in [
-        (quantize_module.quantize_int8(w), int8_whole(w)),
-        (quantize_module.quantize_int4(w, 128), int4_whole(w, 128)),
-        (quantize_module.quantize_int4(w, 32), int4_whole(w, 32)),
+        (quantize_module.quantize_int8(w), quantize_module.quantize_int8_reference(w)),
+        (quantize_module.quantize_int4(w, 128), quantize_module.quantize_int4_reference(w, 128)),
+        (quantize_module.quantize_int4(w, 32), quantize_module.quantize_int4_reference(w, 32)),
     ]:
         for a, b in zip(got, want):
             assert a.dtype == b.dtype and torch.equal(a, b)

@@ -144,6 +144,13 @@ def quantize_int8(w: Tensor) -> tuple[Tensor, Tensor]:
     return q, scales
 
 
+def quantize_int8_reference(w: Tensor) -> tuple[Tensor, Tensor]:
+    """Reference: `quantize_int8` on the whole weight at once (fp32 temporaries of its size)."""
+    w = w.float()
+    scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12).to(torch.bfloat16)
+    return torch.round(w / scales.float()[:, None]).clamp(-127, 127).to(torch.int8), scales
+
+
 def dequantize_int8(q: Tensor, scales: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     return (q.to(torch.float32) * scales.float()[:, None]).to(dtype)
 
@@ -285,6 +292,20 @@ def quantize_int4(w: Tensor, group_size: int = 128) -> tuple[Tensor, Tensor]:
         packed[r0:r1] = pack_int4(q.view(r1 - r0, k).to(torch.uint8))
         sz[:, r0:r1, 0], sz[:, r0:r1, 1] = scale.t(), zero.t()
     return packed, sz
+
+
+def quantize_int4_reference(w: Tensor, group_size: int = 128) -> tuple[Tensor, Tensor]:
+    """Reference: `quantize_int4` on the whole weight at once (fp32 temporaries of its size)."""
+    n, k = w.shape
+    pad = -n % INT4_BLOCK_N
+    _check_int4_shape(n + pad, k, group_size)
+    wg = F.pad(w.float(), (0, 0, 0, pad)).view(n + pad, k // group_size, group_size)  # (out, groups, g)
+    lo, hi = wg.amin(-1), wg.amax(-1)  # (out, groups)
+    scale = ((hi - lo) / 15.0).clamp(min=1e-8).to(torch.bfloat16)
+    zero = (lo + 8.0 * scale.float()).to(torch.bfloat16)
+    q = torch.round((wg - zero.float()[..., None]) / scale.float()[..., None] + 8.0).clamp(0, 15)
+    sz = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()  # (groups, out, 2)
+    return pack_int4(q.to(torch.uint8).view(n + pad, k)), sz
 
 
 def pack_int4(q: Tensor) -> Tensor:
