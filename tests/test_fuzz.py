@@ -249,6 +249,9 @@ def test_tokenizer_config_entries_of_the_wrong_type_name_the_file(
         ("{% for i in range(1000) %}{{ 'x' * 10000 }}{% endfor %}", "an output of more than"),
         ("{{ undefined_function() }}", "failed: UndefinedError"),
         ("{{ ''.__class__.__mro__ }}", "failed: SecurityError"),
+        # (the campaign: a sum of 200,000 terms took 20-80 s to lex and parse before it recursed too deeply)
+        ("{{ 1" + " + 1" * 20_000 + " }}", "a template of more than 32768 tokens"),
+        ("{% raw %}" + "x" * 300_000, "a template of 300009 characters"),
     ],
 )
 def test_a_chat_template_that_loops_recurses_or_explodes_is_a_named_error(
@@ -268,6 +271,15 @@ def test_the_template_bounds_leave_real_templates_alone(tok_folder):
     chat = [{"role": "user" if i % 2 else "assistant", "content": f"message {i}"} for i in range(3000)]
     text = tok.apply_chat_template(chat, tokenize=False)
     assert text.count("<|user|>") == 1500 and text.endswith("message 2999<|eos|>\n")
+
+
+def test_a_template_just_within_the_size_bounds_renders(tok_folder, tmp_path):
+    """30,000 tokens and 150,000 characters (the largest of 71 real templates: 2,461 and 16,714)."""
+    folder = shutil.copytree(tok_folder, tmp_path / "t")
+    (folder / "chat_template.jinja").write_text("{{ 'abcd' }}" * 10_000 + "x" * 30_000)
+    tok = Tokenizer.from_pretrained(folder)
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    assert text == "abcd" * 10_000 + "x" * 30_000
 
 
 def test_a_long_text_is_encoded_in_pieces_with_the_ids_of_the_whole(tok_folder):
