@@ -769,7 +769,7 @@ def mutate_quantization(bases: Bases, rng: random.Random, index: int, work: str)
     else:
         data, what, text = _mutate_json_file(rng, data, ["group_size", "format"])
     _write_json(path, data, text)
-    entry = _entry(rng, {"api": 8, "info": 2})
+    entry = _entry(rng, {"api": 6, "info": 2, "generate": 2})
     return Case(
         index,
         "quantization",

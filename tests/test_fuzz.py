@@ -273,6 +273,26 @@ def test_the_template_bounds_leave_real_templates_alone(tok_folder):
     assert text.count("<|user|>") == 1500 and text.endswith("message 2999<|eos|>\n")
 
 
+@pytest.mark.parametrize("beams", ["1", "2"])
+def test_generating_from_weights_that_hold_nan_is_a_named_error(tok_folder, tmp_path, capsys, beams):
+    """The campaign: a flipped byte of a shard made a weight NaN, and `bamba generate` failed inside
+    torch.multinomial ('probability tensor contains either inf, nan or element < 0')."""
+    from bamba.cli import main
+
+    folder = shutil.copytree(tok_folder, tmp_path / "m")
+    torch.manual_seed(0)
+    model = BambaForCausalLM(BambaConfig(**fuzz_loader.TINY))
+    with torch.no_grad():
+        model.model.final_layernorm.weight[3] = math.nan
+    model.save_pretrained(folder)
+    rc = main(["generate", "--model", str(folder), "--max-new-tokens", "2", "--num-beams", beams, "Hi"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err == (
+        f"bamba generate: error: {folder}: the model's next-token scores are NaN or infinite, so there is "
+        "nothing to sample from (a weight or an activation is not finite)"
+    )
+
+
 def test_a_template_just_within_the_size_bounds_renders(tok_folder, tmp_path):
     """30,000 tokens and 150,000 characters (the largest of 71 real templates: 2,461 and 16,714)."""
     folder = shutil.copytree(tok_folder, tmp_path / "t")
