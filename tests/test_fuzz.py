@@ -200,6 +200,25 @@ def test_generation_and_quantization_configs_are_checked_when_loading(folder, na
         BambaForCausalLM.from_pretrained(folder)
 
 
+def test_bamba_info_names_a_quantization_config_whose_format_does_not_fit_the_weights(folder, capsys):
+    """The campaign: an int8 folder whose quantization_config.json says int4 (weights of 32 inputs, not a
+    multiple of the group size): from_pretrained named the file, `bamba info` did not."""
+    from bamba.cli import main
+    from bamba.quantize import quantize
+
+    model = BambaForCausalLM.from_pretrained(folder)
+    quantize(model, "int8_weight_only")
+    model.save_pretrained(folder)
+    path = os.path.join(folder, "quantization_config.json")
+    with open(path) as f:
+        meta = json.load(f)
+    with open(path, "w") as f:
+        json.dump({**meta, "format": "int4_weight_only"}, f)
+    assert main(["info", folder]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"bamba info: error: {path}: int4 weight (out=")
+
+
 # ----- tokenizer files and chat templates --------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tok_folder(tmp_path_factory) -> str:
