@@ -200,6 +200,25 @@ def test_generation_and_quantization_configs_are_checked_when_loading(folder, na
         BambaForCausalLM.from_pretrained(folder)
 
 
+def test_bamba_info_names_a_quantization_config_whose_format_does_not_fit_the_weights(folder, capsys):
+    """The campaign: an int8 folder whose quantization_config.json says int4 (weights of 32 inputs, not a
+    multiple of the group size): from_pretrained named the file, `bamba info` did not."""
+    from bamba.cli import main
+    from bamba.quantize import quantize
+
+    model = BambaForCausalLM.from_pretrained(folder)
+    quantize(model, "int8_weight_only")
+    model.save_pretrained(folder)
+    path = os.path.join(folder, "quantization_config.json")
+    with open(path) as f:
+        meta = json.load(f)
+    with open(path, "w") as f:
+        json.dump({**meta, "format": "int4_weight_only"}, f)
+    assert main(["info", folder]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"bamba info: error: {path}: int4 weight (out=")
+
+
 # ----- tokenizer files and chat templates --------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tok_folder(tmp_path_factory) -> str:
@@ -249,6 +268,9 @@ def test_tokenizer_config_entries_of_the_wrong_type_name_the_file(
         ("{% for i in range(1000) %}{{ 'x' * 10000 }}{% endfor %}", "an output of more than"),
         ("{{ undefined_function() }}", "failed: UndefinedError"),
         ("{{ ''.__class__.__mro__ }}", "failed: SecurityError"),
+        # (the campaign: a sum of 200,000 terms took 20-80 s to lex and parse before it recursed too deeply)
+        ("{{ 1" + " + 1" * 20_000 + " }}", "a template of more than 32768 tokens"),
+        ("{% raw %}" + "x" * 300_000, "a template of 300009 characters"),
     ],
 )
 def test_a_chat_template_that_loops_recurses_or_explodes_is_a_named_error(
@@ -268,6 +290,35 @@ def test_the_template_bounds_leave_real_templates_alone(tok_folder):
     chat = [{"role": "user" if i % 2 else "assistant", "content": f"message {i}"} for i in range(3000)]
     text = tok.apply_chat_template(chat, tokenize=False)
     assert text.count("<|user|>") == 1500 and text.endswith("message 2999<|eos|>\n")
+
+
+@pytest.mark.parametrize("beams", ["1", "2"])
+def test_generating_from_weights_that_hold_nan_is_a_named_error(tok_folder, tmp_path, capsys, beams):
+    """The campaign: a flipped byte of a shard made a weight NaN, and `bamba generate` failed inside
+    torch.multinomial ('probability tensor contains either inf, nan or element < 0')."""
+    from bamba.cli import main
+
+    folder = shutil.copytree(tok_folder, tmp_path / "m")
+    torch.manual_seed(0)
+    model = BambaForCausalLM(BambaConfig(**fuzz_loader.TINY))
+    with torch.no_grad():
+        model.model.final_layernorm.weight[3] = math.nan
+    model.save_pretrained(folder)
+    rc = main(["generate", "--model", str(folder), "--max-new-tokens", "2", "--num-beams", beams, "Hi"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err == (
+        f"bamba generate: error: {folder}: the model's next-token scores are NaN or infinite, so there is "
+        "nothing to sample from (a weight or an activation is not finite)"
+    )
+
+
+def test_a_template_just_within_the_size_bounds_renders(tok_folder, tmp_path):
+    """30,000 tokens and 150,000 characters (the largest of 71 real templates: 2,461 and 16,714)."""
+    folder = shutil.copytree(tok_folder, tmp_path / "t")
+    (folder / "chat_template.jinja").write_text("{{ 'abcd' }}" * 10_000 + "x" * 30_000)
+    tok = Tokenizer.from_pretrained(folder)
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    assert text == "abcd" * 10_000 + "x" * 30_000
 
 
 def test_a_long_text_is_encoded_in_pieces_with_the_ids_of_the_whole(tok_folder):

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from .cache import HybridMambaAttentionDynamicCache
 from .decoding import decode_step, prefill
-from .sampling import StepRules, constrain_scores, grown_room, process_logits, widen
+from .sampling import StepRules, constrain_scores, draw, grown_room, process_logits, widen
 
 NEG = -1.0e9  # the score of what must not be picked, as transformers uses it (finite: sums stay ordered)
 
@@ -130,7 +130,7 @@ def _candidates(
     if sampling is None:
         return total.topk(n)  # (b, n) best first
     # drawn in proportion to the whole sequence's probability, then sorted best first
-    cand = torch.multinomial(total.softmax(-1), n, generator=generator)  # (b, n)
+    cand = draw(total, n, generator)  # (b, n)
     cand_scores, order = total.gather(1, cand).sort(dim=-1, descending=True)
     return cand_scores, cand.gather(1, order)
 

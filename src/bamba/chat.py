@@ -17,7 +17,7 @@ from .generation import generate
 from .hub import resolve_folder
 from .linear import weight_bytes
 from .model import BambaForCausalLM
-from .sampling import eos_ids_with, pad_id_of
+from .sampling import NonFiniteScores, eos_ids_with, pad_id_of
 from .streamers import TextStreamer
 from .tokenizer import Tokenizer
 
@@ -102,18 +102,17 @@ def generate_text(
     common = dict(
         max_new_tokens=max_new_tokens, **sampling, eos_token_id=eos_ids_with(lm, tok), **pad_id_of(tok)
     )
-    if num_beams > 1:  # whole sequences: nothing to stream before the end
-        out = generate(lm, ids, num_beams=num_beams, **common)
-        new = out[0, ids.shape[1] :].tolist()
-        times.extend([time.perf_counter()] * len(new))
-        on_text(tok.decode(new, skip_special_tokens=True))
-    else:
-        generate(
-            lm,
-            ids,
-            **common,
-            streamer=TimedStreamer(tok, skip_prompt=True, on_text=on_text, skip_special_tokens=True),
-        )
+    try:
+        if num_beams > 1:  # whole sequences: nothing to stream before the end
+            out = generate(lm, ids, num_beams=num_beams, **common)
+            new = out[0, ids.shape[1] :].tolist()
+            times.extend([time.perf_counter()] * len(new))
+            on_text(tok.decode(new, skip_special_tokens=True))
+        else:
+            streamer = TimedStreamer(tok, skip_prompt=True, on_text=on_text, skip_special_tokens=True)
+            generate(lm, ids, **common, streamer=streamer)
+    except NonFiniteScores as e:  # (weights that hold NaN: say whose)
+        raise NonFiniteScores(f"{model or 'the demo model'}: {e}") from None
     if stats is not None:
         stats.update(
             load_s=t_start - t_load,

@@ -338,7 +338,7 @@ def load_pretrained(
     with torch.device("meta"):
         model = cls(config, init=False)
     prefix = "model." if hasattr(model, "lm_head") else ""
-    _prepare_quantized_modules(model, folder, prefix)
+    prepare_quantized_modules(model, folder, prefix)
     if check_memory and device.type == "cpu":  # before any weight is read
         stored = {e[0] for st in files for e in st.entries.values()}  # the stored dtypes
         check_fits(model, stored, dtype, quantization, group_size)
@@ -359,7 +359,7 @@ def load_pretrained(
     return model
 
 
-def _prepare_quantized_modules(model: nn.Module, folder: str, prefix: str) -> None:
+def prepare_quantized_modules(model: nn.Module, folder: str, prefix: str) -> None:
     """Swap in the quantized Linear layers of a folder saved quantized, so its tensors fit the model."""
     quant_meta = read_quantization_config(folder)
     if quant_meta is None:

@@ -6,12 +6,17 @@ from typing import Any
 
 import torch
 
-from .checkpoint import check_config_against_headers, read_config, read_headers, read_quantization_config
+from .checkpoint import (
+    check_config_against_headers,
+    prepare_quantized_modules,
+    read_config,
+    read_headers,
+    read_quantization_config,
+)
 from .demo import demo_path
 from .hub import resolve_folder
 from .memory import float_dtype_of, load_needs, predicted_peak_rss
 from .model import BambaForCausalLM
-from .quantize import prepare_quantized
 
 
 def model_info(model: str | None = None) -> dict[str, Any]:
@@ -58,18 +63,18 @@ def model_info(model: str | None = None) -> dict[str, Any]:
         "kv_cache_bytes_per_token_fp32": kv_per_token,
         "max_position_embeddings": c.max_position_embeddings,
         "quantization": quantization,  # that of a model saved quantized, or None
-        "predicted_peak_rss": _predicted_peak_rss(lm, quantization, float_dtype_of(dtypes)),
+        "predicted_peak_rss": _predicted_peak_rss(lm, folder, quantization, float_dtype_of(dtypes)),
     }
 
 
 def _predicted_peak_rss(
-    lm: BambaForCausalLM, quantization: dict | None, stored: torch.dtype
+    lm: BambaForCausalLM, folder: str, quantization: dict | None, stored: torch.dtype
 ) -> dict[str, int]:
     """`bamba.memory`'s peak RSS of loading (`from_pretrained(folder, quantization=...)`, floats as stored)
     and generating at batch 1: as stored, and quantized to int8 / int4 while loading (not for a folder
     saved quantized, which loads as it is)."""
     if quantization is not None:
-        prepare_quantized(lm, quantization)
+        prepare_quantized_modules(lm, folder, "model.")  # as from_pretrained: errors name the file
         return {"as stored": predicted_peak_rss(load_needs(lm, stored))}
     settings = {"as stored": None, "int8": "int8_weight_only", "int4": "int4_weight_only"}
     return {name: predicted_peak_rss(load_needs(lm, stored, None, q)) for name, q in settings.items()}

@@ -55,11 +55,29 @@ def process_logits(
     return logits
 
 
+class NonFiniteScores(ValueError):
+    """Sampling met next-token scores that are NaN or infinite (a weight or an activation is not finite)."""
+
+
+def draw(scores: Tensor, n: int, generator: torch.Generator | None = None) -> Tensor:
+    """`n` indices per row of scores (b, vocab) drawn from their softmax; (b, n). Scores that are NaN (a
+    checkpoint whose weights hold NaN gives them) raise NonFiniteScores, not torch's RuntimeError."""
+    try:
+        return torch.multinomial(scores.softmax(-1), n, generator=generator)
+    except RuntimeError as e:
+        if "probability tensor contains" not in str(e):
+            raise
+        raise NonFiniteScores(
+            "the model's next-token scores are NaN or infinite, so there is nothing to sample from "
+            "(a weight or an activation is not finite)"
+        ) from None
+
+
 def pick_tokens(scores: Tensor, do_sample: bool, generator: torch.Generator | None = None) -> Tensor:
     """The next token of each row of scores (b, vocab): drawn from their softmax (from `generator`) when
     `do_sample`, else the most likely; (b,)."""
     if do_sample:
-        return torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(-1)
+        return draw(scores, 1, generator).squeeze(-1)
     return scores.argmax(-1)
 
 

@@ -34,6 +34,11 @@ MAX_CHARS = 1 << 20  # characters (or items) in one value, and in the output; pl
 CHARS_PER_INPUT_CHAR = 4  # for every character of the messages, tools and documents rendered
 WORK_PER_CHAR = 16  # characters made by operators, filters and calls, in all, per character allowed
 MAX_INT_BITS = 1 << 16  # bits of an integer that * or ** makes
+# The template's own text: Jinja lexes and parses in Python at some microseconds a token, and 200,000
+# tokens took 20-80 s here. The largest of llama.cpp's 71 real templates has 16,714 characters and
+# 2,461 tokens (Kimi-K3): these bounds are 15 and 13 times that.
+MAX_TEMPLATE_CHARS = 1 << 18
+MAX_TEMPLATE_TOKENS = 1 << 15
 
 
 class TemplateLimitError(Exception):
@@ -176,8 +181,18 @@ def _limited(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
 @functools.lru_cache(maxsize=16)
 def compile_template(source: str) -> Any:
     """Compile a chat template in the sandbox, with the globals and filters transformers gives templates
-    (raises jinja2's TemplateSyntaxError; `render` names the template)."""
+    (raises jinja2's TemplateSyntaxError, or TemplateLimitError past MAX_TEMPLATE_CHARS or
+    MAX_TEMPLATE_TOKENS; `render` names the template)."""
+    if len(source) > MAX_TEMPLATE_CHARS:
+        raise TemplateLimitError(f"a template of {len(source)} characters (at most {MAX_TEMPLATE_CHARS})")
     return _environment().from_string(source)
+
+
+def _count_tokens(tokens: Any) -> Any:
+    for n, token in enumerate(tokens):
+        if n >= MAX_TEMPLATE_TOKENS:
+            raise TemplateLimitError(f"a template of more than {MAX_TEMPLATE_TOKENS} tokens")
+        yield token
 
 
 @functools.lru_cache(maxsize=1)
@@ -220,6 +235,11 @@ def _environment() -> Any:
             if getattr(wrapped, "__name__", "") in ("format", "format_map"):
                 _check_format(getattr(wrapped, "__self__", None))
             return _account(super().call(__context, __obj, *args, **kwargs))
+
+        def _tokenize(self, source: str, *args: Any, **kwargs: Any) -> Any:
+            stream = super()._tokenize(source, *args, **kwargs)
+            stream._iter = _count_tokens(stream._iter)  # (the parser's tokens, whitespace left out)
+            return stream
 
         def _parse(self, source: str, name: str | None, filename: str | None) -> Any:
             tree = super()._parse(source, name, filename)
