@@ -29,7 +29,10 @@ import time
 from dataclasses import dataclass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COPIED = ("src", "benchmarks")  # what a break may edit (the tests always run from the tree)
+COPIED = ("src", "benchmarks")
+SUMMARY = re.compile(
+    r"\d+ (failed|passed|skipped|errors?|deselected)\b.* in [\d.]+s"
+)  # what a break may edit (the tests always run from the tree)
 
 
 @dataclass(frozen=True)
@@ -571,13 +574,14 @@ def copy_tree(dest: str) -> None:
 def run_tests(copy: str, tests: tuple[str, ...], timeout: float) -> tuple[int, str]:
     """pytest on `tests` with the package of `copy`; (exit code, pytest's last line)."""
     env = dict(os.environ, PYTHONPATH=os.path.join(copy, "src"), PYTHONDONTWRITEBYTECODE="1")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", *tests]
+    cmd = [sys.executable, "-m", "pytest", "-o", "addopts=", "-q", "-p", "no:cacheprovider", "-rs", *tests]
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return -1, f"timed out after {timeout:.0f} s"
-    lines = [line for line in proc.stdout.splitlines() if line.strip()]
-    return proc.returncode, lines[-1] if lines else proc.stderr.strip()[-200:]
+    # pytest's summary: "2 failed, 1 passed in 9.1s" (progress bars of the tests may come after it)
+    summary = [line.strip("= ") for line in proc.stdout.splitlines() if SUMMARY.search(line)]
+    return proc.returncode, summary[-1] if summary else (proc.stdout + proc.stderr).strip()[-200:]
 
 
 def verdict(rc: int, last: str, tests: tuple[str, ...], broken: bool) -> str:

@@ -287,7 +287,7 @@ def test_a_packed_model_cast_afterwards_keeps_one_dtype(one_thread):
         bf16 = model(ids).logits
         cast = model.float()(ids).logits
     assert cast.dtype == torch.float32
-    assert relative_rms(cast, bf16) < 0.015  # bf16 activations' rounding (measured: 0.0058)
+    assert relative_rms(cast, bf16) < 0.015  # bf16 activations' rounding (measured: 0.0044)
 
 
 @needs_onednn
