@@ -548,17 +548,6 @@ BREAKS = [
         ),
         (BENCH,),
     ),
-    # ----- added after the first run (numbers above kept)
-    Break(
-        "test_cache: transformers as oracle",
-        "time_step_limit's lower bound dropped (full forward and decode step alike)",
-        edit(
-            MODEL,
-            "            dt = dt.clamp(*self.time_step_limit)",
-            "            dt = dt.clamp(max=self.time_step_limit[1])",
-        ),
-        (f"{CACHE_STEPS}[dt_limit_conv_nobias]", f"{CACHE_PADDED}[dt_limit_conv_nobias]"),
-    ),
 ]
 
 
