@@ -136,6 +136,18 @@ def test_bench_command_line_options(monkeypatch):
     assert all(len(g) == 1 for g in groups)  # no transformers: ours alone
 
 
+def test_bench_worker_applies_the_allocator_setting(monkeypatch, capsys):
+    """A child tunes its allocator before measuring when the spec says "tuned", and only then."""
+    bench_mod = harness()
+    tuned = []
+    monkeypatch.setattr(bench_mod, "tune_cpu_allocator", lambda: tuned.append(1) or True)
+    monkeypatch.setattr(bench_mod, "machine_limits", lambda threads: {"tuned_before": bool(tuned)})
+    for allocator, want in (("default", False), ("tuned", True)):
+        tuned.clear()
+        bench_mod._worker_main(json.dumps({"limits": True, "threads": 1, "allocator": allocator}))
+        assert json.loads(capsys.readouterr().out) == {"tuned_before": want}, allocator
+
+
 def test_bench_rejects_unknown_variants(tmp_path):
     with pytest.raises(ValueError, match="variant 'int3': expected one of fp32, bf16, int8, int4, int8dq"):
         bench(checkpoint=str(tmp_path / "never-created"), variants=("fp32", "int3"))

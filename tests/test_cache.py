@@ -179,10 +179,25 @@ def test_cache_without_attention_layers_tracks_length():
 
 
 def test_cache_to_moves_devices_only():
-    cache = HybridMambaAttentionDynamicCache(BambaConfig(**TINY))
+    """cache.to(device) moves every state (keys, values, conv windows, SSM states) and keeps its dtype; a
+    dtype is refused. (The meta device shows a move on a machine without a GPU.)"""
+    model = tiny()
+    cache = HybridMambaAttentionDynamicCache(model.config)
     with pytest.raises(TypeError, match="moves between devices only; its SSM states stay fp32"):
         cache.to(torch.bfloat16)
     assert cache.to("cpu") is cache
+    with torch.no_grad():
+        model(torch.randint(1, 97, (2, 5)), past_key_values=cache)
+
+    def states() -> list[torch.Tensor | None]:
+        return [*cache.key_cache, *cache.value_cache, *cache.conv_states, *cache.ssm_states]
+
+    dtypes = [None if t is None else t.dtype for t in states()]
+    assert cache.to("meta") is cache and cache.batch_size == 2 and cache.get_seq_length() == 5
+    assert [None if t is None else t.dtype for t in states()] == dtypes
+    moved = [t for t in states() if t is not None]
+    assert len(moved) == 2 + 2 * 2  # one attention layer (K, V), two Mamba layers (conv, SSM)
+    assert all(t.device.type == "meta" for t in moved)
 
 
 def test_gradients_through_a_long_prompt_in_eval_mode_and_with_checkpointing():

@@ -273,16 +273,21 @@ def test_packed_model_matches_and_saves(dtype, tmp_path, one_thread):
 @needs_onednn
 def test_a_packed_model_cast_afterwards_keeps_one_dtype(one_thread):
     """Casting after packing keeps the packed bf16 weights; outputs then follow the activations' dtype
-    (before, attention layers failed on mixed dtypes and Mamba-only models returned bf16 logits)."""
+    (before, attention layers failed on mixed dtypes and Mamba-only models returned bf16 logits). The
+    biases are random (initialised to 0 they hide how a bias is cast after packing)."""
     torch.manual_seed(4)
     model = BambaForCausalLM(BambaConfig(**{**TINY, "mamba_proj_bias": True})).to(torch.bfloat16).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("proj.bias"):
+                p.normal_(0, 0.3)
     pack_for_cpu(model, dtypes=(torch.bfloat16,))
     ids = torch.randint(1, 97, (2, 6))
     with torch.inference_mode():
         bf16 = model(ids).logits
         cast = model.float()(ids).logits
     assert cast.dtype == torch.float32
-    assert relative_rms(cast, bf16) < 0.015  # bf16 activations' rounding (measured: 0.0058)
+    assert relative_rms(cast, bf16) < 0.015  # bf16 activations' rounding (measured: 0.0044)
 
 
 @needs_onednn
