@@ -22,6 +22,8 @@ VARIANTS = {
     "proj_bias_groups2": dict(mamba_proj_bias=True, mamba_n_groups=2, attn_layer_indices=[0, 2]),
     "no_attention_dt_limit": dict(attn_layer_indices=None, time_step_limit=(0.05, 0.7)),
     "dt_limit_conv_nobias": dict(time_step_limit=(0.05, 0.7), mamba_conv_bias=False),
+    # dt_bias is 0.74-1.63 here, so softplus(dt + dt_bias) ~1.1-1.8: both bounds clamp (0.05 never does)
+    "dt_limit_both_bounds": dict(time_step_limit=(1.2, 1.6)),
 }
 # ours against transformers here: measured at most 2.1e-7 (logits' absmax ~0.5); a 10x margin
 TOL = dict(atol=2e-6, rtol=0)
