@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib.metadata
 import importlib.util
 import json
 import os
 import platform
+import random
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -418,7 +421,14 @@ LLAMA_REPS = 3  # llama-bench -r
 
 def llama_cpp_tools(path: str) -> dict[str, str]:
     """llama-bench and llama-batched-bench of the llama.cpp build at `path`: its bin folder, the build
-    folder above it, or the llama-bench binary (llama-batched-bench beside it)."""
+    folder above it, or the llama-bench binary (llama-batched-bench beside it); or "python": the
+    llama-cpp-python bindings (llama_cpp_python_case)."""
+    if path == "python":  # llama-cpp-python's bindings, in a child of ours (llama_cpp_python_case)
+        if importlib.util.find_spec("llama_cpp") is None:
+            raise ValueError(
+                "llama_cpp='python': the llama_cpp module (pip install llama-cpp-python) is missing"
+            )
+        return {"python": "llama_cpp"}
     folder = os.path.dirname(os.path.abspath(path)) if os.path.isfile(path) else path
     if os.path.isdir(os.path.join(folder, "bin")):
         folder = os.path.join(folder, "bin")
@@ -436,15 +446,40 @@ def llama_cpp_tools(path: str) -> dict[str, str]:
 
 
 def ensure_gguf(folder: str, gguf_type: str) -> str:
-    """`folder` exported by `bamba export-gguf --type gguf_type` into `<folder>-gguf/`, once, and reused."""
-    out = os.path.join(f"{folder.rstrip('/')}-gguf", f"{gguf_type}.gguf")
-    if not os.path.isfile(out):
-        from bamba.gguf_export import export_gguf  # (needs the gguf package)
+    """`folder` exported by `bamba export-gguf --type gguf_type` into `<folder>-gguf/`, once, and reused.
+    A checkpoint whose tokenizer the exporter refuses (bench-small's is a word-level one) is exported with
+    the demo model's byte-level BPE tokenizer in its place: the benchmark feeds token ids, and the
+    exporter pads the vocabulary to the embedding's rows."""
+    from bamba.gguf_export import export_gguf  # (needs the gguf package)
 
-        os.makedirs(os.path.dirname(out), exist_ok=True)
-        print(f"creating {out} ...", file=sys.stderr)
+    out = os.path.join(f"{folder.rstrip('/')}-gguf", f"{gguf_type}.gguf")
+    if os.path.isfile(out):
+        return out
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    print(f"creating {out} ...", file=sys.stderr)
+    try:
         export_gguf(folder, out, type=gguf_type)
+    except ValueError as e:
+        if "tokenizer.json" not in str(e):
+            raise
+        export_gguf(_with_demo_tokenizer(folder, os.path.dirname(out)), out, type=gguf_type)
     return out
+
+
+def _with_demo_tokenizer(folder: str, parent: str) -> str:
+    """A folder in `parent` with `folder`'s files (links) but the demo model's tokenizer files."""
+    import bamba.demo
+
+    demo = os.path.dirname(os.path.abspath(bamba.demo.__file__))
+    staged = os.path.join(parent, "checkpoint-with-demo-tokenizer")
+    os.makedirs(staged, exist_ok=True)
+    for name in os.listdir(folder):
+        link = os.path.join(staged, name)
+        if not name.startswith(("tokenizer", "special_tokens")) and not os.path.lexists(link):
+            os.symlink(os.path.abspath(os.path.join(folder, name)), link)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copyfile(os.path.join(demo, name), os.path.join(staged, name))
+    return staged
 
 
 def gguf_weight_bytes(path: str) -> tuple[int, int]:
@@ -514,6 +549,8 @@ def run_llama_cpp(spec: dict[str, Any], threads: int) -> dict[str, Any]:
     llama-bench -n LLAMA_B1_TOKENS -d (after each prompt), at larger batches with llama-batched-bench (the
     prompt prefilled once and its cache copied to every row, as ours; spec's steps per row)."""
     tools, model = spec["llama_cpp"], spec["gguf"]
+    if "python" in tools:
+        return _child({**spec, "threads": threads}, threads)
     common = ["-m", model, "-t", str(threads)]
     bench_args = [tools["bench"], *common, "-r", str(LLAMA_REPS), "-o", "json"]
     result: dict[str, Any] = {"impl": "llama.cpp", "variant": spec["variant"], "kind": spec["kind"]}
@@ -538,6 +575,72 @@ def run_llama_cpp(spec: dict[str, Any], threads: int) -> dict[str, Any]:
             result |= parse_batched_bench(text)
             rss.append(peak)
     result["peak_rss"] = max(rss)
+    return result
+
+
+def llama_cpp_python_case(spec: dict[str, Any]) -> dict[str, Any]:
+    """run_llama_cpp's measures through llama-cpp-python's bindings (`--llama-cpp python`), for where no
+    llama.cpp build with its tools is at hand: the same library and C API that llama-bench and
+    llama-batched-bench call (one llama_decode per step, random tokens, a context per row), timed the same
+    way (prefill: best of LLAMA_REPS; batch 1: LLAMA_B1_TOKENS steps after the prompt, the mean over
+    repetitions; batch b: the prompt once, its cache copied to every row, `steps` steps)."""
+    import llama_cpp as lc
+
+    lc.llama_backend_init()
+    model = lc.llama_model_load_from_file(spec["gguf"].encode(), lc.llama_model_default_params())
+    vocab = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(model))
+    rows = max(spec.get("batches", (1,)))
+    longest = max((*spec.get("lengths", ()), *spec.get("prompts", ())))
+    params = lc.llama_context_default_params()
+    params.n_ctx = rows * (longest + max(spec.get("steps", 0), LLAMA_B1_TOKENS) + 16)
+    params.n_batch, params.n_ubatch, params.n_seq_max = 2048, 512, rows
+    params.n_threads = params.n_threads_batch = spec["threads"]
+    ctx = lc.llama_init_from_model(model, params)
+    mem, batch, rng = lc.llama_get_memory(ctx), lc.llama_batch_init(2048, 0, 1), random.Random(0)
+
+    def run(entries: list[tuple[int, int]]) -> None:  # (position, row) per token; logits of the last
+        for start in range(0, len(entries), 2048):
+            part = entries[start : start + 2048]
+            for i, (pos, row) in enumerate(part):
+                batch.token[i], batch.pos[i], batch.n_seq_id[i] = rng.randrange(vocab), pos, 1
+                batch.seq_id[i][0], batch.logits[i] = row, i == len(part) - 1
+            batch.n_tokens = len(part)
+            if lc.llama_decode(ctx, batch) != 0:
+                raise RuntimeError(f"llama_decode failed on {len(part)} tokens of {spec['gguf']}")
+        lc.llama_synchronize(ctx)
+
+    def timed(entries: list[tuple[int, int]], steps: int = 1) -> float:
+        t = time.perf_counter()
+        for _ in range(steps):
+            run(entries)
+            entries = [(pos + 1, row) for pos, row in entries]
+        return time.perf_counter() - t
+
+    result: dict[str, Any] = {"impl": "llama.cpp", "variant": spec["variant"], "kind": spec["kind"]}
+    result["weight_bytes"], result["step_weight_bytes"] = gguf_weight_bytes(spec["gguf"])
+    result["llama_cpp_build"] = f"llama-cpp-python {importlib.metadata.version('llama_cpp_python')}"
+    run([(i, 0) for i in range(16)])  # warm-up
+    for n in spec.get("lengths", ()):
+        best = float("inf")
+        for _ in range(LLAMA_REPS):
+            lc.llama_memory_clear(mem, False)
+            best = min(best, timed([(i, 0) for i in range(n)]))
+        result[f"prefill_{n}"] = n / best
+    for p in spec.get("prompts", ()):
+        for b in spec["batches"]:
+            steps, speeds = (LLAMA_B1_TOKENS, LLAMA_REPS) if b == 1 else (spec["steps"], 1)
+            rates = []
+            for _ in range(speeds):
+                lc.llama_memory_clear(mem, False)
+                run([(i, 0) for i in range(p)])
+                for row in range(1, b):
+                    lc.llama_memory_seq_cp(mem, 0, row, -1, -1)
+                rates.append(b * steps / timed([(p, row) for row in range(b)], steps))
+            result[f"decode_b{b}_after_{p}"] = statistics.mean(rates)
+    lc.llama_batch_free(batch)
+    lc.llama_free(ctx)
+    lc.llama_model_free(model)
+    result["peak_rss"] = peak_rss()
     return result
 
 
@@ -1017,6 +1120,8 @@ def _worker_main(spec_json: str) -> None:
         tune_cpu_allocator()
     if spec.pop("limits", False):
         out = machine_limits(spec["threads"])
+    elif spec["impl"] == "llama.cpp":
+        out = llama_cpp_python_case(spec)
     else:
         for key in ("lengths", "batches"):
             if key in spec:
