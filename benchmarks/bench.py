@@ -587,7 +587,11 @@ def llama_cpp_python_case(spec: dict[str, Any]) -> dict[str, Any]:
     import llama_cpp as lc
 
     lc.llama_backend_init()
-    model = lc.llama_model_load_from_file(spec["gguf"].encode(), lc.llama_model_default_params())
+    model_params = lc.llama_model_default_params()
+    # With its extra buffer types (AMX tiles, repacked weights) llama-cpp-python 0.3.36's library crashed
+    # (SIGSEGV) in its first llama_decode of bench-small's q4_0 on an AMX Xeon; f32 ran. Without them.
+    model_params.use_extra_bufts = False
+    model = lc.llama_model_load_from_file(spec["gguf"].encode(), model_params)
     vocab = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(model))
     rows = max(spec.get("batches", (1,)))
     longest = max((*spec.get("lengths", ()), *spec.get("prompts", ())))
@@ -618,7 +622,10 @@ def llama_cpp_python_case(spec: dict[str, Any]) -> dict[str, Any]:
 
     result: dict[str, Any] = {"impl": "llama.cpp", "variant": spec["variant"], "kind": spec["kind"]}
     result["weight_bytes"], result["step_weight_bytes"] = gguf_weight_bytes(spec["gguf"])
-    result["llama_cpp_build"] = f"llama-cpp-python {importlib.metadata.version('llama_cpp_python')}"
+    try:
+        result["llama_cpp_build"] = f"llama-cpp-python {importlib.metadata.version('llama_cpp_python')}"
+    except importlib.metadata.PackageNotFoundError:
+        result["llama_cpp_build"] = "llama-cpp-python (version unknown)"
     run([(i, 0) for i in range(16)])  # warm-up
     for n in spec.get("lengths", ()):
         best = float("inf")

@@ -569,3 +569,61 @@ def test_bench_runs_llama_cpp_beside_ours_in_the_same_rounds(tmp_path, monkeypat
         line.split()[:6] == ["fp32", "decode_b1", "4096", "f32", "20.0", "32.0"]
         for line in table.splitlines()
     )
+
+
+def test_llama_cpp_through_the_bindings_decodes_as_the_tools_do(monkeypatch):
+    """`--llama-cpp python`: a fake llama_cpp module records the llama_decode calls. Batch 1: the prompt,
+    then LLAMA_B1_TOKENS single tokens at the next positions, LLAMA_REPS times; batch 2: the prompt once
+    on row 0, copied to row 1, then one token per row per step."""
+    import sys
+    from types import SimpleNamespace
+
+    bench_mod = harness()
+    calls = []
+
+    class Batch:
+        def __init__(self):
+            self.token, self.pos, self.n_seq_id, self.logits = [0] * 2048, [0] * 2048, [0] * 2048, [0] * 2048
+            self.seq_id, self.n_tokens = [[0] for _ in range(2048)], 0
+
+    def decode(ctx, batch):
+        n = batch.n_tokens
+        calls.append(("decode", [(batch.pos[i], batch.seq_id[i][0]) for i in range(n)], batch.logits[n - 1]))
+        return 0
+
+    params, model_params = SimpleNamespace(), SimpleNamespace(use_extra_bufts=True)
+    fake = SimpleNamespace(
+        llama_backend_init=lambda: None,
+        llama_model_default_params=lambda: model_params,
+        llama_model_load_from_file=lambda path, p: "model",
+        llama_model_get_vocab=lambda m: "vocab",
+        llama_vocab_n_tokens=lambda v: 100,
+        llama_context_default_params=lambda: params,
+        llama_init_from_model=lambda m, p: "ctx",
+        llama_get_memory=lambda c: "mem",
+        llama_batch_init=lambda n, embd, seqs: Batch(),
+        llama_decode=decode,
+        llama_synchronize=lambda c: None,
+        llama_memory_clear=lambda mem, data: calls.append(("clear",)),
+        llama_memory_seq_cp=lambda mem, src, dst, p0, p1: calls.append(("copy", src, dst, p0, p1)),
+        llama_batch_free=lambda b: None,
+        llama_free=lambda c: None,
+        llama_model_free=lambda m: None,
+    )
+    monkeypatch.setitem(sys.modules, "llama_cpp", fake)
+    monkeypatch.setattr(bench_mod, "gguf_weight_bytes", lambda path: (2, 1))
+    spec = dict(
+        variant="int4", kind="decode", prompts=(8,), batches=(1, 2), steps=2, gguf="x.gguf", threads=3
+    )
+    out = bench_mod.llama_cpp_python_case(spec)
+    assert out["decode_b1_after_8"] > 0 and out["decode_b2_after_8"] > 0 and out["step_weight_bytes"] == 1
+    assert (params.n_ctx, params.n_seq_max, params.n_threads, params.n_threads_batch) == (2 * 88, 2, 3, 3)
+    assert model_params.use_extra_bufts is False
+    warm, *rest = calls
+    assert warm == ("decode", [(i, 0) for i in range(16)], 1)
+    n = bench_mod.LLAMA_B1_TOKENS
+    one = [("clear",), ("decode", [(i, 0) for i in range(8)], 1)]
+    one += [("decode", [(8 + i, 0)], 1) for i in range(n)]
+    two = [("clear",), ("decode", [(i, 0) for i in range(8)], 1), ("copy", 0, 1, -1, -1)]
+    two += [("decode", [(8 + i, 0), (8 + i, 1)], 1) for i in range(2)]
+    assert rest == one * bench_mod.LLAMA_REPS + two
