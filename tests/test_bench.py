@@ -402,34 +402,10 @@ def test_llama_cpp_tools_are_found_from_the_build_its_bin_or_llama_bench(tmp_pat
 
 def test_llama_bench_and_batched_bench_output_parsed():
     bench_mod = harness()
+    keys = ("n_prompt", "n_gen", "n_depth", "avg_ts", "samples_ts")
     records = [
-        dict(
-            build_commit="0c1e570",
-            build_number=7,
-            n_prompt=512,
-            n_gen=0,
-            n_depth=0,
-            avg_ts=5,
-            samples_ts=[4, 6],
-        ),
-        dict(
-            build_commit="0c1e570",
-            build_number=7,
-            n_prompt=0,
-            n_gen=64,
-            n_depth=4096,
-            avg_ts=30,
-            samples_ts=[1],
-        ),
-        dict(
-            build_commit="0c1e570",
-            build_number=7,
-            n_prompt=512,
-            n_gen=64,
-            n_depth=0,
-            avg_ts=9,
-            samples_ts=[9],
-        ),
+        dict(zip(keys, values, strict=True), build_commit="0c1e570", build_number=7)
+        for values in ((512, 0, 0, 5, [4, 6]), (0, 64, 4096, 30, [1]), (512, 64, 0, 9, [9]))
     ]
     assert bench_mod.parse_llama_bench(json.dumps(records)) == {
         "prefill_512": 6,  # the best repetition
