@@ -13,19 +13,24 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib.metadata
 import importlib.util
 import json
 import os
 import platform
+import random
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any
 
 import torch
 
+from bamba import kernels
 from bamba.cache import HybridMambaAttentionDynamicCache
 from bamba.checkpoint import read_config
 from bamba.cli import bench_arguments, build_parser
@@ -311,9 +316,9 @@ def machine_limits(threads: int) -> dict[str, Any]:
     torch.set_num_threads(threads)
     n = 2048
     a, b = torch.randn(n, n), torch.randn(n, n)
-    out: dict[str, Any] = {"cpu": cpu_name(), **_sgemm_flops(a, b)}
+    out: dict[str, Any] = {"cpu": cpu_name(), "cpu_flags": cpu_flags(), **_sgemm_flops(a, b)}
     out |= _fp32_matmul_paths()
-    return {**out, "int8_gemm_ops": _int8_gemm_ops(a, b), "mem_bandwidth": _read_bandwidth()}
+    return {**out, "int8_gemm_ops": _int8_gemm_ops(a, b), **_read_bandwidth(threads)}
 
 
 def _sgemm_flops(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
@@ -352,12 +357,23 @@ def _int8_gemm_ops(a: torch.Tensor, b: torch.Tensor) -> float:
     return 2 * a.shape[0] ** 3 / best
 
 
-def _read_bandwidth() -> float:
-    """Memory read bandwidth (bytes/s): summing a buffer far larger than any last-level cache."""
+def _read_bandwidth(threads: int) -> dict[str, Any]:
+    """Memory read bandwidth (bytes/s) as a ceiling: the best of several ways to read a buffer far larger
+    than any last-level cache (PyTorch's sum, BLAS's GEMV over it as a matrix, the C++ kernels' widest
+    loads) on 1 thread and on `threads`, best of five passes each; every figure kept, by name."""
     buf = torch.ones(384 * 2**20)  # 1.5 GiB
-    buf.sum()
-    best = min(_timed(buf.sum) for _ in range(5))
-    return buf.numel() * 4 / best
+    mat, ones = buf.view(-1, 4096), torch.ones(4096)
+    reads = {"sum": buf.sum, "gemv": lambda: torch.mv(mat, ones)}
+    figures = {}
+    for t in sorted({1, threads}):
+        torch.set_num_threads(t)
+        for name, read in reads.items():
+            read()
+            figures[f"{name}, {t} threads"] = buf.numel() * 4 / min(_timed(read) for _ in range(5))
+        figures[f"kernels, {t} threads"] = kernels.read_bandwidth(threads=t)  # 0.0 without kernels
+    torch.set_num_threads(threads)
+    best = max(figures, key=figures.get)
+    return {"mem_bandwidth": figures[best], "mem_bandwidth_by": best, "mem_bandwidth_reads": figures}
 
 
 def cpu_name() -> str:
@@ -372,10 +388,286 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+SIMD_FLAGS = ("avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16")
+SIMD_FLAGS += ("avx512_fp16", "amx_bf16", "amx_int8", "neon", "asimd", "sve")
+
+
+def cpu_flags() -> list[str]:
+    """The CPU's vector-instruction flags that kernels choose between (Linux: /proc/cpuinfo), [] elsewhere."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    present = set(line.split(":", 1)[1].split())
+                    return [flag for flag in SIMD_FLAGS if flag in present]
+    except OSError:
+        pass
+    return []
+
+
 def _timed(fn: Any) -> float:
     t = time.perf_counter()
     fn()
     return time.perf_counter() - t
+
+
+# ----- llama.cpp beside ours (`--llama-cpp PATH`) ----------------------------------------------------------
+# our variant -> the GGUF type llama.cpp runs for it, written by our exporter (bamba.gguf_export)
+LLAMA_TYPES = {"fp32": "f32", "bf16": "bf16", "int8": "q8_0", "int4": "q4_0", "int8dq": "q8_0"}
+LLAMA_TOOLS = {"bench": "llama-bench", "batched": "llama-batched-bench"}
+LLAMA_B1_TOKENS = 64  # llama-bench -n: the tokens it decodes at batch 1 per repetition
+LLAMA_REPS = 3  # llama-bench -r
+
+
+def llama_cpp_tools(path: str) -> dict[str, str]:
+    """llama-bench and llama-batched-bench of the llama.cpp build at `path`: its bin folder, the build
+    folder above it, or the llama-bench binary (llama-batched-bench beside it); or "python": the
+    llama-cpp-python bindings (llama_cpp_python_case)."""
+    if path == "python":  # llama-cpp-python's bindings, in a child of ours (llama_cpp_python_case)
+        if importlib.util.find_spec("llama_cpp") is None:
+            raise ValueError(
+                "llama_cpp='python': the llama_cpp module (pip install llama-cpp-python) is missing"
+            )
+        return {"python": "llama_cpp"}
+    folder = os.path.dirname(os.path.abspath(path)) if os.path.isfile(path) else path
+    if os.path.isdir(os.path.join(folder, "bin")):
+        folder = os.path.join(folder, "bin")
+    tools = {key: os.path.join(folder, name) for key, name in LLAMA_TOOLS.items()}
+    if os.path.isfile(path):
+        tools["bench"] = os.path.abspath(path)
+    missing = [p for p in tools.values() if not (os.path.isfile(p) and os.access(p, os.X_OK))]
+    if missing:
+        raise ValueError(
+            f"llama_cpp={path!r}: expected a llama.cpp build (its bin folder, or its llama-bench binary) "
+            f"with {' and '.join(LLAMA_TOOLS.values())} in one folder; not found or not executable: "
+            + ", ".join(missing)
+        )
+    return tools
+
+
+def ensure_gguf(folder: str, gguf_type: str) -> str:
+    """`folder` exported by `bamba export-gguf --type gguf_type` into `<folder>-gguf/`, once, and reused.
+    A checkpoint whose tokenizer the exporter refuses (bench-small's is a word-level one) is exported with
+    the demo model's byte-level BPE tokenizer in its place: the benchmark feeds token ids, and the
+    exporter pads the vocabulary to the embedding's rows."""
+    from bamba.gguf_export import export_gguf  # (needs the gguf package)
+
+    out = os.path.join(f"{folder.rstrip('/')}-gguf", f"{gguf_type}.gguf")
+    if os.path.isfile(out):
+        return out
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    print(f"creating {out} ...", file=sys.stderr)
+    try:
+        export_gguf(folder, out, type=gguf_type)
+    except ValueError as e:
+        if "tokenizer.json" not in str(e):
+            raise
+        export_gguf(_with_demo_tokenizer(folder, os.path.dirname(out)), out, type=gguf_type)
+    return out
+
+
+def _with_demo_tokenizer(folder: str, parent: str) -> str:
+    """A folder in `parent` with `folder`'s files (links) but the demo model's tokenizer files."""
+    import bamba.demo
+
+    demo = os.path.dirname(os.path.abspath(bamba.demo.__file__))
+    staged = os.path.join(parent, "checkpoint-with-demo-tokenizer")
+    os.makedirs(staged, exist_ok=True)
+    for name in os.listdir(folder):
+        link = os.path.join(staged, name)
+        if not name.startswith(("tokenizer", "special_tokens")) and not os.path.lexists(link):
+            os.symlink(os.path.abspath(os.path.join(folder, name)), link)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copyfile(os.path.join(demo, name), os.path.join(staged, name))
+    return staged
+
+
+def gguf_weight_bytes(path: str) -> tuple[int, int]:
+    """(bytes of every tensor in the GGUF file at `path`, bytes a decode step reads): a step reads all but
+    the token embedding table, of which it takes one row per token (unless the file has no output.weight,
+    and the table is the lm_head too)."""
+    import gguf
+
+    sizes = {t.name: int(t.n_bytes) for t in gguf.GGUFReader(path).tensors}
+    total = sum(sizes.values())
+    return total, total - (sizes.get("token_embd.weight", 0) if "output.weight" in sizes else 0)
+
+
+def parse_llama_bench(text: str) -> dict[str, Any]:
+    """Figures from `llama-bench -o json`: prefill_{n} for a prompt-only test of n tokens (its best
+    repetition, as ours is the best of its repetitions) and decode_b1_after_{d} for a generation-only test
+    after d tokens (`-d`; the mean over repetitions, as ours is over its steps); and llama.cpp's commit."""
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"llama-bench output: expected a JSON list (-o json), found {text[:200]!r}") from e
+    out: dict[str, Any] = {}
+    for rec in records:
+        n_prompt, n_gen, depth = rec["n_prompt"], rec["n_gen"], rec.get("n_depth", 0)
+        if n_gen == 0 and depth == 0:
+            out[f"prefill_{n_prompt}"] = max(rec["samples_ts"])
+        elif n_prompt == 0:
+            out[f"decode_b1_after_{depth}"] = rec["avg_ts"]
+        out["llama_cpp_build"] = f"{rec.get('build_commit', '?')} ({rec.get('build_number', '?')})"
+    if not any(k != "llama_cpp_build" for k in out):
+        raise ValueError(f"llama-bench output: no prompt-only or generation-only test in {text[:200]!r}")
+    return out
+
+
+def parse_batched_bench(text: str) -> dict[str, float]:
+    """decode_b{pl}_after_{pp}: the generation speed (speed_tg, tokens/s of all pl rows) of each result line
+    of `llama-batched-bench --output-format jsonl`; the lines around them are its log."""
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("{") and '"speed_tg"' in line:
+            rec = json.loads(line)
+            out[f"decode_b{rec['pl']}_after_{rec['pp']}"] = rec["speed_tg"]
+    if not out:
+        raise ValueError(
+            f"llama-batched-bench output: no jsonl result line (with speed_tg) in {text[-500:]!r}"
+        )
+    return out
+
+
+def _run_tool(argv: list[str]) -> tuple[str, int]:
+    """Run argv; its stdout and stderr (one after the other) and its own peak RSS in bytes (wait4)."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(argv, stdout=out, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        text, log = out.read(), err.read()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed (exit status {proc.returncode}):\n{log[-3000:]}")
+    return text + "\n" + log, usage.ru_maxrss * 1024  # (KiB on Linux)
+
+
+def run_llama_cpp(spec: dict[str, Any], threads: int) -> dict[str, Any]:
+    """Measure the configuration `spec` (as run_case's, plus `gguf` and the `llama_cpp` tools) with
+    llama.cpp's own tools on `threads` threads: prefill with llama-bench -p, decoding at batch 1 with
+    llama-bench -n LLAMA_B1_TOKENS -d (after each prompt), at larger batches with llama-batched-bench (the
+    prompt prefilled once and its cache copied to every row, as ours; spec's steps per row)."""
+    tools, model = spec["llama_cpp"], spec["gguf"]
+    if "python" in tools:
+        return _child({**spec, "threads": threads}, threads)
+    common = ["-m", model, "-t", str(threads)]
+    bench_args = [tools["bench"], *common, "-r", str(LLAMA_REPS), "-o", "json"]
+    result: dict[str, Any] = {"impl": "llama.cpp", "variant": spec["variant"], "kind": spec["kind"]}
+    result["weight_bytes"], result["step_weight_bytes"] = gguf_weight_bytes(model)
+    rss = []
+    if spec["kind"] == "prefill":
+        text, peak = _run_tool([*bench_args, "-p", _csv(spec["lengths"]), "-n", "0"])
+        result |= parse_llama_bench(text[: text.rindex("]") + 1])
+        rss.append(peak)
+    else:
+        prompts, wide = spec["prompts"], [b for b in spec["batches"] if b > 1]
+        if 1 in spec["batches"]:
+            argv = [*bench_args, "-p", "0", "-n", str(LLAMA_B1_TOKENS), "-d", _csv(prompts)]
+            text, peak = _run_tool(argv)
+            result |= parse_llama_bench(text[: text.rindex("]") + 1])
+            rss.append(peak)
+        if wide:  # a context of its own per row (as ours), room for the prompt, the steps and one token
+            ctx = max(wide) * (max(prompts) + spec["steps"] + 16)
+            argv = [tools["batched"], *common, "-tb", str(threads), "-c", str(ctx), "-pps"]
+            argv += ["-npp", _csv(prompts), "-ntg", str(spec["steps"]), "-npl", _csv(wide)]
+            text, peak = _run_tool([*argv, "--output-format", "jsonl"])
+            result |= parse_batched_bench(text)
+            rss.append(peak)
+    result["peak_rss"] = max(rss)
+    return result
+
+
+def llama_cpp_python_case(spec: dict[str, Any]) -> dict[str, Any]:
+    """run_llama_cpp's measures through llama-cpp-python's bindings (`--llama-cpp python`), for where no
+    llama.cpp build with its tools is at hand: the same library and C API that llama-bench and
+    llama-batched-bench call (one llama_decode per step, random tokens, a context per row), timed the same
+    way (prefill: best of LLAMA_REPS; batch 1: LLAMA_B1_TOKENS steps after the prompt, the mean over
+    repetitions; batch b: the prompt once, its cache copied to every row, `steps` steps)."""
+    import llama_cpp as lc
+
+    lc.llama_backend_init()
+    model_params = lc.llama_model_default_params()
+    # With its extra buffer types (AMX tiles, repacked weights) llama-cpp-python 0.3.36's library crashed
+    # (SIGSEGV) in its first llama_decode of bench-small's q4_0 on an AMX Xeon; f32 ran. Without them.
+    model_params.use_extra_bufts = False
+    model = lc.llama_model_load_from_file(spec["gguf"].encode(), model_params)
+    vocab = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(model))
+    rows = max(spec.get("batches", (1,)))
+    longest = max((*spec.get("lengths", ()), *spec.get("prompts", ())))
+    params = lc.llama_context_default_params()
+    params.n_ctx = rows * (longest + max(spec.get("steps", 0), LLAMA_B1_TOKENS) + 16)
+    params.n_batch, params.n_ubatch, params.n_seq_max = 2048, 512, rows
+    params.n_threads = params.n_threads_batch = spec["threads"]
+    ctx = lc.llama_init_from_model(model, params)
+    mem, batch, rng = lc.llama_get_memory(ctx), lc.llama_batch_init(2048, 0, 1), random.Random(0)
+
+    def run(entries: list[tuple[int, int]]) -> None:  # (position, row) per token; logits of the last
+        for start in range(0, len(entries), 2048):
+            part = entries[start : start + 2048]
+            for i, (pos, row) in enumerate(part):
+                batch.token[i], batch.pos[i], batch.n_seq_id[i] = rng.randrange(vocab), pos, 1
+                batch.seq_id[i][0], batch.logits[i] = row, i == len(part) - 1
+            batch.n_tokens = len(part)
+            if lc.llama_decode(ctx, batch) != 0:
+                raise RuntimeError(f"llama_decode failed on {len(part)} tokens of {spec['gguf']}")
+        lc.llama_synchronize(ctx)
+
+    def timed(entries: list[tuple[int, int]], steps: int = 1) -> float:
+        t = time.perf_counter()
+        for _ in range(steps):
+            run(entries)
+            entries = [(pos + 1, row) for pos, row in entries]
+        return time.perf_counter() - t
+
+    result: dict[str, Any] = {"impl": "llama.cpp", "variant": spec["variant"], "kind": spec["kind"]}
+    result["weight_bytes"], result["step_weight_bytes"] = gguf_weight_bytes(spec["gguf"])
+    try:
+        result["llama_cpp_build"] = f"llama-cpp-python {importlib.metadata.version('llama_cpp_python')}"
+    except importlib.metadata.PackageNotFoundError:
+        result["llama_cpp_build"] = "llama-cpp-python (version unknown)"
+    run([(i, 0) for i in range(16)])  # warm-up
+    for n in spec.get("lengths", ()):
+        best = float("inf")
+        for _ in range(LLAMA_REPS):
+            lc.llama_memory_clear(mem, False)
+            best = min(best, timed([(i, 0) for i in range(n)]))
+        result[f"prefill_{n}"] = n / best
+    for p in spec.get("prompts", ()):
+        for b in spec["batches"]:
+            steps, speeds = (LLAMA_B1_TOKENS, LLAMA_REPS) if b == 1 else (spec["steps"], 1)
+            rates = []
+            for _ in range(speeds):
+                lc.llama_memory_clear(mem, False)
+                run([(i, 0) for i in range(p)])
+                for row in range(1, b):
+                    lc.llama_memory_seq_cp(mem, 0, row, -1, -1)
+                rates.append(b * steps / timed([(p, row) for row in range(b)], steps))
+            result[f"decode_b{b}_after_{p}"] = statistics.mean(rates)
+    lc.llama_batch_free(batch)
+    lc.llama_free(ctx)
+    lc.llama_model_free(model)
+    result["peak_rss"] = peak_rss()
+    return result
+
+
+def _csv(values: Any) -> str:
+    return ",".join(str(v) for v in values)
+
+
+def with_llama_cpp(groups: list[list[dict]], folder: str, tools: dict[str, str]) -> list[list[dict]]:
+    """`groups` with llama.cpp measuring what ours measures beside each of our configurations, with the
+    GGUF type of LLAMA_TYPES written by our exporter (a chunked long prefill has no llama.cpp match)."""
+    out = []
+    for group in groups:
+        ours = next(s for s in group if s["impl"] == "bamba")
+        extra = []
+        if ours["variant"] in LLAMA_TYPES and "chunk" not in ours:
+            gguf_type = LLAMA_TYPES[ours["variant"]]
+            spec = {**ours, "impl": "llama.cpp", "gguf_type": gguf_type}
+            extra = [{**spec, "gguf": ensure_gguf(folder, gguf_type), "llama_cpp": tools}]
+        out.append(group + extra)
+    return out
 
 
 # ----- the parent: plan, spawn children, report --------------------------------------------------------
@@ -437,17 +729,21 @@ def bench(
     long_prompt: bool = False,
     transformers: bool = True,
     json_path: str | None = None,
-    allocator: str = "default",
+    allocator: str = "tuned",
     rounds: int = 1,
+    llama_cpp: str | None = None,
 ) -> dict[str, Any]:
     """Run the side-by-side benchmark; print a table and return (and optionally write) the JSON report.
 
-    allocator: "default" (glibc as it comes, for both implementations) or "tuned" (both workers call
-    `bamba.runtime.tune_cpu_allocator`, as the `bamba` command line does for itself).
+    allocator: "tuned" (both implementations' workers call `bamba.runtime.tune_cpu_allocator`, as the
+    `bamba` command line does for itself: transformers at its best too) or "default" (glibc as it comes).
     rounds: how many times the whole plan runs. Each figure is then the median over the rounds, with its
     range (`*_range`: min, max), and a ratio is the median of the rounds' ratios, each taken from a pair
-    measured back to back (the pair's order alternates)."""
+    measured back to back (the pair's order alternates).
+    llama_cpp: a llama.cpp build (see `llama_cpp_tools`); its llama-bench and llama-batched-bench then
+    measure the checkpoint exported to GGUF (LLAMA_TYPES) beside each of our configurations."""
     _check_arguments(checkpoint, threads, variants, transformers, json_path, allocator, rounds)
+    tools = llama_cpp_tools(llama_cpp) if llama_cpp else None
     folder = checkpoint or ensure_checkpoint(os.path.join(DEFAULT_DIR, PRESET))  # (a given one exists)
     cfg = read_config(folder)
     for v in variants:
@@ -462,8 +758,13 @@ def bench(
         "limits": limits,
     }
     groups = plan(quick, variants, long_prompt, transformers)
+    if tools:
+        groups = with_llama_cpp(groups, folder, tools)
+        base["llama_cpp"] = llama_cpp
     runs = _run_rounds(groups, base, json_path)
-    report = {**base, "rows": _rows(runs, cfg, limits), "runs": runs}
+    rows = _rows(runs, cfg, limits)
+    _apply_ceiling(rows, limits)
+    report = {**base, "rows": rows, "runs": runs}
     print(format_table(report))
     print(json.dumps({**base, "rows": report["rows"]}))
     if json_path:
@@ -521,10 +822,13 @@ def _run_rounds(groups: list[list[dict]], base: dict[str, Any], json_path: str |
             for spec in group if rnd % 2 == 0 else group[::-1]:
                 t = time.perf_counter()
                 try:
-                    r = _child(
-                        {**spec, "folder": folder, "threads": threads, "allocator": base["allocator"]},
-                        threads,
-                    )
+                    if spec["impl"] == "llama.cpp":
+                        r = run_llama_cpp(spec, threads)
+                    else:
+                        r = _child(
+                            {**spec, "folder": folder, "threads": threads, "allocator": base["allocator"]},
+                            threads,
+                        )
                 except RuntimeError as e:
                     if json_path:  # what was measured is not lost
                         partial = {**base, "runs": runs, "error": str(e)}
@@ -551,6 +855,11 @@ MEDIAN_KEYS = (
     "limit_fraction",
     "extra_cost",
     "transformers_extra_cost",
+    "llama_cpp",
+    "llama_ratio",
+    "bamba_bytes_s",
+    "llama_cpp_bytes_s",
+    "llama_cpp_extra_cost",
 )
 
 
@@ -569,7 +878,7 @@ def _rows(runs: list[dict], cfg: Any, limits: dict[str, float]) -> list[dict]:
             if None not in values:
                 row[key] = statistics.median(values)
                 row[f"{key}_range"] = [min(values), max(values)]
-        for key in ("bamba_peak_rss", "transformers_peak_rss"):
+        for key in ("bamba_peak_rss", "transformers_peak_rss", "llama_cpp_peak_rss"):
             if same[0][key] is not None:
                 row[key] = max(r[key] for r in same)
         rows.append(row)
@@ -589,7 +898,8 @@ def _round_rows(runs: list[dict], cfg: Any, limits: dict[str, float]) -> list[di
         if len(s.get("prompts", ())) > 1:  # the shortest prompt is there as the baseline of extra_cost
             decode = [k for k in decode if _decode_key(k)[1] != min(s["prompts"])]
         for key in keys + decode:
-            rows.append(_row(r, key, _transformers_run(runs, s, key), cfg, limits))
+            row = _row(r, key, _transformers_run(runs, s, key), cfg, limits)
+            rows.append(_add_llama_cpp(row, r, _llama_cpp_run(runs, s, key), cfg))
     return rows
 
 
@@ -601,6 +911,56 @@ def _transformers_run(runs: list[dict], spec: dict, key: str) -> dict | None:
             if (s["kind"], s.get("prompts")) == (spec["kind"], spec.get("prompts")):
                 return r
     return None
+
+
+def _llama_cpp_run(runs: list[dict], spec: dict, key: str) -> dict | None:
+    """llama.cpp's run of the same variant, kind (and prompts) as `spec` that measured `key`."""
+    for r in runs:
+        s = r["spec"]
+        if s["impl"] == "llama.cpp" and key in r:
+            if (s["variant"], s["kind"], s.get("prompts")) == (
+                spec["variant"],
+                spec["kind"],
+                spec.get("prompts"),
+            ):
+                return r
+    return None
+
+
+def _add_llama_cpp(row: dict[str, Any], r: dict, ll: dict | None, cfg: Any) -> dict[str, Any]:
+    """`row` (our run `r`'s figure `row["key"]`) with llama.cpp's figure of the same run (None without),
+    the ratio ours / llama.cpp, and for decoding the bytes/s each moves (weights a step reads, by each
+    one's own count, and the cache's bytes as ours keeps it)."""
+    key = row.pop("key")
+    row["llama_cpp"] = ll[key] if ll else None
+    row["llama_cpp_type"] = ll["spec"]["gguf_type"] if ll else None
+    row["llama_cpp_peak_rss"] = ll["peak_rss"] if ll else None
+    row["llama_ratio"] = row["bamba"] / ll[key] if ll else None
+    if r["spec"]["kind"] == "decode":
+        b, prompt = _decode_key(key)
+        state = _state_bytes(cfg, b, prompt + r["spec"]["steps"] // 2)
+        row["bamba_bytes_s"] = r[key] / b * (r["step_weight_bytes"] + state)
+        row["llama_cpp_bytes_s"] = ll[key] / b * (ll["step_weight_bytes"] + state) if ll else None
+        short = f"decode_b{b}_after_{min(r['spec']['prompts'])}"
+        if short != key and ll and short in ll:  # the same run's figures after the shortest prompt
+            row["llama_cpp_extra_cost"] = ll[short] / ll[key] - 1
+    else:
+        row["bamba_bytes_s"] = row["llama_cpp_bytes_s"] = None
+    return row
+
+
+def _apply_ceiling(rows: list[dict], limits: dict[str, Any]) -> None:
+    """The memory's ceiling: the read kernels' best, or more where a decoder (ours or llama.cpp) was seen
+    to move more bytes/s in this run (`mem_bandwidth_ceiling`); decode rows' limit fractions are of it."""
+    seen = [r[k] for r in rows for k in ("bamba_bytes_s", "llama_cpp_bytes_s") if r.get(k) is not None]
+    ceiling = max([limits["mem_bandwidth"], *seen])
+    limits["mem_bandwidth_ceiling"] = ceiling
+    scale = limits["mem_bandwidth"] / ceiling
+    for r in rows:
+        if r.get("bamba_bytes_s") is not None:
+            r["limit_fraction"] *= scale
+            if "limit_fraction_range" in r:
+                r["limit_fraction_range"] = [v * scale for v in r["limit_fraction_range"]]
 
 
 def _row(r: dict, key: str, hf: dict | None, cfg: Any, limits: dict[str, float]) -> dict[str, Any]:
@@ -615,6 +975,7 @@ def _row(r: dict, key: str, hf: dict | None, cfg: Any, limits: dict[str, float])
         "bamba_peak_rss": r["peak_rss"],
         "transformers_peak_rss": hf["peak_rss"] if hf else None,
         "bamba_weight_bytes": r["weight_bytes"],
+        "key": key,
     }
     if s["kind"] == "decode":
         b, prompt = _decode_key(key)
@@ -676,7 +1037,7 @@ def format_table(report: dict) -> str:
         f"checkpoint {report['checkpoint']}, {report['threads']} threads, {report.get('allocator', 'default')} "
         f"allocator; machine: {lim.get('cpu', '?')}, sgemm {lim['sgemm_flops'] / 1e9:.0f} GFLOP/s "
         f"(fp32 matmuls: {lim.get('fp32_matmuls', '?')}), int8 GEMM {lim['int8_gemm_ops'] / 1e9:.0f} Gop/s, "
-        f"memory read {lim['mem_bandwidth'] / 1e9:.1f} GB/s",
+        f"memory read {lim['mem_bandwidth'] / 1e9:.1f} GB/s{_bandwidth_note(lim)}",
         f"{'variant':7s} {'measure':14s} {'prompt':>6s} {'bamba':>9s} {'hf fp32':>9s} {'ratio':>6s} "
         f"{'target':>6s} {'limit%':>6s} {'RSS bamba':>10s} {'RSS hf':>8s}",
     ]
@@ -709,8 +1070,54 @@ def format_table(report: dict) -> str:
                 line += " [{:+.1f}%, {:+.1f}%]".format(*(100 * v for v in r["extra_cost_range"]))
             if r.get("transformers_extra_cost") is not None:
                 line += f"; transformers {100 * r['transformers_extra_cost']:+.1f}%"
+            if r.get("llama_cpp_extra_cost") is not None:
+                line += f"; llama.cpp {100 * r['llama_cpp_extra_cost']:+.1f}%"
             lines.append(line)
+    if any(r.get("llama_cpp") is not None for r in report["rows"]):
+        lines += _llama_cpp_table(report)
     return "\n".join(lines)
+
+
+def _bandwidth_note(lim: dict[str, Any]) -> str:
+    """How the memory's figure was found, and the ceiling where a decoder moved more in this run."""
+    note = (
+        f" ({lim['mem_bandwidth_by']}, the best of {len(lim['mem_bandwidth_reads'])} reads)"
+        if "mem_bandwidth_by" in lim
+        else ""
+    )
+    ceiling = lim.get("mem_bandwidth_ceiling", 0)
+    if ceiling > lim["mem_bandwidth"]:
+        note += f"; a decoder moved {ceiling / 1e9:.1f} GB/s in this run, the ceiling of limit%"
+    flags = lim.get("cpu_flags")
+    return note + (f"; CPU flags: {' '.join(flags)}" if flags else "")
+
+
+def _llama_cpp_table(report: dict) -> list[str]:
+    """The rows that llama.cpp measured too: tokens/s of both, ours / llama.cpp (and its range over the
+    rounds), and the bytes/s of weights and cache that each decode step moves."""
+    lines = [
+        f"llama.cpp {report.get('llama_cpp', '')}, build {_llama_cpp_build(report)}, same run:",
+        f"{'variant':7s} {'measure':10s} {'prompt':>6s} {'gguf':>5s} {'bamba':>9s} {'llama.cpp':>9s} "
+        f"{'ratio':>6s} {'range':>11s} {'GB/s':>6s} {'l.GB/s':>6s} {'RSS l.cpp':>10s}",
+    ]
+    for r in report["rows"]:
+        if r.get("llama_cpp") is None:
+            continue
+        span = "{:.2f}-{:.2f}x".format(*r["llama_ratio_range"]) if "llama_ratio_range" in r else None
+        gb = [None if r[k] is None else r[k] / 1e9 for k in ("bamba_bytes_s", "llama_cpp_bytes_s")]
+        lines.append(
+            f"{r['variant']:7s} {r['measure']:10s} {_fmt(r.get('prompt'), '', width=6)} "
+            f"{r['llama_cpp_type']:>5s} {_fmt(r['bamba'], '9.1f')} {_fmt(r['llama_cpp'], '9.1f')} "
+            f"{_fmt(r['llama_ratio'], '5.2f', 'x', 6)} {_fmt(span, '', width=11)} {_fmt(gb[0], '6.1f', width=6)} "
+            f"{_fmt(gb[1], '6.1f', width=6)} {_fmt(r['llama_cpp_peak_rss'] / 2**30, '8.2f', 'Gi', 10)}"
+        )
+    return lines
+
+
+def _llama_cpp_build(report: dict) -> str:
+    """llama.cpp's commit (build number) as its llama-bench reported it in this run."""
+    builds = {r["llama_cpp_build"] for r in report.get("runs", []) if "llama_cpp_build" in r}
+    return ", ".join(sorted(builds)) or "?"
 
 
 # ----- as a script: `python benchmarks/bench.py [options of bamba bench]`, and the children --------------
@@ -721,6 +1128,8 @@ def _worker_main(spec_json: str) -> None:
         tune_cpu_allocator()
     if spec.pop("limits", False):
         out = machine_limits(spec["threads"])
+    elif spec["impl"] == "llama.cpp":
+        out = llama_cpp_python_case(spec)
     else:
         for key in ("lengths", "batches"):
             if key in spec:

@@ -108,14 +108,27 @@ def test_machine_limits_arithmetic(monkeypatch):
 
 
 def test_bench_command_line_options(monkeypatch):
-    """--long, --rounds, --allocator (and the rest) reach bench as keyword arguments; --long adds a
-    32768-token prefill, chunked."""
+    """--long, --rounds, --allocator, --llama-cpp (and the rest) reach bench as keyword arguments; --long
+    adds a 32768-token prefill, chunked. Both implementations get the tuned allocator unless told not to
+    (transformers' batched decoding is 2.4x slower with glibc's malloc as it comes)."""
     from bamba import cli
 
     calls = []
     monkeypatch.setattr(cli, "bench", lambda **kw: calls.append(kw) or {})
-    argv = ["bench", "--long", "--rounds", "3", "--allocator", "tuned", "--quick", "--variants", "fp32,int8"]
-    assert cli.main([*argv, "--no-transformers", "--threads", "4", "--json", "r.json"]) == 0
+    argv = [
+        "bench",
+        "--long",
+        "--rounds",
+        "3",
+        "--allocator",
+        "default",
+        "--quick",
+        "--variants",
+        "fp32,int8",
+    ]
+    assert (
+        cli.main([*argv, "--no-transformers", "--threads", "4", "--json", "r.json", "--llama-cpp", "b"]) == 0
+    )
     assert calls == [
         dict(
             checkpoint=None,
@@ -125,10 +138,13 @@ def test_bench_command_line_options(monkeypatch):
             long_prompt=True,
             transformers=False,
             json_path="r.json",
-            allocator="tuned",
+            allocator="default",
             rounds=3,
+            llama_cpp="b",
         )
     ]
+    assert cli.main(["bench"]) == 0
+    assert calls[-1]["allocator"] == "tuned" and calls[-1]["llama_cpp"] is None
     groups = harness().plan(True, ("fp32",), True, False)
     assert groups[-1] == [
         dict(impl="bamba", kind="prefill", variant="fp32", lengths=(32768,), chunk=2048, reps=1)
@@ -329,3 +345,273 @@ def test_bench_keeps_the_runs_measured_before_a_child_fails(tmp_path, monkeypatc
     report = bench(checkpoint=str(tmp_path / "m"), rounds=2, transformers=False)
     assert report["rows"][0]["bamba_range"] == [10.0, 10.0]
     assert "ratio range" not in capsys.readouterr().out
+
+
+# ----- llama.cpp beside ours (--llama-cpp), with fake tools: CI has no llama.cpp ------------------------
+# What the fakes print: llama-bench -o json (one record per test, as commit 0c1e570 writes them, trimmed)
+# and llama-batched-bench --output-format jsonl (result lines among its log). tok/s: prefill 400 (best
+# repetition; the other 300), decode at batch 1 40 after 128 tokens and 32 after 4096, batch 8 160.
+FAKE_BENCH = r"""#!{python}
+import json, sys
+a = sys.argv
+args = {a[i]: a[i + 1] for i in range(1, len(a) - 1) if a[i].startswith("-")}
+assert args["-o"] == "json" and args["-t"] == "2" and args["-m"].endswith(".gguf"), sys.argv
+with open(args["-m"] + ".argv", "a") as f:
+    f.write(" ".join(sys.argv[1:]) + "\n")
+records = []
+for p in args["-p"].split(","):
+    for n in args["-n"].split(","):
+        for d in args.get("-d", "0").split(","):
+            p_, n_, d_ = int(p), int(n), int(d)
+            if p_ == 0 and n_ == 0:
+                continue
+            ts = [300.0, 400.0] if n_ == 0 else [40.0 if d_ == 128 else 32.0] * 2
+            records.append(dict(build_commit="0c1e570", build_number=1, n_prompt=p_, n_gen=n_, n_depth=d_,
+                                avg_ts=sum(ts) / 2, samples_ts=ts, n_threads=2))
+print("load_backend: loaded CPU backend", file=sys.stderr)
+print(json.dumps(records, indent=2))
+"""
+FAKE_BATCHED = r"""#!{python}
+import json, sys
+a = sys.argv
+args = {a[i]: a[i + 1] for i in range(1, len(a) - 1) if a[i].startswith("-")}
+assert args["--output-format"] == "jsonl" and "-pps" in sys.argv, sys.argv
+print("main: n_kv_max = 4096, n_batch = 2048")
+for pp in args["-npp"].split(","):
+    for pl in args["-npl"].split(","):
+        rec = dict(pp=int(pp), tg=int(args["-ntg"]), pl=int(pl), speed_tg=160.0, speed_pp=1.0)
+        print(json.dumps(rec))
+print("llama_perf_context_print: load time = 1 ms", file=sys.stderr)
+"""
+
+
+def fake_llama_cpp(folder) -> str:
+    """A llama.cpp build folder with fake bin/llama-bench and bin/llama-batched-bench; its path."""
+    import os
+    import sys
+
+    (folder / "bin").mkdir(parents=True)
+    for name, text in (("llama-bench", FAKE_BENCH), ("llama-batched-bench", FAKE_BATCHED)):
+        path = folder / "bin" / name
+        path.write_text(text.replace("{python}", sys.executable))
+        os.chmod(path, 0o755)
+    return str(folder)
+
+
+def test_llama_cpp_tools_are_found_from_the_build_its_bin_or_llama_bench(tmp_path):
+    build = fake_llama_cpp(tmp_path / "build")
+    tools_of = harness().llama_cpp_tools
+    want = {"bench": f"{build}/bin/llama-bench", "batched": f"{build}/bin/llama-batched-bench"}
+    assert tools_of(build) == tools_of(f"{build}/bin") == tools_of(f"{build}/bin/llama-bench") == want
+    (tmp_path / "build" / "bin" / "llama-batched-bench").unlink()
+    with pytest.raises(ValueError, match="llama_cpp=.*not found or not executable: .*/llama-batched-bench$"):
+        tools_of(build)
+    BambaForCausalLM(BambaConfig(**TINY)).save_pretrained(tmp_path / "m")
+    with pytest.raises(ValueError, match="llama_cpp='nowhere': expected a llama.cpp build"):
+        bench(checkpoint=str(tmp_path / "m"), llama_cpp="nowhere", transformers=False, variants=("int8",))
+    assert not (tmp_path / "m-int8").exists()  # said before anything was built
+
+
+def test_llama_bench_and_batched_bench_output_parsed():
+    bench_mod = harness()
+    keys = ("n_prompt", "n_gen", "n_depth", "avg_ts", "samples_ts")
+    records = [
+        dict(zip(keys, values, strict=True), build_commit="0c1e570", build_number=7)
+        for values in ((512, 0, 0, 5, [4, 6]), (0, 64, 4096, 30, [1]), (512, 64, 0, 9, [9]))
+    ]
+    assert bench_mod.parse_llama_bench(json.dumps(records)) == {
+        "prefill_512": 6,  # the best repetition
+        "decode_b1_after_4096": 30,  # the mean
+        "llama_cpp_build": "0c1e570 (7)",
+    }  # (a combined prompt + generation test is neither)
+    with pytest.raises(ValueError, match="llama-bench output: expected a JSON list"):
+        bench_mod.parse_llama_bench("| model | size |")
+    with pytest.raises(ValueError, match="no prompt-only or generation-only test"):
+        bench_mod.parse_llama_bench(json.dumps(records[2:]))
+    log = 'main: n_kv_max = 4096\n{"pp": 128, "tg": 32, "pl": 8, "speed_pp": 90.5, "speed_tg": 71.25}\n\n'
+    assert bench_mod.parse_batched_bench(log) == {"decode_b8_after_128": 71.25}
+    with pytest.raises(ValueError, match="no jsonl result line"):
+        bench_mod.parse_batched_bench("|    PP |     TG |    B |\n|   128 |     32 |    8 |")
+
+
+def test_gguf_weight_bytes_leave_out_the_embedding_table_unless_it_is_the_lm_head(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+
+    def write(path, names):
+        w = gguf.GGUFWriter(str(path), "granitehybrid")
+        for name, n in names.items():
+            w.add_tensor(name, np.zeros(n, dtype=np.float32))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+
+    write(tmp_path / "a.gguf", {"token_embd.weight": 1000, "output.weight": 1000, "blk.0.ffn_up.weight": 24})
+    assert harness().gguf_weight_bytes(str(tmp_path / "a.gguf")) == (8096, 4096)
+    write(tmp_path / "b.gguf", {"token_embd.weight": 1000, "blk.0.ffn_up.weight": 24})  # tied
+    assert harness().gguf_weight_bytes(str(tmp_path / "b.gguf")) == (4096, 4096)
+
+
+def test_bench_runs_llama_cpp_beside_ours_in_the_same_rounds(tmp_path, monkeypatch, capsys):
+    """With --llama-cpp every configuration of ours has llama.cpp's beside it in the same group (the
+    order alternating over rounds), run through its own tools (fakes here) on the GGUF of the matching
+    type; the rows carry both figures, ours / llama.cpp, and each one's bytes/s; a decoder seen moving
+    more than the read kernels raises the ceiling of limit%."""
+    bench_mod = harness()
+    BambaForCausalLM(BambaConfig(**TINY)).save_pretrained(tmp_path / "m")
+    build = fake_llama_cpp(tmp_path / "build")
+    exported = []
+
+    def fake_gguf(folder, gguf_type):
+        exported.append(gguf_type)
+        path = tmp_path / f"{gguf_type}.gguf"
+        path.touch()
+        return str(path)
+
+    monkeypatch.setattr(bench_mod, "ensure_gguf", fake_gguf)
+    monkeypatch.setattr(bench_mod, "gguf_weight_bytes", lambda path: (2_000_000_000, 1_000_000_000))
+    calls = []
+
+    def fake_child(spec, threads):
+        if spec.get("limits"):
+            return {"sgemm_flops": 1e12, "int8_gemm_ops": 1e12, "mem_bandwidth": 30e9}
+        calls.append((spec["impl"], spec["variant"], spec["kind"]))
+        keys = (
+            [f"prefill_{n}" for n in spec["lengths"]]
+            if spec["kind"] == "prefill"
+            else [f"decode_b{b}_after_{p}" for b in spec["batches"] for p in spec["prompts"]]
+        )
+        return {k: 20.0 for k in keys} | {"weight_bytes": 1, "step_weight_bytes": 10**9, "peak_rss": 2**30}
+
+    monkeypatch.setattr(bench_mod, "_child", fake_child)
+    monkeypatch.setattr(bench_mod, "_state_bytes", lambda cfg, b, context: 0)
+    monkeypatch.setattr(
+        bench_mod,
+        "plan",
+        lambda *a: (
+            [
+                [dict(impl="bamba", kind="prefill", variant=v, lengths=(512,), reps=1)]
+                for v in ("fp32", "int4")
+            ]
+            + [
+                [
+                    dict(
+                        impl="bamba",
+                        kind="decode",
+                        variant="fp32",
+                        prompts=(128, 4096),
+                        batches=(1, 8),
+                        steps=4,
+                    )
+                ]
+            ]
+        ),
+    )
+    real_run = bench_mod.run_llama_cpp
+    monkeypatch.setattr(
+        bench_mod,
+        "run_llama_cpp",
+        lambda spec, threads: (
+            calls.append(("llama.cpp", spec["variant"], spec["kind"])) or real_run(spec, threads)
+        ),
+    )
+    report = bench(
+        checkpoint=str(tmp_path / "m"),
+        transformers=False,
+        threads=2,
+        rounds=2,
+        llama_cpp=build,
+        variants=("fp32", "int4"),
+    )
+    one = [("bamba", "fp32", "prefill"), ("llama.cpp", "fp32", "prefill")]
+    one += [("bamba", "int4", "prefill"), ("llama.cpp", "int4", "prefill")]
+    one += [("bamba", "fp32", "decode"), ("llama.cpp", "fp32", "decode")]
+    other = [c for pair in zip(one[1::2], one[::2]) for c in pair]  # each pair the other way round
+    assert calls == one + other
+    assert exported == ["f32", "q4_0", "f32"]
+    argv = (tmp_path / "f32.gguf.argv").read_text().splitlines()  # what the fake llama-bench was given
+    assert "-p 512 -n 0" in argv[0] and "-p 0 -n 64 -d 128,4096" in argv[1]
+    rows = {(r["variant"], r["measure"], r.get("prompt")): r for r in report["rows"]}
+    assert rows["int4", "prefill_512", None]["llama_cpp_type"] == "q4_0"
+    for key, theirs in (
+        (("fp32", "prefill_512", None), 400.0),
+        (("int4", "prefill_512", None), 400.0),
+        (("fp32", "decode_b1", 4096), 32.0),
+        (("fp32", "decode_b8", 4096), 160.0),
+    ):
+        row = rows[key]
+        assert row["llama_cpp"] == theirs and row["llama_ratio"] == pytest.approx(20.0 / theirs)
+        assert row["llama_ratio_range"] == [pytest.approx(20.0 / theirs)] * 2
+        assert row["llama_cpp_peak_rss"] > 0
+    b1, b8 = rows["fp32", "decode_b1", 4096], rows["fp32", "decode_b8", 4096]
+    assert (b1["bamba_bytes_s"], b1["llama_cpp_bytes_s"]) == (20e9, 32e9)  # 1 GB per step of each
+    assert (b8["bamba_bytes_s"], b8["llama_cpp_bytes_s"]) == (2.5e9, 20e9)
+    assert b1["llama_cpp_extra_cost"] == pytest.approx(40 / 32 - 1)
+    # llama.cpp moved 32 GB/s where the read kernels found 30: the ceiling, and ours is 20 / 32 of it
+    assert report["limits"]["mem_bandwidth_ceiling"] == 32e9
+    assert b1["limit_fraction"] == pytest.approx(20 / 32) and b8["limit_fraction"] == pytest.approx(2.5 / 32)
+    table = capsys.readouterr().out
+    assert "a decoder moved 32.0 GB/s in this run" in table and "build 0c1e570 (1)" in table
+    assert any(
+        line.split()[:6] == ["fp32", "decode_b1", "4096", "f32", "20.0", "32.0"]
+        for line in table.splitlines()
+    )
+
+
+def test_llama_cpp_through_the_bindings_decodes_as_the_tools_do(monkeypatch):
+    """`--llama-cpp python`: a fake llama_cpp module records the llama_decode calls. Batch 1: the prompt,
+    then LLAMA_B1_TOKENS single tokens at the next positions, LLAMA_REPS times; batch 2: the prompt once
+    on row 0, copied to row 1, then one token per row per step."""
+    import sys
+    from types import SimpleNamespace
+
+    bench_mod = harness()
+    calls = []
+
+    class Batch:
+        def __init__(self):
+            self.token, self.pos, self.n_seq_id, self.logits = [0] * 2048, [0] * 2048, [0] * 2048, [0] * 2048
+            self.seq_id, self.n_tokens = [[0] for _ in range(2048)], 0
+
+    def decode(ctx, batch):
+        n = batch.n_tokens
+        calls.append(("decode", [(batch.pos[i], batch.seq_id[i][0]) for i in range(n)], batch.logits[n - 1]))
+        return 0
+
+    params, model_params = SimpleNamespace(), SimpleNamespace(use_extra_bufts=True)
+    fake = SimpleNamespace(
+        llama_backend_init=lambda: None,
+        llama_model_default_params=lambda: model_params,
+        llama_model_load_from_file=lambda path, p: "model",
+        llama_model_get_vocab=lambda m: "vocab",
+        llama_vocab_n_tokens=lambda v: 100,
+        llama_context_default_params=lambda: params,
+        llama_init_from_model=lambda m, p: "ctx",
+        llama_get_memory=lambda c: "mem",
+        llama_batch_init=lambda n, embd, seqs: Batch(),
+        llama_decode=decode,
+        llama_synchronize=lambda c: None,
+        llama_memory_clear=lambda mem, data: calls.append(("clear",)),
+        llama_memory_seq_cp=lambda mem, src, dst, p0, p1: calls.append(("copy", src, dst, p0, p1)),
+        llama_batch_free=lambda b: None,
+        llama_free=lambda c: None,
+        llama_model_free=lambda m: None,
+    )
+    monkeypatch.setitem(sys.modules, "llama_cpp", fake)
+    monkeypatch.setattr(bench_mod, "gguf_weight_bytes", lambda path: (2, 1))
+    spec = dict(
+        variant="int4", kind="decode", prompts=(8,), batches=(1, 2), steps=2, gguf="x.gguf", threads=3
+    )
+    out = bench_mod.llama_cpp_python_case(spec)
+    assert out["decode_b1_after_8"] > 0 and out["decode_b2_after_8"] > 0 and out["step_weight_bytes"] == 1
+    assert (params.n_ctx, params.n_seq_max, params.n_threads, params.n_threads_batch) == (2 * 88, 2, 3, 3)
+    assert model_params.use_extra_bufts is False
+    warm, *rest = calls
+    assert warm == ("decode", [(i, 0) for i in range(16)], 1)
+    n = bench_mod.LLAMA_B1_TOKENS
+    one = [("clear",), ("decode", [(i, 0) for i in range(8)], 1)]
+    one += [("decode", [(8 + i, 0)], 1) for i in range(n)]
+    two = [("clear",), ("decode", [(i, 0) for i in range(8)], 1), ("copy", 0, 1, -1, -1)]
+    two += [("decode", [(8 + i, 0), (8 + i, 1)], 1) for i in range(2)]
+    assert rest == one * bench_mod.LLAMA_REPS + two

@@ -315,8 +315,16 @@ def _add_bench_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--allocator",
         choices=["default", "tuned"],
-        default="default",
-        help="glibc malloc as it comes, or tuned (bamba.runtime) in both implementations' workers",
+        default="tuned",
+        help="tuned (bamba.runtime, as the command line runs) or glibc malloc as it comes, in both "
+        "implementations' workers",
+    )
+    p.add_argument(
+        "--llama-cpp",
+        default=None,
+        metavar="PATH",
+        help="also measure llama.cpp (PATH: its build's bin folder or llama-bench binary) on the checkpoint "
+        "exported to GGUF, beside each of ours",
     )
     p.set_defaults(func=_bench_command)
 
@@ -339,6 +347,7 @@ def bench_arguments(args: argparse.Namespace) -> dict:
         json_path=args.json,
         allocator=args.allocator,
         rounds=args.rounds,
+        llama_cpp=args.llama_cpp,
     )
 
 
