@@ -196,6 +196,19 @@ def _losses(out: str) -> list[float]:
     return [r["loss"] for r in iter_log(os.path.join(out, "log.jsonl")) if "loss" in r]
 
 
+def _kill_twice(
+    corpus: dict[str, str], out: str, how: str, rng: random.Random, window: float, calls: int
+) -> int:
+    """Run training into `out` twice, each killed (resumed the second time); how many runs were killed."""
+    killed = 0
+    for _ in range(2):
+        if how == "time":  # at a random moment
+            killed += wait(fork(lambda: _train(corpus, out)), kill_after=rng.uniform(0.1, window))
+        else:  # at a random file operation of a checkpoint's save
+            killed += wait(fork(lambda: _train(corpus, out), kill_at_call=rng.randint(1, calls // 2)))
+    return killed
+
+
 def test_training_killed_at_random_moments_resumes_with_the_losses_of_an_uninterrupted_run(corpus, tmp_path):
     full = str(tmp_path / "full")
     start = time.monotonic()
@@ -205,17 +218,12 @@ def test_training_killed_at_random_moments_resumes_with_the_losses_of_an_uninter
     want = _losses(full)
     rng = random.Random(0)
     for trial, how in enumerate(["time", "call"]):
-        out = str(tmp_path / f"killed-{trial}")
-        killed = 0
-        for _ in range(2):  # killed, resumed and killed again, then resumed to the end
-            if how == "time":  # at a random moment
-                killed += wait(
-                    fork(lambda out=out: _train(corpus, out)), kill_after=rng.uniform(0.1, duration)
-                )
-            else:  # at a random file operation of a checkpoint's save
-                killed += wait(
-                    fork(lambda out=out: _train(corpus, out), kill_at_call=rng.randint(1, calls // 2))
-                )
+        out, window = str(tmp_path / f"killed-{trial}"), duration
+        killed = _kill_twice(corpus, out, how, rng, window, calls)
+        while not killed and window > 0.2:  # both runs ended before their kill: faster than the timed run
+            shutil.rmtree(out)
+            window /= 2
+            killed = _kill_twice(corpus, out, how, rng, window, calls)
         assert killed
         wait(fork(lambda out=out: _train(corpus, out)))
         assert _losses(out) == want, trial  # bit-identical on CPU, as an uninterrupted run
