@@ -569,7 +569,9 @@ def run_llama_cpp(spec: dict[str, Any], threads: int) -> dict[str, Any]:
             rss.append(peak)
         if wide:  # a context of its own per row (as ours), room for the prompt, the steps and one token
             ctx = max(wide) * (max(prompts) + spec["steps"] + 16)
-            argv = [tools["batched"], *common, "-tb", str(threads), "-c", str(ctx), "-pps"]
+            # each row prefills its own prompt: with -pps (one prompt, its cache copied to every row)
+            # llama-batched-bench fails on Bamba's recurrent memory ("inconsistent sequence positions")
+            argv = [tools["batched"], *common, "-tb", str(threads), "-c", str(ctx)]
             argv += ["-npp", _csv(prompts), "-ntg", str(spec["steps"]), "-npl", _csv(wide)]
             text, peak = _run_tool([*argv, "--output-format", "jsonl"])
             result |= parse_batched_bench(text)
