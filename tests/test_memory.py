@@ -96,17 +96,41 @@ def test_packed_bf16_load_holds_the_weights_about_once(tmp_path):
 QUANTIZED_LOAD = """
 import json, sys, torch
 from bamba import BambaForCausalLM
+from bamba.memory import load_needs
 BambaForCausalLM.from_pretrained(sys.argv[1], quantization=sys.argv[2])  # a first load's one-time costs
 def status(field):
     return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(field))
 before = status("VmRSS")
 open("/proc/self/clear_refs", "w").write("5")  # reset VmHWM
 model = BambaForCausalLM.from_pretrained(sys.argv[1], quantization=sys.argv[2])
+loaded = status("VmHWM") - before
 with torch.no_grad():
     model(torch.randint(3, 1000, (1, 16)))
-state = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-print(json.dumps({"state": state, "extra": status("VmRSS") - before, "peak_extra": status("VmHWM") - before}))
+tensors = model.state_dict().values()
+with torch.device("meta"):
+    meta = type(model)(model.config, init=False)
+needs = load_needs(meta, torch.bfloat16, None, sys.argv[2])
+print(json.dumps({
+    "state": sum(t.numel() * t.element_size() for t in tensors),
+    "quantized": sum(t.numel() * t.element_size() for t in tensors if not t.is_floating_point()),
+    "extra": status("VmRSS") - before, "peak_load": loaded, "peak_run": status("VmHWM") - before,
+    "needs": needs.resident + max(needs.loading, needs.running),
+}))
 """
+
+
+def quantized_load(folder: str, method: str) -> dict:
+    """Load `folder` quantized with `method` in a fresh 2-thread process and run a forward: its memory
+    figures (bytes; see QUANTIZED_LOAD)."""
+    env = dict(os.environ, OMP_NUM_THREADS="2", MKL_NUM_THREADS="2")
+    out = subprocess.run(
+        [sys.executable, "-c", QUANTIZED_LOAD, folder, method],
+        check=True,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.parametrize("method", ["int8_weight_only", "int4_weight_only"])
@@ -118,15 +142,7 @@ def test_quantizing_at_load_keeps_the_quantized_model_not_the_float_one(tmp_path
     it at this size) passes it either way."""
     save_model(tmp_path)
     weights = os.path.getsize(tmp_path / "model.safetensors")
-    env = dict(os.environ, OMP_NUM_THREADS="2", MKL_NUM_THREADS="2")
-    out = subprocess.run(
-        [sys.executable, "-c", QUANTIZED_LOAD, str(tmp_path), method],
-        check=True,
-        capture_output=True,
-        text=True,
-        env=env,
-    )
-    r = json.loads(out.stdout.strip().splitlines()[-1])
+    r = quantized_load(str(tmp_path), method)
     assert r["extra"] < 0.5 * weights and r["extra"] < 2 * r["state"], (r, weights)
 
 

@@ -4,14 +4,11 @@ a faked low limit stands in for a small machine, a ~65M-parameter model for Bamb
 from __future__ import annotations
 
 import importlib
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from test_memory import save_model
+from test_memory import quantized_load, save_model
 
 from bamba import BambaForCausalLM, memory
 from bamba import checkpoint as checkpoint_module
@@ -136,43 +133,13 @@ def test_bamba_info_prints_each_variants_predicted_peak(saved):
 
 
 # ----- measured: quantizing while loading holds one float layer at a time -----------------------------------
-QUANTIZED_LOAD = """
-import json, sys, torch
-from bamba import BambaForCausalLM
-from bamba.memory import load_needs
-BambaForCausalLM.from_pretrained(sys.argv[1], quantization=sys.argv[2])  # a first load's one-time costs
-def status(field):
-    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(field))
-before = status("VmRSS")
-open("/proc/self/clear_refs", "w").write("5")  # reset VmHWM
-model = BambaForCausalLM.from_pretrained(sys.argv[1], quantization=sys.argv[2])
-loaded = status("VmHWM") - before
-with torch.no_grad():
-    model(torch.randint(3, 1000, (1, 16)))
-state = sum(t.numel() * t.element_size() for t in model.state_dict().values() if not t.is_floating_point())
-with torch.device("meta"):
-    meta = type(model)(model.config, init=False)
-needs = load_needs(meta, torch.bfloat16, None, sys.argv[2])
-print(json.dumps({"quantized": state, "peak_load": loaded, "peak_run": status("VmHWM") - before,
-                  "needs": needs.resident + max(needs.loading, needs.running)}))
-"""
-
-
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc peak-RSS reset")
 @pytest.mark.parametrize("method", ["int8_weight_only", "int4_weight_only"])
 def test_quantizing_at_load_holds_one_float_layer_at_a_time(saved, method):
     """Beside the quantized layers, loading holds about one float layer: the largest, the lm_head (32 MiB
     in bf16), plus the C heap's slack. Quantizing a whole weight at once held several fp32 copies of it:
     the peak was 296-417 MB where it is now 61-103 MB (int4, int8). The guard's estimate bounds it."""
-    env = dict(os.environ, OMP_NUM_THREADS="2", MKL_NUM_THREADS="2")
-    out = subprocess.run(
-        [sys.executable, "-c", QUANTIZED_LOAD, saved, method],
-        check=True,
-        capture_output=True,
-        text=True,
-        env=env,
-    )
-    r = json.loads(out.stdout.strip().splitlines()[-1])
+    r = quantized_load(saved, method)
     layer = 32768 * 512 * 2  # the lm_head in bf16: the largest float layer
     assert r["peak_load"] - r["quantized"] < 2.5 * layer, (
         r,
