@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from conftest import TINY
 
 from bamba import BambaConfig, BambaForCausalLM, Tokenizer
 from bamba.tokenizer import train_tokenizer_files
@@ -23,19 +24,13 @@ from bamba.train_state import iter_log
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-CONFIG = dict(
-    vocab_size=320,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    attn_layer_indices=[1],
-    mamba_n_heads=4,
-    mamba_d_state=8,
-    mamba_chunk_size=8,
-    max_position_embeddings=512,
-)
+CONFIG = {
+    **TINY,
+    "vocab_size": 320,
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "max_position_embeddings": 512,
+}
 WORDS = "the cat sat on a mat dog ran far away and then slept under tree sun moon star big small".split()
 
 
