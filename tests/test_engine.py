@@ -252,3 +252,16 @@ def test_an_unexpected_engine_error_fails_the_requests_in_flight_and_the_engine_
         assert done.wait(30) and events[-1].error is None and len(tokens(events)) == 5
     finally:
         engine.stop()
+
+
+def test_sampling_from_nan_scores_fails_the_request_with_a_named_error(edge_attention):
+    """A model whose weights hold NaN: a sampled request ends in an error that says so (sampling.draw),
+    not torch's message about a probability tensor; greedy picks a token and goes on."""
+    model, tok = edge_attention
+    broken = BambaForCausalLM(model.config).eval()
+    broken.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        broken.lm_head.weight[0, 0] = float("nan")
+    out = run(Engine(broken, tok, prefix_cache_bytes=0), [[5, 6, 7]], max_tokens=3, temperature=1.0, seed=0)
+    assert out[0][-1].finish_reason == "error"
+    assert out[0][-1].error.startswith("NonFiniteScores: the model's next-token scores are NaN"), out[0][-1]

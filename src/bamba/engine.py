@@ -26,7 +26,7 @@ from torch import Tensor
 from .cache import HybridMambaAttentionDynamicCache
 from .decoding import decode_step
 from .prefix_cache import PrefixCache
-from .sampling import process_logits
+from .sampling import draw, process_logits
 
 log = logging.getLogger("bamba.serve")
 
@@ -441,7 +441,7 @@ def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator) -
         top_p=params.top_p,
         min_p=params.min_p or None,
     )  # (1, vocab)
-    return int(torch.multinomial(scores.softmax(-1), 1, generator=generator))
+    return int(draw(scores, 1, generator))
 
 
 def token_logprob(logits: Tensor, token: int, top: int | None) -> TokenLogprob:
