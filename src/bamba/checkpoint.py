@@ -509,7 +509,8 @@ def _transformers_keywords(
     if unknown:
         raise TypeError(
             f"from_pretrained: unknown keyword argument(s) {unknown}; it takes dtype (torch_dtype), device "
-            f"(device_map), quantization, group_size, config, revision, pack, check_memory, and the hub's {sorted(HUB_KEYWORDS)}"
+            f"(device_map), quantization, group_size, config, revision, pack, check_memory, and the hub's "
+            f"{sorted(HUB_KEYWORDS)}"
         )
     return dtype, device, kwargs
 

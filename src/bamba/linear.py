@@ -7,9 +7,9 @@
   compiler; BAMBA_KERNELS=0 turns them off); bf16 prompts in fp32 from weight tiles upcast on
   the fly, so the weights stay bf16 (`linear_upcast`, where `bf16_gemm_is_fast()` is False); fp32
   inference through oneDNN's matmul (`onednn_linear`, where `use_onednn_fp32` says); one input row by a
-  large fp32 weight, where the kernels are not built, through a GEMV that TorchInductor compiles from plain
-  PyTorch (`compiled_gemv`, where `compiled_gemv_is_fast`; BAMBA_COMPILED_GEMV=0 turns it off; int8 weight-only layers take the same
-  route, `gemv_int8`); fp32 training through oneDNN (`OneDNNLinearFunction`, where `onednn_trains()`).
+  large fp32 weight, where the kernels are not built, through a GEMV that TorchInductor compiles from
+  plain PyTorch (`compiled_gemv`, where `compiled_gemv_is_fast`; BAMBA_COMPILED_GEMV=0 turns it off;
+  int8 weight-only layers take the same route, `gemv_int8`); fp32 training through oneDNN (`OneDNNLinearFunction`, where `onednn_trains()`).
   Everything else is F.linear.
 - `PackedLinear`, made by `pack_for_cpu(model)`, is for inference on CPUs: the weight is stored once, in
   oneDNN's blocked layout, and every input runs through oneDNN (only for dtypes where `packing_pays`:
@@ -126,8 +126,8 @@ def use_onednn_fp32(rows: int, weights: int) -> bool:
 
 def dense_linear(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
     """F.linear(x, w, bias) for fp32 on the CPU: up to `kernels.MAX_ROWS` rows through the decode kernels
-    where `kernel_fits` says, one input row through the compiled GEMV where `takes_compiled_gemv` says, else through oneDNN where `use_onednn_fp32` says (inference) or
-    `onednn_trains` says (autograd), on what `plain_cpu_fp32` allows; F.linear itself (the reference)
+    where `kernel_fits` says, one input row through the compiled GEMV where `takes_compiled_gemv` says,
+    else through oneDNN where `use_onednn_fp32` says (inference) or `onednn_trains` says (autograd), on what `plain_cpu_fp32` allows; F.linear itself (the reference)
     otherwise."""
     if plain_cpu_fp32(x, w, bias):
         if not needs_grad(x, w, bias):
@@ -178,7 +178,7 @@ def plain_cpu(x: Tensor, *others: Tensor | None) -> bool:
     )
 
 
-# ----- the C++ decode kernels (bamba.kernels): a few rows, each weight read once ------------------------------
+# ----- the C++ decode kernels (bamba.kernels): a few rows, each weight read once -------------------------
 def kernel_fits(w: Tensor) -> bool:
     """Is `w` a weight the decode kernels take: contiguous, of `KERNEL_MIN_WEIGHTS` elements or more,
     where they are built? (The caller checks the input: `plain_cpu`, no autograd, few rows.)"""
