@@ -9,8 +9,8 @@
   inference through oneDNN's matmul (`onednn_linear`, where `use_onednn_fp32` says); one input row by a
   large fp32 weight, where the kernels are not built, through a GEMV that TorchInductor compiles from
   plain PyTorch (`compiled_gemv`, where `compiled_gemv_is_fast`; BAMBA_COMPILED_GEMV=0 turns it off;
-  int8 weight-only layers take the same route, `gemv_int8`); fp32 training through oneDNN (`OneDNNLinearFunction`, where `onednn_trains()`).
-  Everything else is F.linear.
+  int8 weight-only layers take the same route, `gemv_int8`); fp32 training through oneDNN
+  (`OneDNNLinearFunction`, where `onednn_trains()`). Everything else is F.linear.
 - `PackedLinear`, made by `pack_for_cpu(model)`, is for inference on CPUs: the weight is stored once, in
   oneDNN's blocked layout, and every input runs through oneDNN (only for dtypes where `packing_pays`:
   never where the decode kernels are built, which read the dense weight faster).
@@ -127,8 +127,8 @@ def use_onednn_fp32(rows: int, weights: int) -> bool:
 def dense_linear(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
     """F.linear(x, w, bias) for fp32 on the CPU: up to `kernels.MAX_ROWS` rows through the decode kernels
     where `kernel_fits` says, one input row through the compiled GEMV where `takes_compiled_gemv` says,
-    else through oneDNN where `use_onednn_fp32` says (inference) or `onednn_trains` says (autograd), on what `plain_cpu_fp32` allows; F.linear itself (the reference)
-    otherwise."""
+    else through oneDNN where `use_onednn_fp32` says (inference) or `onednn_trains` says (autograd), on
+    what `plain_cpu_fp32` allows; F.linear itself (the reference) otherwise."""
     if plain_cpu_fp32(x, w, bias):
         if not needs_grad(x, w, bias):
             rows = x.numel() // x.shape[-1]
